@@ -1,0 +1,147 @@
+"""Opening tapflow's RocksDB databases (raw bytes keys and values, named column families).
+
+One primary handle per database per process (RocksDB allows one writer process), shared by
+all bytewax worker threads; other processes open it as a *secondary* and call
+``catch_up()`` to see new writes. Never fork after opening (see DESIGN.md traps).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from rocksdict import AccessType, ColumnFamily, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
+
+from store.layout import DELIVERY_CFS, FLOW_CFS
+
+
+class StoreError(RuntimeError):
+    """The data dir cannot be opened or written (permissions, full disk, corruption)."""
+
+
+def _options(secondary: bool) -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(not secondary)
+    opts.create_missing_column_families(not secondary)
+    if secondary:
+        # A catch-up opens new files; with many opener threads each catch-up costs 4-6 ms.
+        opts.set_max_file_opening_threads(1)
+        opts.set_max_open_files(-1)
+    opts.increase_parallelism(2)
+    return opts
+
+
+@dataclass
+class Database:
+    """A RocksDB database and its column families, by name."""
+
+    db: Rdict
+    cfs: dict[str, Rdict]
+    handles: dict[str, ColumnFamily]
+    path: Path
+    secondary: bool
+
+    def cf(self, name: str) -> Rdict:
+        """The column family as a dict-like view (get, iter, put)."""
+        return self.cfs[name]
+
+    def handle(self, name: str) -> ColumnFamily:
+        """The column family handle that ``WriteBatch.put(k, v, handle)`` takes."""
+        return self.handles[name]
+
+    def batch(self) -> WriteBatch:
+        return WriteBatch(raw_mode=True)
+
+    def write(self, batch: WriteBatch, sync: bool = False) -> None:
+        """Apply a WriteBatch atomically; ``sync`` fsyncs the WAL first (API commands)."""
+        try:
+            if sync:
+                wo = WriteOptions()
+                wo.set_sync(True)
+                self.db.write(batch, wo)
+            else:
+                self.db.write(batch)
+        except Exception as e:  # rocksdict raises plain Exception with RocksDB's message
+            raise StoreError(f"RocksDB write failed in {self.path}: {e}") from e
+
+    def catch_up(self) -> None:
+        """Secondary only: make writes of the primary visible."""
+        self.db.try_catch_up_with_primary()
+
+    def close(self) -> None:
+        for cf in self.cfs.values():
+            try:
+                cf.close()
+            except Exception:
+                pass
+        self.db.close()
+
+
+_lock = threading.Lock()
+_open: dict[tuple[str, bool], Database] = {}
+
+
+def _open_db(path: Path, names: tuple[str, ...], secondary_dir: Path | None) -> Database:
+    secondary = secondary_dir is not None
+    opts = _options(secondary)
+    kwargs = {}
+    if secondary:
+        secondary_dir.mkdir(parents=True, exist_ok=True)
+        kwargs["access_type"] = AccessType.secondary(str(secondary_dir))
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    cf_opts = {n: Options(raw_mode=True) for n in names}
+    try:
+        db = Rdict(str(path), options=opts, column_families=cf_opts, **kwargs)
+    except Exception as e:
+        raise StoreError(f"cannot open RocksDB at {path}: {e}") from e
+    cfs = {n: db.get_column_family(n) for n in names}
+    handles = {n: db.get_column_family_handle(n) for n in names}
+    return Database(db=db, cfs=cfs, handles=handles, path=path, secondary=secondary)
+
+
+def open_flow_db(data_dir: str | Path, secondary: bool = False) -> Database:
+    """The dataflow's database (primary in the flow process, secondary elsewhere)."""
+    return _shared(Path(data_dir) / "flow", FLOW_CFS, secondary, Path(data_dir))
+
+
+def open_delivery_db(data_dir: str | Path, secondary: bool = False) -> Database:
+    """The delivery process's database (commands from the API, acks)."""
+    return _shared(Path(data_dir) / "delivery", DELIVERY_CFS, secondary, Path(data_dir))
+
+
+def _shared(path: Path, names: tuple[str, ...], secondary: bool, data_dir: Path) -> Database:
+    key = (str(path.resolve()), secondary)
+    with _lock:
+        db = _open.get(key)
+        if db is None:
+            sec_dir = data_dir / "secondary" / f"{path.name}-{os.getpid()}" if secondary else None
+            db = _open_db(path, names, sec_dir)
+            _open[key] = db
+        return db
+
+
+def close_all() -> None:
+    """Close every database this process opened (tests, shutdown)."""
+    with _lock:
+        for db in _open.values():
+            try:
+                db.close()
+            except Exception:
+                pass
+        _open.clear()
+
+
+def prefix_items(cf: Rdict, prefix: bytes, start: bytes | None = None):
+    """Iterate (key, value) of ``cf`` whose key starts with ``prefix``, from ``start`` if given."""
+    it = cf.iter()
+    it.seek(start if start is not None else prefix)
+    while it.valid():
+        k = it.key()
+        if not k.startswith(prefix):
+            break
+        yield k, it.value()
+        it.next()

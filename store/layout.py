@@ -1,0 +1,169 @@
+"""The RocksDB layout: column families, key encodings, row formats.
+
+Two databases live under ``TAP_DATA_DIR``:
+
+``flow/`` (written only by the dataflow process; the delivery process reads it as a
+RocksDB *secondary* instance):
+
+- ``repos``      ``did`` -> ``RepoState`` (orjson)
+- ``records``    ``did \\0 collection/rkey`` -> binary CID: what we believe each repo holds
+- ``outbox``     ``shard u16 BE | id u64 BE`` -> outbox row (see ``encode_outbox_row``).
+                 Within one shard, rows are committed in id order (one writer per shard),
+                 so a reader can follow each shard with a cursor.
+- ``resync_buf`` ``did \\0 seq u64 BE`` -> buffered live commit (orjson), while a repo resyncs
+- ``fetch_q``    ``priority u8 | not_before u64 BE (unix s) | did`` -> orjson request
+                 ``{"kind": "repo"|"identity", ...}``. Priority 0 identity refresh, then
+                 Tap's claim order: 1 pending, 2 desynchronized, 3 error.
+- ``meta``       cursors, id reservation, per-shard counters (see ``meta_*`` helpers)
+
+``delivery/`` (written only by the delivery process; the dataflow reads it as secondary):
+
+- ``commands``   ``seq u64 BE`` -> orjson ``{"op": "add"|"remove", "dids": [...]}``
+- ``acks``       outbox key -> b"" : events every delivery target has taken
+- ``dmeta``      delivery-side counters and state
+
+Counters that several threads would update live per shard (``count/<name>/<shard>``) or
+per single writer, so no read-modify-write races exist; readers sum them.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+FLOW_CFS = ("repos", "records", "outbox", "resync_buf", "fetch_q", "meta")
+DELIVERY_CFS = ("commands", "acks", "dmeta")
+
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct(">q")
+
+SEP = b"\x00"
+
+PRIO_IDENTITY = 0
+PRIO_PENDING = 1
+PRIO_DESYNC = 2
+PRIO_ERROR = 3
+
+
+def shard_of(did: str, shards: int) -> int:
+    """Stable shard of a DID (crc32, never Python's per-process ``hash``)."""
+    return zlib.crc32(did.encode()) % shards
+
+
+# --- records / resync buffer ---------------------------------------------------
+
+def did_prefix(did: str) -> bytes:
+    """Prefix of every per-DID key (records, resync buffer)."""
+    return did.encode() + SEP
+
+
+def record_key(did: str, path: str) -> bytes:
+    return did.encode() + SEP + path.encode()
+
+
+def record_path(key: bytes) -> str:
+    """The ``collection/rkey`` part of a records key."""
+    return key[key.index(SEP) + 1:].decode()
+
+
+def resync_buf_key(did: str, seq: int) -> bytes:
+    return did.encode() + SEP + _U64.pack(seq)
+
+
+# --- outbox ----------------------------------------------------------------------
+
+FLAG_LIVE = 0x01
+FLAG_IDENTITY = 0x02
+# Not for clients: e.g. the record paths of a deleted account, so Kafka can write tombstones.
+# /channel and webhook targets take such rows as acked without sending them.
+FLAG_INTERNAL = 0x04
+
+
+def outbox_key(shard: int, event_id: int) -> bytes:
+    return _U16.pack(shard) + _U64.pack(event_id)
+
+
+def parse_outbox_key(key: bytes) -> tuple[int, int]:
+    """(shard, event id) of an outbox key."""
+    return _U16.unpack_from(key, 0)[0], _U64.unpack_from(key, 2)[0]
+
+
+def shard_prefix(shard: int) -> bytes:
+    return _U16.pack(shard)
+
+
+def encode_outbox_row(did: str, flags: int, payload: bytes) -> bytes:
+    """Row = flags byte | did | \\0 | payload (the exact JSON sent to clients)."""
+    return bytes((flags,)) + did.encode() + SEP + payload
+
+
+def decode_outbox_row(row: bytes) -> tuple[str, int, bytes]:
+    """(did, flags, payload) of an outbox row."""
+    i = row.index(SEP, 1)
+    return row[1:i].decode(), row[0], row[i + 1:]
+
+
+# --- fetch queue -------------------------------------------------------------------
+
+def fetch_key(priority: int, not_before: int, did: str) -> bytes:
+    return bytes((priority,)) + _U64.pack(max(0, int(not_before))) + did.encode()
+
+
+def parse_fetch_key(key: bytes) -> tuple[int, int, str]:
+    """(priority, not_before, did) of a fetch-queue key."""
+    return key[0], _U64.unpack_from(key, 1)[0], key[9:].decode()
+
+
+# --- meta ----------------------------------------------------------------------------
+
+META_ID_RESERVED = b"ids/reserved"
+META_CONTROL_CURSOR = b"control/cursor"
+
+
+def meta_cursor_firehose(relay_url: str) -> bytes:
+    return b"cursor/firehose/" + relay_url.encode()
+
+
+def meta_cursor_list_repos(relay_url: str) -> bytes:
+    return b"cursor/listrepos/" + relay_url.encode()
+
+
+def meta_cursor_collection(relay_url: str, collection: str) -> bytes:
+    return b"cursor/collection/" + relay_url.encode() + SEP + collection.encode()
+
+
+def meta_counter(name: str, shard: int) -> bytes:
+    """Per-shard counter key; the shard's single writer owns it."""
+    return b"count/" + name.encode() + b"/" + _U16.pack(shard)
+
+
+def meta_counter_prefix(name: str) -> bytes:
+    return b"count/" + name.encode() + b"/"
+
+
+def meta_cmd_applied(shard: int) -> bytes:
+    """Highest control-command seq the shard's RepoLogic has applied."""
+    return b"cmdapplied/" + _U16.pack(shard)
+
+
+def pack_u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def unpack_u64(b: bytes) -> int:
+    return _U64.unpack(b)[0]
+
+
+def pack_i64(n: int) -> bytes:
+    return _I64.pack(n)
+
+
+def unpack_i64(b: bytes) -> int:
+    return _I64.unpack(b)[0]
+
+
+# --- delivery db ------------------------------------------------------------------------
+
+def command_key(seq: int) -> bytes:
+    return _U64.pack(seq)
