@@ -176,6 +176,31 @@ class PublicKey:
             return False
         return True
 
+    def verify_lenient(self, data: bytes, sig: bytes) -> bool:
+        """Like :meth:`verify` but also accepts high-S (still 64-byte compact only).
+
+        Not for repo commits (atproto requires low-S); useful for diagnostics and JWT-style checks.
+        """
+        if len(sig) != 64:
+            return False
+        if self._k256 is not None:
+            raw = _ffi.new("secp256k1_ecdsa_signature *")
+            if not _lib.secp256k1_ecdsa_signature_parse_compact(_K256_CTX.ctx, raw, sig):
+                return False
+            low = _ffi.new("secp256k1_ecdsa_signature *")
+            _lib.secp256k1_ecdsa_signature_normalize(_K256_CTX.ctx, low, raw)
+            digest = hashlib.sha256(data).digest()
+            return _lib.secp256k1_ecdsa_verify(_K256_CTX.ctx, low, digest, self._k256.public_key) == 1
+        r = int.from_bytes(sig[:32], "big")
+        s = int.from_bytes(sig[32:], "big")
+        if not (0 < r < _N_P256 and 0 < s < _N_P256):
+            return False
+        try:
+            self._p256.verify(encode_dss_signature(r, s), data, _ECDSA_SHA256)
+        except InvalidSignature:
+            return False
+        return True
+
     def multibase(self) -> str:
         """Multikey form: ``z`` + base58btc(multicodec varint + compressed key)."""
         return self._multibase
