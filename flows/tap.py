@@ -1,0 +1,28 @@
+"""The tapflow service: ``python -m bytewax.run flows.tap``.
+
+Wiring only: read and check the settings, set up logs and metrics, start the delivery
+child (HTTP API, /channel, webhook, Kafka), and build the dataflow.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from config import ConfigError, load_config
+
+try:
+    _cfg = load_config()
+except ConfigError as _e:
+    print(str(_e), file=sys.stderr)
+    raise SystemExit(2) from None
+
+from runtime.metrics import prepare_multiprocess  # noqa: E402  (before prometheus_client loads)
+
+prepare_multiprocess(_cfg.data_dir, fresh=True)
+
+from flows.dataflow import build_flow  # noqa: E402
+from runtime.service import start_service  # noqa: E402
+
+start_service(_cfg)
+flow = build_flow(_cfg)
