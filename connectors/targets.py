@@ -1,0 +1,144 @@
+"""Delivery targets and ack tracking: how an outbox event leaves tapflow.
+
+A *target* is one way events leave the delivery process: the ``/channel`` WebSocket
+(``connectors.channel``), the webhook (``connectors.webhook``) or Kafka (``connectors.kafka``).
+The outbox follower reads each shard of the outbox in id order and offers every event to
+every configured target. A target calls its ``on_taken(key)`` callback once it has durably
+taken the event (client ack, 2xx, broker ack, or write success in fire-and-forget mode).
+When *every* target took an event, the ``AckTracker`` writes its key to the delivery
+database's ``acks`` column family; the flow then deletes the outbox row.
+
+Writing a target::
+
+    class MyTarget:
+        name = "mine"
+
+        def __init__(self, cfg: Config, on_taken: TakenCallback) -> None:
+            self._on_taken = on_taken
+
+        async def start(self) -> None: ...          # connect, spawn tasks
+        def offer(self, ev: OutboxEvent) -> None:    # never blocks; queue it
+            ...
+            self._on_taken(ev.key)                   # later, once durably taken
+        async def stop(self) -> None: ...            # stop tasks; no need to flush
+
+Contract:
+
+- ``offer`` is called on the event loop thread for every outbox event (internal rows
+  included, see ``OutboxEvent.internal``), per shard in id order, exactly once per process
+  lifetime; after a restart, every event not yet acked is offered again. It must not block
+  or await: queue the event and return.
+- ``on_taken(key)`` may be called from any thread (a Kafka delivery-report thread, say); it
+  is cheapest from the event loop thread. Calling it twice, or for a key never offered,
+  is harmless.
+- Targets that must keep Tap's per-repo ordering (channel, webhook) use
+  ``connectors.scheduler.Scheduler``; Kafka keeps per-repo order by keying on the DID.
+- A target never holds an event forever without taking it: the follower stops reading
+  once ``cfg.outbox_capacity`` events are offered and not yet taken by every target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from typing import Callable, Protocol, runtime_checkable
+
+from store.outbox import OutboxEvent
+
+log = logging.getLogger(__name__)
+
+TakenCallback = Callable[[bytes], None]
+
+
+@runtime_checkable
+class DeliveryTarget(Protocol):
+    """One way events leave: /channel, webhook or Kafka (see the module docstring)."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Start background work (connections, tasks). Called once, before any ``offer``."""
+
+    def offer(self, ev: OutboxEvent) -> None:
+        """Take responsibility for ``ev``; call ``on_taken(ev.key)`` once durably taken. Must not block."""
+
+    async def stop(self) -> None:
+        """Stop background work. Events not yet taken are simply redelivered after a restart."""
+
+
+class AckTracker:
+    """Which targets took which in-flight event; completes an event when all of them did.
+
+    ``register`` an event before offering it to the targets; each target gets its own
+    ``callback(i)``. Completed keys are handed to ``on_complete`` (the follower batches
+    them into the ``acks`` column family). ``in_flight`` is what the capacity bound counts.
+    """
+
+    def __init__(self, n_targets: int, on_complete: Callable[[bytes], None]) -> None:
+        if not 1 <= n_targets <= 30:
+            raise ValueError("between 1 and 30 delivery targets")
+        self._all = (1 << n_targets) - 1
+        self._pending: dict[bytes, int] = {}  # key -> bitmask of targets that still have to take it
+        self._on_complete = on_complete
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._foreign: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._foreign_scheduled = False
+        self._foreign_lock = threading.Lock()
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop whose thread owns this tracker; calls from other threads hop onto it."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._pending
+
+    def register(self, key: bytes) -> None:
+        self._pending[key] = self._all
+
+    def callback(self, index: int) -> TakenCallback:
+        """The ``on_taken`` of target number ``index``."""
+        bit = 1 << index
+
+        def on_taken(key: bytes) -> None:
+            if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+                self._taken_elsewhere(bit, key)
+            else:
+                self._taken(bit, key)
+
+        return on_taken
+
+    def _taken(self, bit: int, key: bytes) -> None:
+        left = self._pending.get(key)
+        if left is None or not left & bit:
+            return  # duplicate, or never offered: harmless
+        left &= ~bit
+        if left:
+            self._pending[key] = left
+        else:
+            del self._pending[key]
+            self._on_complete(key)
+
+    def _taken_elsewhere(self, bit: int, key: bytes) -> None:
+        with self._foreign_lock:
+            self._foreign.append((bit, key))
+            if self._foreign_scheduled:
+                return
+            self._foreign_scheduled = True
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._drain_foreign)
+
+    def _drain_foreign(self) -> None:
+        with self._foreign_lock:
+            items = list(self._foreign)
+            self._foreign.clear()
+            self._foreign_scheduled = False
+        for bit, key in items:
+            self._taken(bit, key)
