@@ -1,0 +1,236 @@
+"""CAR v1 reader and writer, verifying every block against its CID.
+
+Why our own: ``libipld.decode_car`` never checks block hashes, and a CAR from a
+PDS or a relay is untrusted input. Here every block's sha2-256 is compared with
+its CID while splitting, so a ``Car`` that exists is a ``Car`` whose blocks are
+what their CIDs say (what go-car's ``CarReader.Next`` guarantees for Tap).
+
+Only atproto CIDs are accepted for blocks: CIDv1, sha2-256 (32 bytes), codec
+dag-cbor (0x71) or raw (0x55). Anything else is ``CarBadCID``: atproto repos never
+contain other blocks, and refusing them keeps the fast path to one prefix compare.
+
+Layout: ``varint(len(header)) header`` then ``varint(len(cid)+len(data)) cid data``
+repeated; the header is DAG-CBOR ``{"version": 1, "roots": [cid, ...]}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from hashlib import sha256
+
+import cbrrr
+
+__all__ = [
+    "Car",
+    "CarError",
+    "CarTooLarge",
+    "CarTruncated",
+    "CarBadVarint",
+    "CarBadHeader",
+    "CarHashMismatch",
+    "CarMissingRoot",
+    "CarBadCID",
+    "read_car",
+    "write_car",
+    "DEFAULT_MAX_CAR_SIZE",
+    "MAX_SECTION_SIZE",
+]
+
+#: Default cap on a whole CAR (getRepo of a big repo is a few hundred MiB at most).
+DEFAULT_MAX_CAR_SIZE = 1 << 30
+#: Cap on one header or block section, as go-car's ``util.MaxAllowedSectionSize``.
+MAX_SECTION_SIZE = 32 << 20
+
+_PFX_DAG_CBOR = b"\x01\x71\x12\x20"
+_PFX_RAW = b"\x01\x55\x12\x20"
+_CID_LEN = 36
+
+
+class CarError(ValueError):
+    """A CAR that cannot be used; the subclass says why."""
+
+
+class CarTooLarge(CarError):
+    """The CAR, or one section of it, exceeds the allowed size."""
+
+
+class CarTruncated(CarError):
+    """The data ends in the middle of a varint, the header or a block."""
+
+
+class CarBadVarint(CarError):
+    """A section length varint is longer than 9 bytes or overflows 63 bits."""
+
+
+class CarBadHeader(CarError):
+    """The header is not DAG-CBOR ``{"version": 1, "roots": [cid, ...]}`` with at least one root."""
+
+
+class CarHashMismatch(CarError):
+    """A block's sha2-256 differs from the digest in its CID."""
+
+
+class CarMissingRoot(CarError):
+    """The first root's block is not in the CAR."""
+
+
+class CarBadCID(CarError):
+    """A CID that is not CIDv1 sha2-256 dag-cbor/raw, or an empty/short section."""
+
+
+class Car:
+    """A parsed and verified CAR: ``roots`` (binary CIDs) and ``blocks`` (cid -> bytes)."""
+
+    __slots__ = ("roots", "blocks")
+
+    def __init__(self, roots: list[bytes], blocks: dict[bytes, bytes]) -> None:
+        self.roots = roots
+        self.blocks = blocks
+
+    @property
+    def root(self) -> bytes:
+        """The first root: the commit CID in every atproto CAR."""
+        return self.roots[0]
+
+    def require_root(self) -> bytes:
+        """The first root's block (the commit); ``CarMissingRoot`` when it is absent."""
+        block = self.blocks.get(self.roots[0])
+        if block is None:
+            raise CarMissingRoot("CAR root block is not in the CAR")
+        return block
+
+    def __repr__(self) -> str:
+        return f"Car(roots={len(self.roots)}, blocks={len(self.blocks)})"
+
+
+def _read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+    """Unsigned LEB128 at ``pos``; returns (value, new_pos). Non-minimal forms are accepted, as Go's."""
+    value = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise CarTruncated("CAR ends inside a varint")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            if value >= 1 << 63:
+                raise CarBadVarint("varint overflows 63 bits")
+            return value, pos
+        shift += 7
+        if shift >= 63:
+            raise CarBadVarint("varint longer than 9 bytes")
+
+
+def _decode_header(hb: bytes) -> list[bytes]:
+    """Decode the header section and return its roots as binary CIDs."""
+    try:
+        header = cbrrr.decode_dag_cbor(hb)
+    except Exception as e:  # cbrrr raises its own error types and ValueError
+        raise CarBadHeader(f"CAR header is not DAG-CBOR: {e}") from None
+    if not isinstance(header, dict):
+        raise CarBadHeader("CAR header is not a map")
+    version = header.get("version")
+    if type(version) is not int or version != 1:
+        raise CarBadHeader(f"unsupported CAR version: {version!r}")
+    roots = header.get("roots")
+    if not isinstance(roots, list) or not roots:
+        raise CarBadHeader("CAR header has no roots")
+    out: list[bytes] = []
+    for r in roots:
+        if not isinstance(r, cbrrr.CID):
+            raise CarBadHeader("CAR root is not a CID link")
+        c = r.cid_bytes
+        if len(c) != _CID_LEN or (c[:4] != _PFX_DAG_CBOR and c[:4] != _PFX_RAW):
+            raise CarBadCID("CAR root is not a CIDv1 sha2-256 dag-cbor/raw CID")
+        out.append(bytes(c))
+    return out
+
+
+def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_CAR_SIZE) -> Car:
+    """Parse a CAR v1 and verify the sha2-256 of every block against its CID.
+
+    Raises a ``CarError`` subclass on anything wrong; never returns a partially
+    verified CAR. Duplicate blocks (same CID) are kept once: same CID, same bytes.
+    """
+    end = len(data)
+    if end > max_size:
+        raise CarTooLarge(f"CAR is {end} bytes, more than {max_size}")
+    if end == 0:
+        raise CarTruncated("empty CAR")
+    if type(data) is not bytes:
+        data = bytes(data)  # one copy; bytes indexing and slicing beat memoryview per block
+
+    hlen, pos = _read_varint(data, 0, end)
+    if hlen > MAX_SECTION_SIZE:
+        raise CarTooLarge(f"CAR header section of {hlen} bytes")
+    if hlen == 0:
+        raise CarBadHeader("CAR header is empty")
+    if pos + hlen > end:
+        raise CarTruncated("CAR ends inside the header")
+    roots = _decode_header(data[pos : pos + hlen])
+    pos += hlen
+
+    blocks: dict[bytes, bytes] = {}
+    pfx_cbor = _PFX_DAG_CBOR
+    pfx_raw = _PFX_RAW
+    while pos < end:
+        # Section length: one byte for tiny sections, two bytes for most blocks.
+        b = data[pos]
+        if b < 0x80:
+            slen = b
+            pos += 1
+        elif pos + 1 < end and data[pos + 1] < 0x80:
+            slen = (b & 0x7F) | (data[pos + 1] << 7)
+            pos += 2
+        else:
+            slen, pos = _read_varint(data, pos, end)
+        if slen > MAX_SECTION_SIZE:
+            raise CarTooLarge(f"CAR section of {slen} bytes")
+        send = pos + slen
+        if send > end:
+            raise CarTruncated("CAR ends inside a block")
+        if slen < _CID_LEN:
+            raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
+        body_at = pos + _CID_LEN
+        cid = data[pos:body_at]
+        pfx = cid[:4]
+        if pfx != pfx_cbor and pfx != pfx_raw:
+            raise CarBadCID(f"unsupported block CID prefix {pfx.hex()}")
+        body = data[body_at:send]
+        if sha256(body).digest() != cid[4:]:
+            raise CarHashMismatch(f"block hash does not match its CID at offset {pos}")
+        blocks[cid] = body
+        pos = send
+    return Car(roots, blocks)
+
+
+def _varint(n: int) -> bytes:
+    """Unsigned LEB128 encoding (minimal)."""
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def write_car(
+    roots: Iterable[bytes],
+    blocks: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
+) -> bytes:
+    """Serialize a CAR v1 (roots are binary CIDs; blocks a mapping or (cid, bytes) pairs, in order).
+
+    No verification: tests use it to build corrupted CARs on purpose.
+    """
+    header = cbrrr.encode_dag_cbor({"version": 1, "roots": [cbrrr.CID(bytes(r)) for r in roots]})
+    parts = [_varint(len(header)), header]
+    items = blocks.items() if isinstance(blocks, Mapping) else blocks
+    for cid, data in items:
+        parts.append(_varint(len(cid) + len(data)))
+        parts.append(bytes(cid))
+        parts.append(bytes(data))
+    return b"".join(parts)
