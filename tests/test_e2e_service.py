@@ -138,3 +138,115 @@ def test_kill9_during_backfill_loses_nothing(pds, tmp_path):
     finally:
         first.stop()
         svc.stop()
+
+
+def _scenario_final_state(result: dict) -> dict[str, dict[str, str]]:
+    return {d: r["records"] for d, r in result["repos"].items() if r.get("status") != "deleted"}
+
+
+def _identity_events(events: list[dict], did: str) -> list[dict]:
+    return [e for e in events if e["type"] == "identity" and e["did"] == did]
+
+
+def test_full_network_scenario_every_event_kind(pds, tmp_path):
+    """Service tracks everything from the firehose; the scenario drives creates, updates,
+    deletes, a handle change, deactivate/activate, takedown and account deletion."""
+    svc = make_service(pds, tmp_path, TAP_FULL_NETWORK="true").start()
+    client = start_client(svc, tmp_path)
+    try:
+        result = pds.script("scenario.mjs")
+        alice, bob, carol = (result["names"][k] for k in ("alice", "bob", "carol"))
+        want = _scenario_final_state(result)
+
+        def converged():
+            evs = client.events()
+            got = _state_from_events(evs)
+            return all(got.get(d, {}) == want[d] for d in (alice, bob)) and any(
+                e["status"] == "deleted" for e in _identity_events(evs, carol))
+
+        svc.wait_for(converged, timeout=120, what="consumer state equal to the PDS")
+        evs = client.events()
+        alice_handles = [e["handle"] for e in _identity_events(evs, alice)]
+        assert result["aliceNewHandle"] in alice_handles
+        bob_statuses = [e["status"] for e in _identity_events(evs, bob)]
+        for s in ("deactivated", "takendown", "active"):
+            assert s in bob_statuses, bob_statuses
+        deleted = [e for e in _identity_events(evs, carol) if e["status"] == "deleted"]
+        assert deleted and deleted[-1]["isActive"] is False
+        # carol is no longer tracked
+        svc.wait_for(lambda: svc.api("GET", f"/info/{carol}")[0] == 404, timeout=30, what="carol untracked")
+        # every live event carries a valid rev and the official client parsed everything
+        assert '"parseErrors":0' in client.stderr() or "parseErrors" not in client.stderr()
+    finally:
+        client.stop()
+        svc.stop()
+
+
+def test_signal_collection_discovers_repos(pds, tmp_path):
+    """Repos that write to the signal collection are tracked by themselves; others are not."""
+    svc = make_service(pds, tmp_path, TAP_SIGNAL_COLLECTION="com.example.thing").start()
+    client = start_client(svc, tmp_path)
+    try:
+        result = pds.script("scenario.mjs")
+        alice, bob = result["names"]["alice"], result["names"]["bob"]
+        want = result["repos"][alice]["records"]
+        svc.wait_for(lambda: _state_from_events(client.events()).get(alice) == want, timeout=120,
+                     what="alice (writes com.example.thing) fully synced")
+        assert svc.api("GET", f"/info/{bob}")[0] == 404
+        assert not [e for e in client.events() if e["did"] == bob]
+    finally:
+        client.stop()
+        svc.stop()
+
+
+def test_webhook_mode_delivers_to_receiver(pds, tmp_path):
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+    auth_headers: list[str] = []
+    fail_first = {"left": 2}
+    lock = threading.Lock()
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                auth_headers.append(self.headers.get("Authorization", ""))
+                if fail_first["left"] > 0:
+                    fail_first["left"] -= 1
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ledger = _load(pds, tmp_path, accounts=1, records=10)
+    did = next(iter(ledger["repos"]))
+    svc = make_service(pds, tmp_path, TAP_WEBHOOK_URL=f"http://127.0.0.1:{server.server_port}/hook",
+                       TAP_ADMIN_PASSWORD="s3cret").start()
+    try:
+        assert svc.api("POST", "/repos/add", {"dids": [did]})[0] == 200
+
+        def done():
+            with lock:
+                recs = {f"{e['record']['collection']}/{e['record']['rkey']}": e["record"]["cid"]
+                        for e in received if e["type"] == "record"}
+            return recs == ledger["repos"][did]["records"]
+
+        svc.wait_for(done, timeout=90, what="webhook deliveries")
+        want = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+        assert auth_headers and all(h == want for h in auth_headers)
+        assert received[0]["type"] == "identity"
+        # /channel is not available in webhook mode
+        assert svc.api("GET", "/channel")[0] == 400
+    finally:
+        svc.stop()
+        server.shutdown()
