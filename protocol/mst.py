@@ -1,0 +1,790 @@
+"""atproto Merkle Search Tree (MST): load, walk, verify, edit, invert. Pure code, no I/O.
+
+The MST maps keys (repo paths ``collection/rkey`` as bytes) to value CIDs. A key's *height*
+(layer) is the number of leading zero 2-bit groups of sha256(key); every node holds the keys of
+one layer in order, with subtrees of the layer below between them. The shape therefore depends
+only on the key set, so two parties holding the same records compute the same root CID.
+
+Node encoding (DAG-CBOR)::
+
+    {"l": link | null,                     # subtree left of the first key
+     "e": [{"p": int,                      # bytes shared with the previous key in this node
+            "k": bytes,                    # the rest of the key
+            "v": link,                     # the value (record CID)
+            "t": link | null}, ...]}       # subtree right of this key
+
+In memory a node is ``keys[n]``, ``vals[n]`` and ``subs[n + 1]`` (``subs[i]`` is the subtree
+between ``keys[i-1]`` and ``keys[i]``). A subtree reference is ``None``, a ``Node``, or the
+child's binary CID (``bytes``) while it has not been loaded. Loading is lazy: only the nodes an
+operation touches get decoded, and a CID whose block is not in the store makes the tree
+*partial*; touching it raises :class:`MSTPartialError`.
+
+Nodes are never mutated after construction (apart from replacing a child CID by the node
+loaded from it, which changes nothing observable), so edits copy only the path from the root
+and ``MST.copy()`` is O(1). Each node caches its CID; the root CID after an edit re-hashes only
+the new nodes.
+
+Example::
+
+    t = MST.build([(b"app.bsky.feed.post/3k2a", rec_cid)])
+    prev = t.insert(b"app.bsky.feed.like/3k2b", other_cid)
+    root = t.root_cid(out=blocks)   # new node blocks land in ``blocks``
+    t2 = MST.load(blocks, root)
+    assert list(t2.walk()) == sorted(...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left
+from typing import Callable, Iterable, Iterator, Protocol
+
+import cbrrr
+import libipld
+
+try:  # the non-OpenSSL sha256: ~2x cheaper than hashlib's for the short inputs keys are
+    from _sha256 import sha256 as _sha256_small
+except ImportError:  # Python >= 3.12 names it _sha2
+    try:
+        from _sha2 import sha256 as _sha256_small  # type: ignore[no-redef]
+    except ImportError:  # pragma: no cover
+        _sha256_small = hashlib.sha256
+
+_sha256 = hashlib.sha256
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "MSTError",
+    "MSTKeyError",
+    "MSTPartialError",
+    "MSTStructureError",
+    "MSTBadNode",
+    "MSTHeightError",
+    "MSTOrderError",
+    "MSTPrefixError",
+    "MSTEmptyNodeError",
+    "MSTInversionError",
+    "BlockSource",
+    "Node",
+    "MST",
+    "key_height",
+    "common_prefix_len",
+    "invert_ops",
+]
+
+MAX_KEY_BYTES = 1024
+
+_CBOR_PREFIX = b"\x01\x71\x12\x20"  # CIDv1, dag-cbor, sha2-256, 32 bytes
+_RAW_PREFIX = b"\x01\x55\x12\x20"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class MSTError(ValueError):
+    """Anything wrong with an MST or an operation on it."""
+
+
+class MSTKeyError(MSTError):
+    """A key that cannot be in an MST (empty or longer than MAX_KEY_BYTES), or a bad value CID."""
+
+
+class MSTPartialError(MSTError):
+    """The operation needs a node whose block is not available (a partial tree or proof)."""
+
+
+class MSTStructureError(MSTError):
+    """The tree is not a valid MST (base class of the specific structure errors)."""
+
+
+class MSTBadNode(MSTStructureError):
+    """A node block that is not a well-formed MST node (bad CBOR, wrong field types)."""
+
+
+class MSTHeightError(MSTStructureError):
+    """A key sits on a layer that does not match its height, or a subtree below layer 0."""
+
+
+class MSTOrderError(MSTStructureError):
+    """Keys are not strictly increasing in tree order (duplicates included)."""
+
+
+class MSTPrefixError(MSTStructureError):
+    """Prefix compression in a node is wrong or not maximal (not the canonical encoding)."""
+
+
+class MSTEmptyNodeError(MSTStructureError):
+    """An empty node below the root, or a root that is only a pointer to a subtree."""
+
+
+class MSTInversionError(MSTError):
+    """An operation could not be inverted: the tree did not hold what the operation claims."""
+
+
+class BlockSource(Protocol):
+    """Where nodes come from: anything with ``get(cid) -> bytes | None`` (a dict works)."""
+
+    def get(self, cid: bytes, /) -> bytes | None: ...
+
+
+# ----------------------------------------------------------------------------- key helpers
+
+
+def key_height(key: bytes) -> int:
+    """Layer of ``key``: leading zero 2-bit groups of sha256(key) (fanout 4)."""
+    d = _sha256_small(key).digest()
+    if d[0] & 0xC0:  # three keys in four
+        return 0
+    return (256 - int.from_bytes(d, "big").bit_length()) >> 1
+
+
+def common_prefix_len(a: bytes, b: bytes) -> int:
+    """Number of leading bytes ``a`` and ``b`` share (in C, via an integer XOR)."""
+    n = len(a) if len(a) < len(b) else len(b)
+    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    if not x:
+        return n
+    return n - ((x.bit_length() + 7) >> 3)
+
+
+def _check_key(key: bytes) -> None:
+    if type(key) is not bytes or not key or len(key) > MAX_KEY_BYTES:
+        raise MSTKeyError(f"invalid MST key {key!r:.80}")
+
+
+def _check_value(val: bytes) -> None:
+    if type(val) is not bytes or len(val) != 36 or (val[:4] != _CBOR_PREFIX and val[:4] != _RAW_PREFIX):
+        raise MSTKeyError(f"MST value must be a binary sha2-256 CIDv1, got {val!r:.80}")
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+class Node:
+    """One MST node; see the module docstring for the fields. Treat as immutable."""
+
+    __slots__ = ("height", "keys", "vals", "subs", "pfx", "cid", "canonical")
+
+    def __init__(self, height: int, keys: list, vals: list, subs: list, pfx: list | None = None,
+                 cid: bytes | None = None, canonical: bool = True) -> None:
+        self.height = height
+        self.keys = keys
+        self.vals = vals
+        self.subs = subs
+        if pfx is None:
+            pfx = _prefixes(keys)
+        self.pfx = pfx  # canonical prefix length of each key against the one before it
+        self.cid = cid  # None until computed; set for loaded nodes
+        self.canonical = canonical  # False when the block's prefix compression was not maximal
+
+    def is_empty(self) -> bool:
+        return not self.keys and self.subs[0] is None
+
+    def __repr__(self) -> str:
+        return f"Node(h={self.height}, keys={len(self.keys)}, cid={'set' if self.cid else 'dirty'})"
+
+
+def _prefixes(keys: list) -> list:
+    out = []
+    prev = b""
+    for k in keys:
+        out.append(common_prefix_len(prev, k) if prev else 0)
+        prev = k
+    return out
+
+
+def _is_link(x) -> bool:
+    return type(x) is bytes and len(x) == 36 and x[:4] == _CBOR_PREFIX
+
+
+def _decode_node(cid: bytes, block: bytes, height: int) -> Node:
+    """Parse a node block. ``height`` is the layer the parent implies (-1 at the root: derive it)."""
+    try:
+        d = libipld.decode_dag_cbor(block)
+    except Exception as e:
+        raise MSTBadNode(f"MST node {_cid_str(cid)} is not DAG-CBOR: {e}") from None
+    if type(d) is not dict:
+        raise MSTBadNode(f"MST node {_cid_str(cid)} is not a map")
+    ents = d.get("e")
+    left = d.get("l")
+    if type(ents) is not list:
+        raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
+    if left is not None and not _is_link(left):
+        raise MSTBadNode(f"MST node {_cid_str(cid)}: 'l' is not a node link")
+    keys: list = []
+    vals: list = []
+    subs: list = [left]
+    pfx: list = []
+    canonical = True
+    prev = b""
+    try:
+        for ent in ents:
+            p = ent["p"]
+            k = ent["k"]
+            v = ent["v"]
+            t = ent.get("t")
+            if type(p) is not int or type(k) is not bytes or p < 0 or p > len(prev):
+                raise MSTBadNode(f"MST node {_cid_str(cid)}: bad entry key or prefix length")
+            if p < len(prev) and k and prev[p] == k[0]:
+                # valid but not maximal: keep the key, remember the canonical prefix
+                canonical = False
+                key = prev[:p] + k
+                p = common_prefix_len(prev, key)
+            else:
+                key = prev[:p] + k if p else k
+            if type(v) is not bytes or len(v) != 36 or (v[:4] != _CBOR_PREFIX and v[:4] != _RAW_PREFIX):
+                raise MSTBadNode(f"MST node {_cid_str(cid)}: entry value is not a CID")
+            if t is not None and (type(t) is not bytes or len(t) != 36 or t[:4] != _CBOR_PREFIX):
+                raise MSTBadNode(f"MST node {_cid_str(cid)}: 't' is not a node link")
+            keys.append(key)
+            vals.append(v)
+            subs.append(t)
+            pfx.append(p)
+            prev = key
+    except (KeyError, TypeError):
+        raise MSTBadNode(f"MST node {_cid_str(cid)}: malformed entry") from None
+    if height < 0 and keys:
+        height = key_height(keys[0])
+    if height == 0 and subs.count(None) != len(subs):
+        raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
+    return Node(height, keys, vals, subs, pfx, cid, canonical)
+
+
+def _cid_str(cid: bytes | None) -> str:
+    if not cid:
+        return "(unsaved)"
+    try:
+        return libipld.encode_cid(cid)
+    except Exception:
+        return cid.hex()
+
+
+def _encode_node(node: Node, out: dict | None) -> bytes:
+    """Canonical DAG-CBOR of ``node`` (children's CIDs computed first); caches and returns its CID."""
+    subs = node.subs
+    sub_cids = []
+    for s in subs:
+        if s is None or type(s) is bytes:
+            sub_cids.append(s)
+        else:
+            sub_cids.append(s.cid if s.cid is not None else _encode_node(s, out))
+    keys = node.keys
+    pfx = node.pfx
+    vals = node.vals
+    ents = []
+    fast = True
+    for i in range(len(keys)):
+        p = pfx[i]
+        suffix = keys[i][p:] if p else keys[i]
+        # libipld's encoder writes any byte string that parses as a CID as a link; a suffix
+        # starting with a printable ASCII byte never does (repo paths always are printable).
+        if not (0x20 <= suffix[0] < 0x7F):
+            fast = False
+        ents.append({"k": suffix, "p": p, "t": sub_cids[i + 1], "v": vals[i]})
+    if fast:
+        block = libipld.encode_dag_cbor({"e": ents, "l": sub_cids[0]})
+    else:
+        block = _encode_exact(ents, sub_cids[0])
+    cid = _CBOR_PREFIX + (_sha256(block) if len(block) > 200 else _sha256_small(block)).digest()
+    node.cid = cid
+    if out is not None:
+        out[cid] = block
+    return cid
+
+
+def _encode_exact(ents: list, left: bytes | None) -> bytes:
+    """Slow path with explicit link types (keys that could be mistaken for CIDs)."""
+    link = cbrrr.CID
+    e = [{"k": x["k"], "p": x["p"], "t": None if x["t"] is None else link(x["t"]), "v": link(x["v"])}
+         for x in ents]
+    return cbrrr.encode_dag_cbor({"e": e, "l": None if left is None else link(left)})
+
+
+# ----------------------------------------------------------------------------- tree
+
+
+class MST:
+    """An MST over a block source. Edits replace ``root``; nodes are shared, so ``copy`` is O(1).
+
+    ``root`` is a :class:`Node`, or a CID (``bytes``) for a *stub* root: the tree whose top was
+    trimmed down to a subtree that is not available (only its CID is known, see ``remove``).
+    """
+
+    __slots__ = ("root", "store")
+
+    def __init__(self, root: Node | bytes, store: BlockSource | None = None) -> None:
+        self.root = root
+        self.store: BlockSource = store if store is not None else {}
+
+    # -- construction
+
+    @classmethod
+    def empty(cls) -> "MST":
+        return cls(Node(0, [], [], [None], []), {})
+
+    @classmethod
+    def load(cls, store: BlockSource, root_cid: bytes) -> "MST":
+        """Load lazily from ``store``; the root block must be present, the rest may be missing."""
+        block = store.get(root_cid)
+        if block is None:
+            raise MSTPartialError(f"MST root block {_cid_str(root_cid)} missing")
+        root = _decode_node(root_cid, block, -1)
+        if not root.keys and root.subs[0] is not None:
+            root.height = _height_below(root, store)
+        return cls(root, store)
+
+    @classmethod
+    def build(cls, items: Iterable[tuple[bytes, bytes]]) -> "MST":
+        """Build the tree for a set of (key, value) pairs directly (faster than inserting one by one)."""
+        pairs = sorted(items)
+        for k, v in pairs:
+            _check_key(k)
+            _check_value(v)
+        for i in range(1, len(pairs)):
+            if pairs[i][0] == pairs[i - 1][0]:
+                raise MSTKeyError(f"duplicate key {pairs[i][0]!r:.80}")
+        if not pairs:
+            return cls.empty()
+        keys = [k for k, _ in pairs]
+        vals = [v for _, v in pairs]
+        heights = [key_height(k) for k in keys]
+        top = max(heights)
+        return cls(_build(keys, vals, heights, 0, len(keys), top), {})
+
+    def copy(self) -> "MST":
+        return MST(self.root, self.store)
+
+    # -- queries
+
+    def root_cid(self, out: dict | None = None) -> bytes:
+        """CID of the root; encodes only nodes changed since their CID was last computed.
+
+        New node blocks are written into ``out`` when given (the blocks of a commit diff).
+        """
+        root = self.root
+        if type(root) is bytes:
+            return root
+        if root.cid is not None:
+            return root.cid
+        return _encode_node(root, out)
+
+    def is_partial(self) -> bool:
+        """True when some node is not available (walks and loads the whole tree)."""
+        if type(self.root) is bytes:
+            return True
+        missing = []
+        for _ in self._iter(lambda cid: missing.append(cid)):
+            pass
+        return bool(missing)
+
+    def get(self, key: bytes) -> bytes | None:
+        """Value CID stored at ``key`` or None; MSTPartialError if the path is not available."""
+        _check_key(key)
+        node = self._root_node()
+        h = key_height(key)
+        store = self.store
+        while True:
+            if h > node.height:
+                return None
+            keys = node.keys
+            i = bisect_left(keys, key)
+            if h == node.height:
+                if i < len(keys) and keys[i] == key:
+                    return node.vals[i]
+                return None
+            if node.subs[i] is None:
+                return None
+            node = _child(node, i, store)
+
+    def walk(self, on_missing: Callable[[bytes], None] | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """All (key, value CID) pairs in key order.
+
+        A missing node raises MSTPartialError, unless ``on_missing(cid)`` is given: then it is
+        called and that subtree is skipped.
+        """
+        return self._iter(on_missing)
+
+    def _iter(self, on_missing):
+        root = self.root
+        store = self.store
+        if type(root) is bytes:
+            if on_missing is None:
+                raise MSTPartialError(f"MST root {_cid_str(root)} not available")
+            on_missing(root)
+            return
+        # explicit stack of (node, next index); avoids nested generators
+        stack = [(root, 0)]
+        while stack:
+            node, i = stack.pop()
+            keys = node.keys
+            if 0 < i <= len(keys):
+                yield keys[i - 1], node.vals[i - 1]
+            while i <= len(keys):
+                sub = node.subs[i]
+                if sub is not None:
+                    if type(sub) is bytes:
+                        block = store.get(sub)
+                        if block is None:
+                            if on_missing is None:
+                                raise MSTPartialError(f"MST node {_cid_str(sub)} missing")
+                            on_missing(sub)
+                            sub = None
+                        else:
+                            sub = _decode_node(sub, block, node.height - 1)
+                            node.subs[i] = sub
+                    if sub is not None:
+                        stack.append((node, i + 1))
+                        stack.append((sub, 0))
+                        break
+                if i < len(keys):
+                    yield keys[i], node.vals[i]
+                i += 1
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(self._iter(None))
+
+    def verify(self, allow_partial: bool = False) -> list[tuple[bytes, bytes]]:
+        """Check the whole structure and return all (key, value) pairs in key order.
+
+        Checks: every key on the layer of its height, subtrees exactly one layer down and none
+        under layer 0, keys strictly increasing across the tree, canonical (maximal) prefix
+        compression, no empty node below the root, a root that is not a bare pointer.
+        Missing nodes raise MSTPartialError unless ``allow_partial`` (then they are skipped; see
+        ``verify_counted`` for the count).
+        """
+        return self.verify_counted(allow_partial)[0]
+
+    def verify_counted(self, allow_partial: bool = False) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Like ``verify``; also returns how many subtrees were missing."""
+        root = self.root
+        if type(root) is bytes:
+            raise MSTPartialError(f"MST root {_cid_str(root)} not available")
+        if not root.keys:
+            if root.subs[0] is not None:
+                raise MSTEmptyNodeError("MST root is only a pointer to a subtree")
+            return [], 0
+        if root.height != key_height(root.keys[0]):
+            raise MSTHeightError("MST root height does not match its keys")
+        out: list = []
+        state = [0, b""]  # missing count, last key
+        _verify_node(root, root.height, self.store, out, state, allow_partial, True)
+        return out, state[0]
+
+    # -- edits
+
+    def insert(self, key: bytes, val: bytes) -> bytes | None:
+        """Set ``key`` to ``val``; returns the previous value (None if the key was new)."""
+        _check_key(key)
+        _check_value(val)
+        root = self._root_node()
+        h = key_height(key)
+        store = self.store
+        if root.is_empty():
+            self.root = Node(h, [key], [val], [None, None], [0])
+            return None
+        if root.height < 0:
+            raise MSTPartialError("MST root height unknown (its only subtree is missing)")
+        if h > root.height:
+            left, right = _split(root, key, store)
+            for layer in range(root.height + 1, h):
+                if left is not None:
+                    left = Node(layer, [], [], [left], [])
+                if right is not None:
+                    right = Node(layer, [], [], [right], [])
+            self.root = Node(h, [key], [val], [left, right], [0])
+            return None
+        new, prev = _insert(root, key, val, h, store)
+        self.root = new
+        return prev
+
+    def remove(self, key: bytes) -> bytes | None:
+        """Delete ``key``; returns its value (None if it was not there).
+
+        Afterwards the top of the tree is trimmed while the root is a bare pointer. When the
+        subtree it points to is not available, the tree becomes a *stub root* that is just that
+        CID (the rule Sync 1.1 inversion needs for partial proofs: the root CID is still known).
+        """
+        _check_key(key)
+        root = self._root_node()
+        if root.height < 0:
+            raise MSTPartialError("MST root height unknown (its only subtree is missing)")
+        store = self.store
+        new, prev = _remove(root, key, key_height(key), store)
+        if prev is None:
+            return None
+        while not new.keys and new.subs[0] is not None:
+            sub = new.subs[0]
+            if type(sub) is bytes:
+                block = store.get(sub)
+                if block is None:
+                    self.root = sub  # stub root
+                    return prev
+                sub = _decode_node(sub, block, new.height - 1)
+            new = sub
+        if new.is_empty():
+            new = Node(0, [], [], [None], [])
+        self.root = new
+        return prev
+
+    def _root_node(self) -> Node:
+        root = self.root
+        if type(root) is bytes:
+            raise MSTPartialError(f"MST root {_cid_str(root)} is a stub (not available)")
+        return root
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _child(node: Node, i: int, store: BlockSource) -> Node:
+    """Load subtree ``i`` of ``node`` (memoized in place); MSTPartialError if its block is missing."""
+    sub = node.subs[i]
+    if type(sub) is not bytes:
+        return sub
+    block = store.get(sub)
+    if block is None:
+        raise MSTPartialError(f"MST node {_cid_str(sub)} missing")
+    child = _decode_node(sub, block, node.height - 1)
+    node.subs[i] = child
+    return child
+
+
+def _resolve(ref, height: int, store: BlockSource) -> Node:
+    if type(ref) is not bytes:
+        return ref
+    block = store.get(ref)
+    if block is None:
+        raise MSTPartialError(f"MST node {_cid_str(ref)} missing")
+    return _decode_node(ref, block, height)
+
+
+def _height_below(node: Node, store: BlockSource) -> int:
+    """Height of a keyless root from the first node below it with keys (-1 if that is missing)."""
+    depth = 0
+    while not node.keys:
+        sub = node.subs[0]
+        if sub is None:
+            return 0
+        if type(sub) is bytes:
+            block = store.get(sub)
+            if block is None:
+                return -1
+            sub = _decode_node(sub, block, -1)
+        node = sub
+        depth += 1
+    return node.height + depth
+
+
+def _build(keys: list, vals: list, heights: list, lo: int, hi: int, layer: int) -> Node:
+    """Node on ``layer`` for keys[lo:hi] (all of height <= layer)."""
+    nkeys = []
+    nvals = []
+    subs = []
+    start = lo
+    for i in range(lo, hi):
+        if heights[i] == layer:
+            subs.append(_build(keys, vals, heights, start, i, layer - 1) if i > start else None)
+            nkeys.append(keys[i])
+            nvals.append(vals[i])
+            start = i + 1
+    subs.append(_build(keys, vals, heights, start, hi, layer - 1) if hi > start else None)
+    return Node(layer, nkeys, nvals, subs)
+
+
+def _split(node: Node, key: bytes, store: BlockSource) -> tuple[Node | None, Node | None]:
+    """Split the subtree ``node`` into the parts below and above ``key`` (which it does not hold)."""
+    keys = node.keys
+    i = bisect_left(keys, key)
+    n = len(keys)
+    if node.subs[i] is None:
+        cl = cr = None
+    else:
+        cl, cr = _split(_child(node, i, store), key, store)
+    if i == 0 and cl is None:
+        return None, node
+    if i == n and cr is None:
+        return node, None
+    left = Node(node.height, keys[:i], node.vals[:i], node.subs[:i] + [cl], node.pfx[:i])
+    rpfx = node.pfx[i:]
+    if rpfx:
+        rpfx[0] = 0
+    right = Node(node.height, keys[i:], node.vals[i:], [cr] + node.subs[i + 1:], rpfx)
+    return left, right
+
+
+def _chain(key: bytes, val: bytes, h: int, layer: int) -> Node:
+    """A new subtree on ``layer`` holding only ``key`` (keyless nodes down to its height)."""
+    node = Node(h, [key], [val], [None, None], [0])
+    for lyr in range(h + 1, layer + 1):
+        node = Node(lyr, [], [], [node], [])
+    return node
+
+
+def _insert(node: Node, key: bytes, val: bytes, h: int, store: BlockSource) -> tuple[Node, bytes | None]:
+    keys = node.keys
+    i = bisect_left(keys, key)
+    if h == node.height:
+        if i < len(keys) and keys[i] == key:
+            prev = node.vals[i]
+            if prev == val:
+                return node, prev
+            vals = node.vals[:]
+            vals[i] = val
+            return Node(node.height, keys, vals, node.subs, node.pfx), prev
+        if node.subs[i] is None:
+            left = right = None
+        else:
+            left, right = _split(_child(node, i, store), key, store)
+        nkeys = keys[:i]
+        nkeys.append(key)
+        nkeys += keys[i:]
+        nvals = node.vals[:i]
+        nvals.append(val)
+        nvals += node.vals[i:]
+        subs = node.subs[:i]
+        subs.append(left)
+        subs.append(right)
+        subs += node.subs[i + 1:]
+        pfx = node.pfx[:i]
+        pfx.append(common_prefix_len(keys[i - 1], key) if i else 0)
+        if i < len(keys):
+            pfx.append(common_prefix_len(key, keys[i]))
+            pfx += node.pfx[i + 1:]
+        return Node(node.height, nkeys, nvals, subs, pfx), None
+    # the key lives further down, in subtree i
+    if node.subs[i] is None:
+        child = _chain(key, val, h, node.height - 1)
+        prev = None
+    else:
+        old = _child(node, i, store)
+        child, prev = _insert(old, key, val, h, store)
+        if child is old:
+            return node, prev
+    subs = node.subs[:]
+    subs[i] = child
+    return Node(node.height, keys, node.vals, subs, node.pfx), prev
+
+
+def _remove(node: Node, key: bytes, h: int, store: BlockSource) -> tuple[Node, bytes | None]:
+    if h > node.height:
+        return node, None
+    keys = node.keys
+    i = bisect_left(keys, key)
+    if h == node.height:
+        if i >= len(keys) or keys[i] != key:
+            return node, None
+        prev = node.vals[i]
+        subs = node.subs
+        merged = _merge(subs[i], subs[i + 1], node.height - 1, store)
+        nkeys = keys[:i] + keys[i + 1:]
+        nsubs = subs[:i]
+        nsubs.append(merged)
+        nsubs += subs[i + 2:]
+        pfx = node.pfx[:i]
+        if i < len(nkeys):
+            pfx.append(common_prefix_len(nkeys[i - 1], nkeys[i]) if i else 0)
+            pfx += node.pfx[i + 2:]
+        return Node(node.height, nkeys, node.vals[:i] + node.vals[i + 1:], nsubs, pfx), prev
+    if node.subs[i] is None:
+        return node, None
+    old = _child(node, i, store)
+    child, prev = _remove(old, key, h, store)
+    if prev is None:
+        return node, None
+    subs = node.subs[:]
+    subs[i] = None if child.is_empty() else child
+    return Node(node.height, keys, node.vals, subs, node.pfx), prev
+
+
+def _merge(a, b, height: int, store: BlockSource):
+    """Join two adjacent subtrees (left one entirely below the right one)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    a = _resolve(a, height, store)
+    b = _resolve(b, height, store)
+    mid = _merge(a.subs[-1], b.subs[0], height - 1, store)
+    subs = a.subs[:-1]
+    subs.append(mid)
+    subs += b.subs[1:]
+    pfx = a.pfx + b.pfx
+    if a.keys and b.keys:
+        pfx[len(a.keys)] = common_prefix_len(a.keys[-1], b.keys[0])
+    return Node(height, a.keys + b.keys, a.vals + b.vals, subs, pfx)
+
+
+def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: list,
+                 allow_partial: bool, is_root: bool) -> None:
+    keys = node.keys
+    if not is_root and node.is_empty():
+        raise MSTEmptyNodeError(f"empty MST node {_cid_str(node.cid)}")
+    if not node.canonical:
+        raise MSTPrefixError(f"MST node {_cid_str(node.cid)} has non-maximal prefix compression")
+    if height < 0:
+        raise MSTHeightError(f"MST node {_cid_str(node.cid)} is below layer 0")
+    for k in keys:
+        if key_height(k) != height:
+            raise MSTHeightError(f"MST key {k!r:.80} (height {key_height(k)}) on layer {height}")
+    subs = node.subs
+    vals = node.vals
+    n = len(keys)
+    for i in range(n + 1):
+        sub = subs[i]
+        if sub is not None:
+            if height == 0:
+                raise MSTHeightError(f"MST node {_cid_str(node.cid)} on layer 0 has subtrees")
+            if type(sub) is bytes:
+                block = store.get(sub)
+                if block is None:
+                    if not allow_partial:
+                        raise MSTPartialError(f"MST node {_cid_str(sub)} missing")
+                    state[0] += 1
+                    sub = None
+                else:
+                    sub = _decode_node(sub, block, height - 1)
+                    subs[i] = sub
+            if sub is not None:
+                if sub.height != height - 1:
+                    raise MSTHeightError(f"MST node {_cid_str(sub.cid)} has the wrong height")
+                _verify_node(sub, height - 1, store, out, state, allow_partial, False)
+        if i < n:
+            k = keys[i]
+            if k <= state[1]:
+                raise MSTOrderError(f"MST key {k!r:.80} out of order (after {state[1]!r:.80})")
+            state[1] = k
+            out.append((k, vals[i]))
+
+
+# ----------------------------------------------------------------------------- inversion
+
+
+def invert_ops(tree: MST, ops: Iterable[tuple[bytes, bytes | None, bytes | None]]) -> bytes:
+    """Undo a commit's operations on ``tree`` (mutated; pass a copy) and return the root CID.
+
+    ``ops`` are ``(key, value, prev)``: create = value only, update = value and a different
+    prev, delete = prev only. Per Sync 1.1 the inverse is applied deletes first, then by key:
+    create -> remove (the removed value must be ``value``), update -> put ``prev`` back (the
+    replaced value must be ``value``), delete -> put ``prev`` back (the key must have been
+    absent). The result must equal the commit's ``prevData``; comparing is the caller's job.
+
+    Raises MSTInversionError when the tree contradicts an op, MSTPartialError when the proof
+    lacks a node the inversion needs (some real PDS proofs do; those repos must resync).
+    """
+    ordered = sorted(ops, key=lambda op: (op[1] is not None, op[0]))
+    for key, value, prev in ordered:
+        if value is not None and prev is None:  # create
+            old = tree.remove(key)
+            if old != value:
+                raise MSTInversionError(f"inverting create of {key!r:.80}: tree held {_cid_str(old)}")
+        elif value is not None and prev is not None and value != prev:  # update
+            old = tree.insert(key, prev)
+            if old != value:
+                raise MSTInversionError(f"inverting update of {key!r:.80}: tree held {_cid_str(old)}")
+        elif value is None and prev is not None:  # delete
+            old = tree.insert(key, prev)
+            if old is not None:
+                raise MSTInversionError(f"inverting delete of {key!r:.80}: key was still in the tree")
+        else:
+            raise MSTInversionError(f"operation on {key!r:.80} is neither create, update nor delete")
+    return tree.root_cid()
