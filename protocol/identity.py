@@ -798,6 +798,7 @@ class Directory:
         if handle_resolver is None:
             handle_resolver = ChainHandleResolver(
                 [DnsHandleResolver(timeout=timeout), WellKnownHandleResolver(self.http, timeout=timeout)])
+        _adopt_http(handle_resolver, self.http)
         self.handle_resolver = handle_resolver
         self.did_web = did_web or DidWebResolver()
         self.timeout = timeout
@@ -1011,6 +1012,13 @@ class Directory:
 
     async def close(self) -> None:
         await self.http.close()
+
+
+def _adopt_http(resolver: Any, http: HttpClient) -> None:
+    """Give resolvers built without an HttpClient the directory's (so ``close`` closes it)."""
+    for r in getattr(resolver, "resolvers", None) or [resolver]:
+        if hasattr(r, "http") and r.http is None:
+            r.http = http
 
 
 def _unwrap(e: _Entry) -> Any:
