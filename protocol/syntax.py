@@ -14,6 +14,7 @@ differ.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 __all__ = [
     "InvalidSyntax",
@@ -102,11 +103,19 @@ _NSID_RE = re.compile(
 )
 
 
+@lru_cache(maxsize=4096)
+def _nsid_ok(s: str) -> bool:
+    return 0 < len(s) <= 317 and _NSID_RE.fullmatch(s) is not None
+
+
 def is_valid_nsid(s: str) -> bool:
-    """NSID syntax: reversed domain authority plus a name segment (no hyphen in the name)."""
+    """NSID syntax: reversed domain authority plus a name segment (no hyphen in the name).
+
+    Cached: every op of every commit names a collection, and there are few distinct ones.
+    """
     if not isinstance(s, str):
         return False
-    return 0 < len(s) <= 317 and _NSID_RE.fullmatch(s) is not None
+    return _nsid_ok(s)
 
 
 def ensure_nsid(s: str) -> str:
