@@ -56,6 +56,7 @@ import orjson
 from prometheus_client import Counter
 
 from protocol.keys import InvalidKey, PublicKey, key_from_verification_method
+from protocol.syntax import is_valid_did, is_valid_handle
 
 __all__ = [
     "INVALID_HANDLE",
@@ -134,20 +135,7 @@ class PrivateHostRefused(IdentityError):
 
 # ------------------------------------------------------------------ syntax
 
-# atproto DID syntax (method lowercase, identifier chars, no trailing ':' or '%'), 2 KiB max.
-_DID_RE = re.compile(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")
-_HANDLE_RE = re.compile(
-    r"^([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$"
-)
 _RESERVED_TLDS = frozenset({"local", "arpa", "invalid", "localhost", "internal", "example", "onion", "alt"})
-
-
-def is_valid_did(s: object) -> bool:
-    return isinstance(s, str) and len(s) <= 2048 and _DID_RE.match(s) is not None
-
-
-def is_valid_handle(s: object) -> bool:
-    return isinstance(s, str) and 0 < len(s) <= 253 and _HANDLE_RE.match(s) is not None
 
 
 def normalize_handle(h: str) -> str:
@@ -420,6 +408,9 @@ class HttpClient:
             per_loop = self._sessions.setdefault(loop, {})
             s = per_loop.get(guarded)
             if s is None or s.closed:
+                for old_loop in [lp for lp in self._sessions if lp.is_closed()]:
+                    del self._sessions[old_loop]  # sessions of dead loops can only be dropped
+                per_loop = self._sessions.setdefault(loop, {})
                 connector = aiohttp.TCPConnector(
                     limit=0, limit_per_host=self.limit_per_host, ttl_dns_cache=60,
                     resolver=_PublicOnlyResolver() if guarded else None)

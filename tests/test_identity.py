@@ -158,7 +158,7 @@ def test_to_resolve_json_shape():
 def test_syntax_helpers():
     assert is_valid_did("did:plc:ewvi7nxzyoun6zhxrhs64oiz")
     assert is_valid_did("did:web:example.com")
-    for bad in ["", "did:plc:", "did:PLC:abc", "did:plc:abc:", "did:plc:abc%", "plc:abc", "did:plc:a b", None, 5]:
+    for bad in ["", "did:plc:", "did:PLC:abc", "did:plc:abc\n", "did:plc:abc:", "did:plc:abc%", "plc:abc", "did:plc:a b", None, 5]:
         assert not is_valid_did(bad)
     assert is_valid_handle("alice.test") and is_valid_handle("a.b-c.example.com")
     for bad in ["", "alice", "alice.", ".alice.com", "alice.1com", "al ice.com", "-a.com", "a" * 64 + ".com"]:
@@ -272,6 +272,14 @@ class FakeNet:
 
     def count(self, prefix: str) -> int:
         return sum(1 for r in self.requests if r.startswith(prefix))
+
+    async def arrived(self, prefix: str, n: int) -> None:
+        """Wait (up to 5 s) until ``n`` requests matching ``prefix`` reached the server."""
+        for _ in range(500):
+            if self.count(prefix) >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{prefix}: {self.count(prefix)} requests, expected {n}")
 
 
 def make_doc(did: str, handle: str | None, key=None, pds: str = "https://pds.example.com", legacy: bool = False) -> dict:
@@ -487,6 +495,7 @@ async def test_coalescing(net, directory):
     net.handles["alice.test"] = ALICE
     net.gate = asyncio.Event()
     tasks = [asyncio.create_task(directory.resolve(ALICE)) for _ in range(50)]
+    await net.arrived("plc:", 1)
     await asyncio.sleep(0.05)
     assert net.count("plc:") == 1
     net.gate.set()
@@ -500,7 +509,7 @@ async def test_coalescing(net, directory):
 async def test_coalesced_errors_and_cancelled_leader(net, directory):
     net.gate = asyncio.Event()
     tasks = [asyncio.create_task(directory.resolve(ALICE)) for _ in range(10)]
-    await asyncio.sleep(0.05)
+    await net.arrived("plc:", 1)
     tasks[0].cancel()  # the first caller gives up: the others still get the answer
     net.gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -527,11 +536,11 @@ async def test_purge_during_lookup_is_not_cached(net, directory):
     net.docs[ALICE] = make_doc(ALICE, "old.test")
     net.gate = asyncio.Event()
     first = asyncio.create_task(directory.resolve(ALICE))
-    await asyncio.sleep(0.05)
+    await net.arrived("plc:", 1)
     directory.purge(ALICE)  # e.g. an #identity event arrives mid-lookup
     net.docs[ALICE] = make_doc(ALICE, "new.test")
     second = asyncio.create_task(directory.resolve(ALICE))  # must not join the stale lookup
-    await asyncio.sleep(0.05)
+    await net.arrived("plc:", 2)
     net.gate.set()
     a, b = await asyncio.gather(first, second)
     assert a.declared_handle == "old.test" and b.declared_handle == "new.test"
@@ -593,7 +602,7 @@ async def test_resolve_handle_coalescing(net, directory):
     net.handles["alice.test"] = ALICE
     net.gate = asyncio.Event()
     tasks = [asyncio.create_task(directory.resolve_handle("alice.test")) for _ in range(20)]
-    await asyncio.sleep(0.05)
+    await net.arrived("xrpc:", 1)
     net.gate.set()
     assert set(await asyncio.gather(*tasks)) == {ALICE}
     assert directory.handle_coalesced == 19
