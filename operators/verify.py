@@ -1,0 +1,139 @@
+"""The narrow verification interface RepoLogic uses, and its default implementation.
+
+RepoLogic needs two questions answered with the repo's signing key from its state:
+
+- ``verify_commit(body, signing_key, keep) -> CheckedCommit``: a ``#commit`` frame body (as
+  decoded by libipld) is a valid, signed Sync 1.1 commit (spec §9.1 steps 1-10); its ops are
+  returned with CIDs as strings and records already in atproto JSON, keeping only ops whose
+  collection passes ``keep`` (the collection filter: verification uses every op, only the
+  result is filtered, and filtered-out records are never converted to JSON).
+- ``verify_sync(body, signing_key) -> CheckedSync``: a ``#sync`` frame's signed commit.
+
+Both raise ``VerifyError`` (a ``ValueError``) with a short reason on any failure. The
+default implementations adapt ``protocol.commit`` (imported lazily, so the state machine
+and its tests do not depend on it); RepoLogic takes any callables with these signatures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+
+class VerifyError(ValueError):
+    """A commit or sync message that failed verification; ``str()`` is the reason."""
+
+
+@dataclass(slots=True)
+class CommitOp:
+    """One (filtered) op of a verified commit. Deletes carry neither ``cid`` nor record."""
+
+    action: str  # create | update | delete
+    collection: str
+    rkey: str
+    cid: Optional[str] = None
+    record_json: Optional[bytes] = None  # atproto JSON; None if absent or not decodable
+
+    @property
+    def path(self) -> str:
+        return f"{self.collection}/{self.rkey}"
+
+
+@dataclass(slots=True)
+class CheckedCommit:
+    """A verified ``#commit``: ``data_cid`` is the new MST root, ``prev_data`` the event's
+    ``prevData`` (None for legacy events without it)."""
+
+    did: str
+    rev: str
+    data_cid: str
+    prev_data: Optional[str]
+    ops: list[CommitOp] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CheckedSync:
+    """A verified ``#sync``: the repo's current rev and MST root."""
+
+    did: str
+    rev: str
+    data_cid: str
+
+
+VerifyCommit = Callable[[dict, str, Callable[[str], bool]], CheckedCommit]
+VerifySync = Callable[[dict, str], CheckedSync]
+
+
+def op_collections(body: dict[str, Any]) -> set[str]:
+    """Collections named by a ``#commit`` body's ops (unverified; for signal-collection
+    auto-tracking, which looks at every op including deletes)."""
+    out: set[str] = set()
+    ops = body.get("ops") if isinstance(body, dict) else None
+    if not isinstance(ops, list):
+        return out
+    for op in ops:
+        path = op.get("path") if isinstance(op, dict) else None
+        if isinstance(path, str):
+            out.add(path.split("/", 1)[0])
+    return out
+
+
+def _public_key(signing_key: str):
+    from protocol.keys import parse_multikey
+
+    if not signing_key:
+        raise VerifyError("no signing key known for the repo")
+    try:
+        return parse_multikey(signing_key)
+    except ValueError as e:
+        raise VerifyError(f"unusable signing key: {e}") from None
+
+
+def _cid_str(cid: Any) -> Optional[str]:
+    if cid is None:
+        return None
+    if isinstance(cid, str):
+        return cid
+    from protocol.cid import cid_to_str
+
+    return cid_to_str(bytes(cid))
+
+
+def default_verify_commit(body: dict, signing_key: str, keep: Callable[[str], bool]) -> CheckedCommit:
+    """``protocol.commit`` verification, shaped for RepoLogic."""
+    from protocol import commit as pc
+
+    key = _public_key(signing_key)
+    try:
+        vc = pc.verify_commit(body, key)
+    except ValueError as e:  # protocol.commit.VerificationError and CAR/CBOR errors
+        raise VerifyError(str(e) or type(e).__name__) from None
+    to_json = None
+    ops: list[CommitOp] = []
+    for op in vc.ops:
+        action, collection, rkey = op.action, op.collection, op.rkey
+        if not keep(collection):
+            continue
+        rec = None
+        if action != "delete" and op.record_block is not None:
+            if to_json is None:
+                from protocol.atjson import record_to_json_bytes as to_json
+            rec = to_json(op.record_block)
+        ops.append(CommitOp(action, collection, rkey, _cid_str(op.cid) if action != "delete" else None, rec))
+    return CheckedCommit(vc.did, vc.rev, _cid_str(vc.data_cid), _cid_str(vc.prev_data), ops)
+
+
+def default_verify_sync(body: dict, signing_key: str) -> CheckedSync:
+    """``protocol.commit`` #sync verification, shaped for RepoLogic."""
+    from protocol import commit as pc
+
+    key = _public_key(signing_key)
+    try:
+        res = pc.verify_sync(body, key)
+    except ValueError as e:
+        raise VerifyError(str(e) or type(e).__name__) from None
+    if isinstance(res, tuple):
+        did, rev, data = res
+    else:
+        did, rev, data = res.did, res.rev, res.data_cid
+    return CheckedSync(did, rev, _cid_str(data))
