@@ -853,6 +853,14 @@ class Directory:
             self._inflight[did] = task
         return _unwrap(await asyncio.shield(task))
 
+    def get_cached(self, did: str) -> Identity | None:
+        """The cached identity if fresh and not an error, else ``None``; synchronous and no I/O,
+        for code that cannot await (a bytewax step). Does not touch the hit/miss counters."""
+        e = self._ids.get(did)
+        if e is None or e.error is not None or self._stale(e):
+            return None
+        return e.value
+
     async def refresh(self, did: str) -> Identity:
         """Purge, then resolve afresh (what an ``#identity`` event or a resync start does)."""
         self.purge(did)

@@ -446,15 +446,17 @@ async def test_timeout(net, clock):
 async def test_cache_hit_and_ttl(net, directory, clock):
     net.docs[ALICE] = make_doc(ALICE, "alice.test")
     net.handles["alice.test"] = ALICE
+    assert directory.get_cached(ALICE) is None
     a = await directory.resolve(ALICE)
     b = await directory.resolve(ALICE)
-    assert a is b
+    assert a is b and directory.get_cached(ALICE) is a
     assert net.count("plc:") == 1
     assert (directory.hits, directory.misses, directory.lookups) == (1, 1, 1)
     clock.t += 24 * 3600 - 1
     await directory.resolve(ALICE)
     assert net.count("plc:") == 1
     clock.t += 2  # past 24 h since the lookup
+    assert directory.get_cached(ALICE) is None
     await directory.resolve(ALICE)
     assert net.count("plc:") == 2
     assert directory.lookups == 2
@@ -467,6 +469,7 @@ async def test_negative_cache_retried_after_two_minutes(net, directory, clock):
     clock.t += 60
     with pytest.raises(DidNotFound):  # still the cached error
         await directory.resolve(ALICE)
+    assert directory.get_cached(ALICE) is None
     assert net.count("plc:") == 1
     clock.t += 61
     assert (await directory.resolve(ALICE)).did == ALICE
