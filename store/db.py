@@ -59,7 +59,7 @@ class Database:
         try:
             if sync:
                 wo = WriteOptions()
-                wo.set_sync(True)
+                wo.sync = True  # a property in rocksdict (there is no set_sync)
                 self.db.write(batch, wo)
             else:
                 self.db.write(batch)
