@@ -77,6 +77,10 @@ class Database:
             except Exception:
                 pass
         self.db.close()
+        # Column-family objects keep the DB (and its LOCK) alive until dropped: without this a
+        # closed Database that is still referenced blocks reopening the path in this process.
+        self.cfs.clear()
+        self.handles.clear()
 
 
 _lock = threading.Lock()
