@@ -660,7 +660,7 @@ class RepoLogic:
             if st.state == ACTIVE:
                 self._desync(b, did, st)
                 b.put_state(did, st)
-            return Rejected(did, "commit", "verify_failed", str(e))
+            return Rejected(did, "commit", "verify_failed", str(e), {"verify": getattr(e, "reason", "invalid")})
         if st.state != ACTIVE:  # resyncing, desynchronized, error: a snapshot is outstanding
             r = self._buffer(b, did, shard, st, cc)
             b.put_state(did, st)
@@ -697,7 +697,7 @@ class RepoLogic:
         except ValueError as e:
             self._desync(b, did, st)
             b.put_state(did, st)
-            return Rejected(did, "sync", "verify_failed", str(e))
+            return Rejected(did, "sync", "verify_failed", str(e), {"verify": getattr(e, "reason", "invalid")})
         if st.rev and cs.rev <= st.rev:
             self.stats["sync_replay"] += 1
             return None

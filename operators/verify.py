@@ -21,7 +21,10 @@ from typing import Any, Callable, Optional
 
 
 class VerifyError(ValueError):
-    """A commit or sync message that failed verification; ``str()`` is the reason."""
+    """A commit or sync message that failed verification; ``str()`` says why, ``reason`` is
+    a short stable label (``protocol.commit`` reasons, ``no_key``, ...)."""
+
+    reason = "invalid"
 
 
 @dataclass(slots=True)
@@ -82,11 +85,15 @@ def _public_key(signing_key: str):
     from protocol.keys import parse_multikey
 
     if not signing_key:
-        raise VerifyError("no signing key known for the repo")
+        err = VerifyError("no signing key known for the repo")
+        err.reason = "no_key"
+        raise err
     try:
         return parse_multikey(signing_key)
     except ValueError as e:
-        raise VerifyError(f"unusable signing key: {e}") from None
+        err = VerifyError(f"unusable signing key: {e}")
+        err.reason = "bad_key"
+        raise err from None
 
 
 def _cid_str(cid: Any) -> Optional[str]:
@@ -99,41 +106,70 @@ def _cid_str(cid: Any) -> Optional[str]:
     return cid_to_str(bytes(cid))
 
 
+def _record_to_json() -> Callable[[bytes], Optional[bytes]]:
+    try:
+        from protocol.atjson import record_to_json_bytes
+
+        return record_to_json_bytes
+    except ImportError:  # until protocol.atjson lands: cbrrr's atjson mode + orjson
+        import orjson
+
+        from protocol.cbor import decode_atjson
+
+        def to_json(block: bytes) -> Optional[bytes]:
+            try:
+                return orjson.dumps(decode_atjson(block))
+            except Exception:
+                return None
+
+        return to_json
+
+
+_to_json: Optional[Callable[[bytes], Optional[bytes]]] = None
+
+
+def _fail(e: ValueError) -> VerifyError:
+    err = VerifyError(str(e) or type(e).__name__)
+    err.reason = getattr(e, "reason", "invalid")
+    return err
+
+
 def default_verify_commit(body: dict, signing_key: str, keep: Callable[[str], bool]) -> CheckedCommit:
-    """``protocol.commit`` verification, shaped for RepoLogic."""
+    """``protocol.commit.verify_commit``, shaped for RepoLogic."""
+    global _to_json
     from protocol import commit as pc
 
     key = _public_key(signing_key)
     try:
         vc = pc.verify_commit(body, key)
-    except ValueError as e:  # protocol.commit.VerificationError and CAR/CBOR errors
-        raise VerifyError(str(e) or type(e).__name__) from None
-    to_json = None
+    except ValueError as e:  # protocol.commit.VerificationError (CAR, CBOR, MST, signature, ...)
+        raise _fail(e) from None
     ops: list[CommitOp] = []
     for op in vc.ops:
-        action, collection, rkey = op.action, op.collection, op.rkey
-        if not keep(collection):
+        if not keep(op.collection):
+            continue
+        if op.action == "delete":
+            ops.append(CommitOp("delete", op.collection, op.rkey))
             continue
         rec = None
-        if action != "delete" and op.record_block is not None:
-            if to_json is None:
-                from protocol.atjson import record_to_json_bytes as to_json
-            rec = to_json(op.record_block)
-        ops.append(CommitOp(action, collection, rkey, _cid_str(op.cid) if action != "delete" else None, rec))
+        if op.record is not None:
+            if _to_json is None:
+                _to_json = _record_to_json()
+            rec = _to_json(op.record)
+        ops.append(CommitOp(op.action, op.collection, op.rkey, _cid_str(op.cid), rec))
     return CheckedCommit(vc.did, vc.rev, _cid_str(vc.data_cid), _cid_str(vc.prev_data), ops)
 
 
 def default_verify_sync(body: dict, signing_key: str) -> CheckedSync:
-    """``protocol.commit`` #sync verification, shaped for RepoLogic."""
+    """``protocol.commit.verify_sync`` of a ``#sync`` body's ``blocks``, shaped for RepoLogic."""
     from protocol import commit as pc
 
     key = _public_key(signing_key)
+    blocks = body.get("blocks")
+    if not isinstance(blocks, (bytes, bytearray, memoryview)):
+        raise VerifyError("#sync without blocks")
     try:
-        res = pc.verify_sync(body, key)
+        res = pc.verify_sync(bytes(blocks), key)
     except ValueError as e:
-        raise VerifyError(str(e) or type(e).__name__) from None
-    if isinstance(res, tuple):
-        did, rev, data = res
-    else:
-        did, rev, data = res.did, res.rev, res.data_cid
-    return CheckedSync(did, rev, _cid_str(data))
+        raise _fail(e) from None
+    return CheckedSync(res.did, res.rev, _cid_str(res.data_cid))
