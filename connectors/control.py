@@ -1,0 +1,332 @@
+"""ControlSource: API commands in, acked outbox rows out.
+
+The delivery child owns ``data/delivery``: the HTTP API writes ``/repos/add`` and
+``/repos/remove`` into its ``commands`` column family (synced, before answering 200) and
+the delivery targets write ``acks`` (outbox keys every target has taken). This source
+follows that database as a RocksDB *secondary* from the flow process and
+
+- emits one ``AddRepo`` / ``RemoveRepo`` per DID of every command after ``control/cursor``
+  (the command's ``seq`` carried, so RepoLogic can record ``cmdapplied/<shard>``);
+- persists ``control/cursor`` only up to a seq that every shard involved has applied
+  (``cmdapplied/<shard> >= seq``), so a crash replays unapplied commands (add is
+  idempotent; order per DID is kept because one DID always lands on one shard);
+- deletes acked rows from ``data/flow`` ``outbox`` in batches and adds the number actually
+  deleted to ``count/outbox_acked/0`` in the same WriteBatch (single writer; keys already
+  gone, e.g. acks seen again after a restart, are skipped and not counted).
+
+A delivery database that does not exist yet (the child starts after the flow) is waited for.
+
+Example (a flow with only this input)::
+
+    from bytewax.dataflow import Dataflow
+    import bytewax.operators as op
+    from config import load_config
+    from connectors.control import ControlSource
+
+    flow = Dataflow("control")
+    cmds = op.input("control", flow, ControlSource(load_config()))
+    op.inspect("cmd", cmds)
+
+``ControlFollower`` is the same logic without bytewax (``poll()`` returns items).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterable
+
+import orjson
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from prometheus_client import Counter, Gauge
+
+from config import Config
+from operators.items import AddRepo, RemoveRepo
+from store.db import Database, StoreError, open_delivery_db, open_flow_db
+from store.layout import (
+    META_CONTROL_CURSOR,
+    command_key,
+    meta_cmd_applied,
+    meta_counter,
+    meta_counter_prefix,
+    pack_u64,
+    shard_of,
+    unpack_u64,
+)
+
+__all__ = ["ControlSource", "ControlFollower", "outbox_depth", "read_counter", "OUTBOX_ACKED"]
+
+_log = logging.getLogger(__name__)
+
+#: Counter name of deleted (acked) outbox rows; ControlSource is its only writer (shard 0).
+OUTBOX_ACKED = "outbox_acked"
+
+CMD_ITEMS = Counter("tapflow_control_commands", "API repo commands turned into flow items, per DID", ["op"])
+ACKED_DELETED = Counter("tapflow_outbox_acked_deleted", "outbox rows deleted after every delivery target acked them")
+CONTROL_CURSOR = Gauge("tapflow_control_cursor", "highest API command seq applied by every shard involved",
+                       multiprocess_mode="livemax")
+
+
+def _decode_int(raw: bytes | None) -> int:
+    """A counter or cursor value: 8-byte big-endian (signed/unsigned agree for >= 0) or ASCII digits."""
+    if not raw:
+        return 0
+    if len(raw) == 8:
+        return int.from_bytes(raw, "big", signed=True)
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
+def read_counter(db: Database, name: str) -> int:
+    """Sum of ``count/<name>/<shard>`` over shards."""
+    total = 0
+    prefix = meta_counter_prefix(name)
+    it = db.cf("meta").iter()
+    it.seek(prefix)
+    while it.valid():
+        k = it.key()
+        if not k.startswith(prefix):
+            break
+        total += _decode_int(it.value())
+        it.next()
+    return total
+
+
+def outbox_depth(db: Database) -> int:
+    """Events written to the outbox and not yet deleted: sum(count/outbox/*) - count/outbox_acked/0."""
+    return read_counter(db, "outbox") - read_counter(db, OUTBOX_ACKED)
+
+
+class DepthGauge:
+    """``outbox_depth`` re-read at most every ``interval`` seconds (cheap to call per frame)."""
+
+    def __init__(self, db: Database, interval: float = 0.1) -> None:
+        self._db = db
+        self._interval = interval
+        self._at = 0.0
+        self._value = 0
+
+    def value(self) -> int:
+        now = time.monotonic()
+        if now - self._at >= self._interval:
+            try:
+                self._value = outbox_depth(self._db)
+            except Exception:
+                _log.exception("reading outbox depth failed")
+            self._at = now
+        return self._value
+
+
+class ControlFollower:
+    """Commands -> items and acks -> outbox deletions, without bytewax (see module doc)."""
+
+    def __init__(self, cfg: Config, flow_db: Database | None = None, *,
+                 ack_batch: int = 5000, max_items: int = 10_000) -> None:
+        self.cfg = cfg
+        self.flow = flow_db if flow_db is not None else open_flow_db(cfg.data_dir)
+        self.delivery: Database | None = None
+        meta = self.flow.cf("meta")
+        self.cursor = _decode_int(meta.get(META_CONTROL_CURSOR))
+        self.emitted = self.cursor  # highest command seq turned into items
+        self._pending: deque[tuple[int, frozenset[int]]] = deque()  # (seq, shards) emitted, not all applied
+        self._acked_total = _decode_int(meta.get(meta_counter(OUTBOX_ACKED, 0)))
+        self._deleted_recent: set[bytes] = set()  # ack keys whose outbox row we deleted, until the acks row goes
+        self._ack_batch = ack_batch
+        self._max_items = max_items
+        self._last_open_try = 0.0
+        CONTROL_CURSOR.set(self.cursor)
+
+    # --- delivery database -------------------------------------------------------
+
+    def _delivery(self) -> Database | None:
+        if self.delivery is not None:
+            return self.delivery
+        now = time.monotonic()
+        if now - self._last_open_try < 0.1:
+            return None
+        self._last_open_try = now
+        if not (Path(self.cfg.data_dir) / "delivery" / "CURRENT").exists():
+            return None
+        try:
+            self.delivery = open_delivery_db(self.cfg.data_dir, secondary=True)
+            _log.info("following the delivery database", extra={"path": str(self.delivery.path)})
+        except StoreError as e:
+            _log.debug("delivery database not ready: %s", e)
+            return None
+        return self.delivery
+
+    # --- one round ------------------------------------------------------------------
+
+    def poll(self) -> list:
+        """Catch up, return new command items, advance the cursor, delete acked rows."""
+        d = self._delivery()
+        if d is None:
+            return []
+        try:
+            d.catch_up()
+        except Exception as e:
+            _log.warning("delivery catch-up failed: %s", e)
+            return []
+        items = self._read_commands(d)
+        self.advance_cursor()
+        self.delete_acked(d)
+        return items
+
+    def _read_commands(self, d: Database) -> list:
+        items: list = []
+        it = d.cf("commands").iter()
+        it.seek(command_key(self.emitted + 1))
+        while it.valid() and len(items) < self._max_items:
+            seq = unpack_u64(it.key())
+            shards: set[int] = set()
+            try:
+                cmd = orjson.loads(it.value())
+                op_name = cmd.get("op")
+                dids = cmd.get("dids") or []
+                if not isinstance(dids, list):
+                    raise ValueError("dids is not a list")
+            except Exception as e:
+                _log.error("unreadable API command skipped", extra={"seq": seq, "error": str(e)})
+                op_name, dids = None, []
+            cls = AddRepo if op_name == "add" else RemoveRepo if op_name == "remove" else None
+            if cls is None and op_name is not None:
+                _log.error("unknown API command skipped", extra={"seq": seq, "op": op_name})
+            if cls is not None:
+                n = 0
+                for did in dict.fromkeys(d for d in dids if isinstance(d, str)):  # de-duplicated, order kept
+                    if not did:
+                        continue
+                    items.append(cls(did=did, seq=seq))
+                    shards.add(shard_of(did, self.cfg.shards))
+                    n += 1
+                if n < len(dids):
+                    _log.warning("API command entries that are not DIDs (or repeated) skipped",
+                                 extra={"seq": seq, "skipped": len(dids) - n})
+                CMD_ITEMS.labels(op_name).inc(n)
+            self._pending.append((seq, frozenset(shards)))
+            self.emitted = seq
+            it.next()
+        return items
+
+    def advance_cursor(self) -> int:
+        """Move ``control/cursor`` over every leading command all of whose shards applied it."""
+        if not self._pending:
+            return self.cursor
+        meta = self.flow.cf("meta")
+        applied: dict[int, int] = {}
+        new = self.cursor
+        while self._pending:
+            seq, shards = self._pending[0]
+            ok = True
+            for s in shards:
+                if s not in applied:
+                    applied[s] = _decode_int(meta.get(meta_cmd_applied(s)))
+                if applied[s] < seq:
+                    ok = False
+                    break
+            if not ok:
+                break
+            new = seq
+            self._pending.popleft()
+        if new > self.cursor:
+            b = self.flow.batch()
+            b.put(META_CONTROL_CURSOR, pack_u64(new), self.flow.handle("meta"))
+            self.flow.write(b)
+            self.cursor = new
+            CONTROL_CURSOR.set(new)
+        return self.cursor
+
+    def delete_acked(self, d: Database) -> int:
+        """Delete outbox rows named in ``acks``; returns how many rows were actually deleted."""
+        outbox = self.flow.cf("outbox")
+        h = self.flow.handle("outbox")
+        it = d.cf("acks").iter()
+        it.seek_to_first()
+        seen: set[bytes] = set()
+        todo: list[bytes] = []
+        deleted = 0
+        complete = True
+        while it.valid():
+            k = it.key()
+            seen.add(k)
+            if k not in self._deleted_recent:
+                todo.append(k)
+                if len(todo) >= self._ack_batch:
+                    deleted += self._delete(outbox, h, todo)
+                    todo = []
+                    if deleted >= 4 * self._ack_batch:  # enough for one round; the rest next time
+                        complete = False
+                        break
+            it.next()
+        if todo:
+            deleted += self._delete(outbox, h, todo)
+        if complete:
+            # acks rows the child has pruned need no memory any more
+            self._deleted_recent &= seen
+        return deleted
+
+    def _delete(self, outbox, h, keys: list[bytes]) -> int:
+        values = outbox.get(keys)
+        present = [k for k, v in zip(keys, values) if v is not None]
+        self._deleted_recent.update(keys)
+        if not present:
+            return 0
+        b = self.flow.batch()
+        for k in present:
+            b.delete(k, h)
+        self._acked_total += len(present)
+        b.put(meta_counter(OUTBOX_ACKED, 0), pack_u64(self._acked_total), self.flow.handle("meta"))
+        try:
+            self.flow.write(b)
+        except StoreError:
+            self._acked_total -= len(present)
+            self._deleted_recent.difference_update(keys)
+            raise
+        ACKED_DELETED.inc(len(present))
+        return len(present)
+
+    @property
+    def pending_commands(self) -> int:
+        return len(self._pending)
+
+
+class _ControlPartition(StatefulSourcePartition):
+    def __init__(self, follower: ControlFollower, interval: float) -> None:
+        self._f = follower
+        self._interval = timedelta(seconds=interval)
+        self._awake = datetime.now(timezone.utc)
+
+    def next_batch(self) -> Iterable:
+        try:
+            items = self._f.poll()
+        except Exception:
+            _log.exception("control source round failed; retrying")
+            items = []
+        self._awake = datetime.now(timezone.utc) + self._interval
+        return items
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def snapshot(self) -> None:
+        return None  # the cursor lives in RocksDB meta
+
+
+class ControlSource(FixedPartitionedSource):
+    """One partition following ``data/delivery`` (see module doc); catches up every ``interval`` s."""
+
+    def __init__(self, cfg: Config, interval: float = 0.005, flow_db: Database | None = None) -> None:
+        self.cfg = cfg
+        self.interval = interval
+        self._flow_db = flow_db
+
+    def list_parts(self) -> list[str]:
+        return ["control"]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _ControlPartition:
+        return _ControlPartition(ControlFollower(self.cfg, self._flow_db), self.interval)

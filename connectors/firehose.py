@@ -1,0 +1,505 @@
+"""FirehoseSource: the relay's ``com.atproto.sync.subscribeRepos`` as flow items.
+
+A daemon thread runs an asyncio loop that holds the WebSocket (``websockets``), decodes
+each binary frame (DAG-CBOR header ``{op, t}`` + body, ``protocol.cbor.decode_multi``)
+and appends ``(seq, item)`` to a deque; bytewax drains the deque in ``next_batch`` and
+never waits. Items: ``FirehoseCommit``, ``FirehoseSync``, ``FirehoseIdentity``,
+``FirehoseAccount`` (``operators.items``).
+
+Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
+
+- Cursor: ``meta[cursor/firehose/<relay url>]`` = the seq of the last *emitted* item,
+  saved every ``TAP_CURSOR_SAVE_INTERVAL`` and on close; ``?cursor=`` only when > 0;
+  ``TAP_NO_REPLAY`` always connects at the live head. A reconnect within the process
+  resumes after the last frame received (frames already queued will still be emitted).
+- Reconnect at once after a dropped connection; dial failures (and connections that die
+  before their first frame) back off ``min(2^n, 10) s + U[0,1) s`` with a capped exponent.
+- ``#info`` (``OutdatedCursor``) is logged; ``#labels`` and unknown types are counted and
+  skipped. Error frames (op -1) are logged and counted, then the connection is dropped
+  and redialled; after ``FutureCursor`` (the relay's sequence is behind our cursor) the
+  redial starts at the live head instead of looping forever as Tap does (the gap heals
+  through the continuity check, invariant 4).
+- Malformed frames (bad CBOR, wrong types, text frames, frames over
+  ``TAP_MAX_FRAME_SIZE``) are counted as rejections and skipped; the stream continues.
+  A frame over the size limit makes ``websockets`` drop the connection; the redial then
+  reads exactly that frame without a limit, rejects it (its seq still advances the cursor)
+  and restores the limit, so one huge frame cannot wedge the stream.
+- Back-pressure: no socket reads (and no dial) while the outbox holds
+  ``>= TAP_OUTBOX_CAPACITY`` events (re-checked every 100 ms) or while the local queue
+  is full. Tap does not hold its firehose (§15.15); tapflow does.
+- ``meta[stats/firehose_seq]`` = last seq received, for ``/stats/cursors``.
+
+Example::
+
+    from bytewax.dataflow import Dataflow
+    import bytewax.operators as op
+    from config import load_config
+    from connectors.firehose import FirehoseSource
+
+    flow = Dataflow("firehose")
+    frames = op.input("firehose", flow, FirehoseSource(load_config()))
+    op.inspect("frame", frames)
+
+``FirehoseClient`` is the same without bytewax (``start()``, ``drain()``, ``stop()``);
+``decode_frame`` is the pure frame decoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from prometheus_client import Counter, Gauge
+
+from config import USER_AGENT, Config
+from connectors.control import DepthGauge
+from connectors.http import LoopThread
+from operators.items import FirehoseAccount, FirehoseCommit, FirehoseIdentity, FirehoseSync, Item, Rejected
+from protocol.cbor import CBORError, decode_multi
+from store.db import Database, open_flow_db
+from store.layout import meta_cursor_firehose, pack_u64, unpack_u64
+
+__all__ = ["FirehoseSource", "FirehoseClient", "Frame", "decode_frame", "META_STATS_SEQ", "dial_backoff"]
+
+_log = logging.getLogger(__name__)
+
+#: Last seq received from the relay (for ``/stats/cursors``), u64 big-endian.
+META_STATS_SEQ = b"stats/firehose_seq"
+
+FRAMES = Counter("tapflow_firehose_frames", "firehose frames received, by type", ["type"])
+REJECTED = Counter("tapflow_firehose_frames_rejected", "firehose frames rejected as malformed, by reason", ["reason"])
+ERROR_FRAMES = Counter("tapflow_firehose_error_frames", "firehose error frames (op -1), by error name", ["error"])
+EVENTS_RECEIVED = Counter("tap_firehose_events_received", "firehose #commit/#sync/#identity/#account events received")
+CONNECTS = Counter("tapflow_firehose_connects", "firehose dial attempts, by outcome", ["outcome"])
+LAST_SEQ = Gauge("tap_firehose_last_seq", "seq of the last firehose event received", multiprocess_mode="livemax")
+HELD = Gauge("tapflow_firehose_held", "1 while reading the firehose is held back by outbox depth", multiprocess_mode="livemax")
+
+_MAX_DID = 2048
+
+
+# --- frames ----------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Frame:
+    """One decoded frame. ``kind``: ``event`` (``item`` set), ``info``, ``error``, ``skip``, ``rejected``."""
+
+    kind: str
+    type: str
+    seq: int | None = None
+    item: Any = None
+    name: str = ""  # error/info name, or rejection reason
+    message: str = ""
+    did: str = ""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _did(v: Any) -> str | None:
+    if isinstance(v, str) and v.startswith("did:") and len(v) <= _MAX_DID:
+        return v
+    return None
+
+
+def _reject(t: str, reason: str, seq: Any = None, did: Any = "", message: str = "") -> Frame:
+    return Frame("rejected", t, seq if _is_int(seq) and seq >= 0 else None, None, reason, message,
+                 did if isinstance(did, str) else "")
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Decode one binary firehose frame; never raises (bad input is a ``rejected`` Frame)."""
+    try:
+        parts = decode_multi(data)
+    except CBORError as e:
+        return _reject("", "bad_cbor", message=str(e))
+    if len(parts) != 2 or not isinstance(parts[0], dict) or not isinstance(parts[1], dict):
+        return _reject("", "bad_frame_shape", message=f"{len(parts)} objects")
+    header, body = parts
+    op = header.get("op")
+    if op == -1:
+        name = body.get("error")
+        msg = body.get("message")
+        return Frame("error", "error", None, None, name if isinstance(name, str) else "",
+                     msg if isinstance(msg, str) else "")
+    if op != 1:
+        return _reject("", "bad_op", message=repr(op)[:50])
+    t = header.get("t")
+    if not isinstance(t, str):
+        return _reject("", "bad_type", message=repr(t)[:50])
+    if t == "#info":
+        name = body.get("name")
+        msg = body.get("message")
+        return Frame("info", t, None, None, name if isinstance(name, str) else "", msg if isinstance(msg, str) else "")
+    if t not in ("#commit", "#sync", "#identity", "#account"):
+        seq = body.get("seq")
+        return Frame("skip", t, seq if _is_int(seq) and seq >= 0 else None)
+    seq = body.get("seq")
+    if not _is_int(seq) or seq < 0:
+        return _reject(t, "bad_seq", did=body.get("repo") or body.get("did") or "")
+    if t == "#commit":
+        did = _did(body.get("repo"))
+        if did is None:
+            return _reject(t, "bad_did", seq, body.get("repo"))
+        if not isinstance(body.get("rev"), str):
+            return _reject(t, "bad_rev", seq, did)
+        if not isinstance(body.get("blocks"), bytes):
+            return _reject(t, "bad_blocks", seq, did)
+        ops = body.get("ops")
+        if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
+            return _reject(t, "bad_ops", seq, did)
+        return Frame("event", t, seq, FirehoseCommit(seq=seq, did=did, body=body), did=did)
+    did = _did(body.get("did"))
+    if did is None:
+        return _reject(t, "bad_did", seq, body.get("did"))
+    if t == "#sync":
+        if not isinstance(body.get("rev"), str):
+            return _reject(t, "bad_rev", seq, did)
+        if not isinstance(body.get("blocks"), bytes):
+            return _reject(t, "bad_blocks", seq, did)
+        return Frame("event", t, seq, FirehoseSync(seq=seq, did=did, body=body), did=did)
+    if t == "#identity":
+        handle = body.get("handle")
+        if handle is not None and not isinstance(handle, str):
+            return _reject(t, "bad_handle", seq, did)
+        return Frame("event", t, seq, FirehoseIdentity(seq=seq, did=did, handle=handle), did=did)
+    # #account
+    active = body.get("active")
+    status = body.get("status")
+    if not isinstance(active, bool):
+        return _reject(t, "bad_active", seq, did)
+    if status is not None and not isinstance(status, str):
+        return _reject(t, "bad_status", seq, did)
+    return Frame("event", t, seq, FirehoseAccount(seq=seq, did=did, active=active, status=status), did=did)
+
+
+def dial_backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` consecutive failed dials: min(2^n, 10) + U[0, 1)."""
+    return min(2 ** min(failures, 8), 10) + random.random()
+
+
+# --- the client ----------------------------------------------------------------------------
+
+class FirehoseClient:
+    """The WebSocket side: dial, read, decode, queue; back-pressure; reconnects.
+
+    ``drain(n)`` (any thread) takes up to ``n`` queued ``(seq, item)`` pairs; ``item`` is
+    ``None`` for frames that only move the cursor (rejected or skipped frames with a seq).
+    """
+
+    def __init__(self, cfg: Config, db: Database | None = None, *,
+                 depth: Callable[[], int] | None = None,
+                 queue_max: int = 20_000,
+                 emit_rejected: bool = False,
+                 open_timeout: float = 10.0) -> None:
+        self.cfg = cfg
+        self.db = db if db is not None else open_flow_db(cfg.data_dir)
+        self.url = cfg.firehose_url
+        self._depth = depth if depth is not None else DepthGauge(self.db).value
+        self._queue: deque[tuple[int | None, Any]] = deque()
+        self._queue_max = queue_max
+        self._emit_rejected = emit_rejected
+        self._open_timeout = open_timeout
+        self._thread = LoopThread("firehose")
+        self.received_seq = 0  # last seq read from the socket (this process)
+        self.connected = False
+        self.held = False
+        self._force_head = False
+        self._skip_oversized = False
+        # plain counters for tests and logs (Prometheus has the same, process-wide)
+        self.stats: dict[str, int] = {"connects": 0, "dial_failures": 0, "frames": 0, "events": 0,
+                                      "rejected": 0, "error_frames": 0, "info": 0, "skipped": 0}
+        self.last_error: tuple[str, str] | None = None
+        self.cursor_used: list[int] = []  # cursor of every dial (tests)
+
+    # --- cursor ----------------------------------------------------------------------
+
+    def stored_cursor(self) -> int:
+        raw = self.db.cf("meta").get(meta_cursor_firehose(self.cfg.relay_url))
+        return unpack_u64(raw) if raw and len(raw) == 8 else 0
+
+    def dial_cursor(self) -> int:
+        """The ``?cursor=`` of the next dial (0 = live head)."""
+        if self.cfg.no_replay or self._force_head:
+            return 0
+        if self.received_seq > 0:
+            return self.received_seq
+        return self.stored_cursor()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start(self._run)
+
+    def stop(self) -> None:
+        self._thread.stop()
+
+    def drain(self, n: int) -> list[tuple[int | None, Any]]:
+        q = self._queue
+        out = []
+        try:
+            for _ in range(min(n, len(q))):
+                out.append(q.popleft())
+        except IndexError:
+            pass
+        return out
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
+
+        failures = 0
+        while True:
+            await self._wait_capacity()
+            cursor = self.dial_cursor()
+            url = self.url + (f"?cursor={cursor}" if cursor > 0 else "")
+            self.cursor_used.append(cursor)
+            _log.info("connecting to firehose", extra={"url": url, "cursor": cursor, "retries": failures})
+            try:
+                ws = await connect(
+                    url,
+                    max_size=None if self._skip_oversized else self.cfg.max_frame_size,
+                    compression=None,
+                    user_agent_header=USER_AGENT,
+                    open_timeout=self._open_timeout,
+                    ping_interval=30,
+                    ping_timeout=60,
+                    close_timeout=2,
+                    max_queue=64,
+                    proxy=None,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # OSError, InvalidHandshake, InvalidURI, TimeoutError, ...
+                CONNECTS.labels("failed").inc()
+                self.stats["dial_failures"] += 1
+                delay = dial_backoff(failures)
+                failures += 1
+                _log.warning("firehose dial failed", extra={"url": url, "error": f"{type(e).__name__}: {e}",
+                                                            "retry_in_s": round(delay, 2)})
+                await asyncio.sleep(delay)
+                continue
+            CONNECTS.labels("ok").inc()
+            self.stats["connects"] += 1
+            self._force_head = False
+            self.connected = True
+            _log.info("connected to firehose", extra={"url": url})
+            frames_before = self.stats["frames"]
+            error_frame = False
+            try:
+                error_frame = await self._read(ws)
+            except asyncio.CancelledError:
+                # leave without a close handshake: we are stopping
+                ws.transport.abort() if getattr(ws, "transport", None) else None
+                raise
+            except ConnectionClosed as e:
+                code = e.sent.code if e.sent is not None else None
+                if code == 1009:
+                    self._on_oversized()
+                else:
+                    _log.warning("firehose connection closed", extra={"url": self.url, "error": str(e)})
+            except Exception as e:
+                _log.warning("firehose connection failed", extra={"url": self.url, "error": f"{type(e).__name__}: {e}"})
+            finally:
+                self.connected = False
+                try:
+                    await asyncio.wait_for(ws.close(), 2)
+                except BaseException:
+                    pass
+            got_frames = self.stats["frames"] > frames_before
+            if error_frame or not got_frames:
+                # first time: redial at once; a relay that keeps answering with errors or
+                # hanging up before the first frame is then backed off like a failed dial
+                delay = dial_backoff(failures - 1) if failures else 0.0
+                failures += 1
+                if delay:
+                    await asyncio.sleep(delay)
+            else:
+                failures = 0
+
+    def _on_oversized(self) -> None:
+        REJECTED.labels("frame_too_large").inc()
+        self.stats["rejected"] += 1
+        _log.error("firehose frame larger than TAP_MAX_FRAME_SIZE; redialling to skip it",
+                   extra={"url": self.url, "max_frame_size": self.cfg.max_frame_size, "after_seq": self.received_seq})
+        self._skip_oversized = True
+
+    async def _wait_capacity(self) -> None:
+        cap = self.cfg.outbox_capacity
+        while True:
+            if len(self._queue) >= self._queue_max:
+                await asyncio.sleep(0.002)
+                continue
+            if self._depth() >= cap:
+                if not self.held:
+                    self.held = True
+                    HELD.set(1)
+                    _log.info("firehose held: outbox at capacity", extra={"capacity": cap})
+                await asyncio.sleep(0.1)
+                continue
+            if self.held:
+                self.held = False
+                HELD.set(0)
+                _log.info("firehose resumed")
+            return
+
+    async def _read(self, ws) -> bool:
+        """Read frames until the connection ends; True if it ended after an error frame."""
+        q = self._queue
+        cap = self.cfg.outbox_capacity
+        qmax = self._queue_max
+        depth = self._depth
+        last = self.received_seq
+        while True:
+            if len(q) >= qmax or depth() >= cap:
+                await self._wait_capacity()
+            data = await ws.recv()
+            self.stats["frames"] += 1
+            if isinstance(data, str):
+                REJECTED.labels("text_frame").inc()
+                self.stats["rejected"] += 1
+                _log.warning("firehose sent a text frame; skipped", extra={"url": self.url})
+                continue
+            if self._skip_oversized:
+                self._skip_oversized = False
+                ws.protocol.max_message_size = self.cfg.max_frame_size
+                if len(data) > self.cfg.max_frame_size:
+                    f = decode_frame(data)
+                    f = _reject(f.type, "frame_too_large", f.seq, f.did, f"{len(data)} bytes")
+                    self._handle(f, q)
+                    continue
+            f = decode_frame(data)
+            if f.seq is not None:
+                if f.seq <= last and f.kind != "rejected":
+                    _log.warning("firehose seq out of order", extra={"seq": f.seq, "prev": last})
+                last = f.seq
+            if self._handle(f, q):
+                return True
+
+    def _handle(self, f: Frame, q: deque) -> bool:
+        """Queue or log one frame; True when the connection should be dropped (error frame)."""
+        FRAMES.labels(f.type.lstrip("#") or "invalid").inc()
+        kind = f.kind
+        if kind == "event":
+            EVENTS_RECEIVED.inc()
+            self.stats["events"] += 1
+            q.append((f.seq, f.item))
+        elif kind == "rejected":
+            REJECTED.labels(f.name).inc()
+            self.stats["rejected"] += 1
+            _log.warning("firehose frame rejected", extra={"did": f.did, "type": f.type, "seq": f.seq,
+                                                           "reason": f.name, "detail": f.message[:200]})
+            if f.seq is not None or self._emit_rejected:
+                rej = Rejected(did=f.did, source="firehose", reason=f.name, detail=f.message[:200],
+                               extra={"type": f.type, "seq": f.seq}) if self._emit_rejected else None
+                q.append((f.seq, rej))
+        elif kind == "skip":
+            self.stats["skipped"] += 1
+            if f.seq is not None:
+                q.append((f.seq, None))
+        elif kind == "info":
+            self.stats["info"] += 1
+            _log.warning("firehose info", extra={"url": self.url, "info": f.name, "detail": f.message})
+        elif kind == "error":
+            ERROR_FRAMES.labels(f.name or "unknown").inc()
+            self.stats["error_frames"] += 1
+            self.last_error = (f.name, f.message)
+            _log.error("firehose error frame", extra={"url": self.url, "error": f.name, "detail": f.message})
+            if f.name == "FutureCursor":
+                self._force_head = True
+            return True
+        if f.seq is not None:
+            if f.seq > self.received_seq or kind == "event":
+                self.received_seq = f.seq
+            LAST_SEQ.set(f.seq)
+        return False
+
+
+# --- bytewax ----------------------------------------------------------------------------------
+
+class _FirehosePartition(StatefulSourcePartition):
+    def __init__(self, client: FirehoseClient, batch: int, idle: float) -> None:
+        self._c = client
+        self._batch = batch
+        self._idle = timedelta(seconds=idle)
+        self._emitted_seq = 0
+        self._saved_seq = -1
+        self._saved_recv = -1
+        self._save_every = client.cfg.cursor_save_interval
+        self._next_save = time.monotonic() + self._save_every
+        self._off = client.cfg.outbox_only  # TAP_OUTBOX_ONLY: no firehose at all
+        if not self._off:
+            client.start()
+
+    def next_batch(self) -> Iterable[Item]:
+        pairs = self._c.drain(self._batch)
+        items = []
+        for seq, item in pairs:
+            if item is not None:
+                items.append(item)
+            if seq is not None:
+                self._emitted_seq = seq
+        if time.monotonic() >= self._next_save:
+            self.save_cursor()
+        return items
+
+    def next_awake(self) -> datetime | None:
+        if self._c.pending():
+            return None
+        return datetime.now(timezone.utc) + (timedelta(days=1) if self._off else self._idle)
+
+    def snapshot(self) -> None:
+        return None  # the cursor lives in RocksDB meta
+
+    def save_cursor(self) -> None:
+        self._next_save = time.monotonic() + self._save_every
+        seq, recv = self._emitted_seq, self._c.received_seq
+        if seq == self._saved_seq and recv == self._saved_recv:
+            return
+        db = self._c.db
+        b = db.batch()
+        meta = db.handle("meta")
+        if seq >= 1 and seq != self._saved_seq:
+            b.put(meta_cursor_firehose(self._c.cfg.relay_url), pack_u64(seq), meta)
+        if recv >= 1:
+            b.put(META_STATS_SEQ, pack_u64(recv), meta)
+        try:
+            db.write(b)
+            self._saved_seq, self._saved_recv = seq, recv
+        except Exception:
+            _log.exception("saving the firehose cursor failed")
+
+    def close(self) -> None:
+        self._c.stop()
+        self.save_cursor()
+
+
+class FirehoseSource(FixedPartitionedSource):
+    """One partition reading the relay's firehose (see module doc)."""
+
+    def __init__(self, cfg: Config, db: Database | None = None, *, batch: int = 2000,
+                 idle: float = 0.005, emit_rejected: bool = False) -> None:
+        self.cfg = cfg
+        self._db = db
+        self._batch = batch
+        self._idle = idle
+        self._emit_rejected = emit_rejected
+
+    def list_parts(self) -> list[str]:
+        return ["firehose"]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _FirehosePartition:
+        client = FirehoseClient(self.cfg, self._db, emit_rejected=self._emit_rejected)
+        return _FirehosePartition(client, self._batch, self._idle)

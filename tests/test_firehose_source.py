@@ -1,0 +1,452 @@
+"""FirehoseSource against a real WebSocket server sending real DAG-CBOR frames.
+
+The server (``websockets``) runs on the test's event loop; the client runs its own loop in
+its own thread, exactly as in the flow. Frames are built with ``protocol.cbor.encode``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+from websockets.asyncio.server import serve
+
+from config import Config
+from connectors.firehose import META_STATS_SEQ, FirehoseClient, FirehoseSource, _FirehosePartition, decode_frame, dial_backoff
+from operators.items import FirehoseAccount, FirehoseCommit, FirehoseIdentity, FirehoseSync
+from protocol import cbor
+from protocol.cid import cid_for_dag_cbor
+from store.db import open_flow_db
+from store.layout import meta_cursor_firehose, pack_u64, unpack_u64
+
+DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
+
+
+# --- frame builders --------------------------------------------------------------------------
+
+def frame(t: str, body: dict) -> bytes:
+    return cbor.encode({"op": 1, "t": t}) + cbor.encode(body)
+
+
+def error_frame(name: str, message: str = "") -> bytes:
+    return cbor.encode({"op": -1}) + cbor.encode({"error": name, "message": message})
+
+
+def commit(seq: int, did: str = DID, **over) -> bytes:
+    rec = cbor.encode({"$type": "app.bsky.feed.post", "text": f"post {seq}", "createdAt": "2024-01-01T00:00:00Z"})
+    rcid = cid_for_dag_cbor(rec)
+    body = {
+        "seq": seq, "repo": did, "rev": f"3l{seq:011d}", "since": None, "commit": cbor.link(rcid),
+        "blocks": b"\x0a" + b"x" * 10, "ops": [{"action": "create", "path": f"app.bsky.feed.post/{seq}",
+                                               "cid": cbor.link(rcid), "prev": None}],
+        "blobs": [], "rebase": False, "tooBig": False, "time": "2024-01-01T00:00:00.000Z",
+        "prevData": None,
+    }
+    body.update(over)
+    return frame("#commit", body)
+
+
+def identity(seq: int, did: str = DID, handle: str | None = "alice.test") -> bytes:
+    b = {"seq": seq, "did": did, "time": "2024-01-01T00:00:00.000Z"}
+    if handle is not None:
+        b["handle"] = handle
+    return frame("#identity", b)
+
+
+def account(seq: int, did: str = DID, active: bool = False, status: str | None = "deactivated") -> bytes:
+    b = {"seq": seq, "did": did, "active": active, "time": "2024-01-01T00:00:00.000Z"}
+    if status is not None:
+        b["status"] = status
+    return frame("#account", b)
+
+
+def sync(seq: int, did: str = DID) -> bytes:
+    return frame("#sync", {"seq": seq, "did": did, "rev": "3l000000000ab", "blocks": b"\x01\x02",
+                           "time": "2024-01-01T00:00:00.000Z"})
+
+
+# --- decode_frame --------------------------------------------------------------------------------
+
+def test_decode_each_event_type():
+    f = decode_frame(commit(7))
+    assert f.kind == "event" and f.seq == 7 and isinstance(f.item, FirehoseCommit)
+    assert f.item.did == DID and f.item.body["rev"] == "3l00000000007" and isinstance(f.item.body["blocks"], bytes)
+    assert isinstance(f.item.body["ops"][0]["cid"], bytes)  # libipld: links are binary CIDs
+    f = decode_frame(sync(8))
+    assert isinstance(f.item, FirehoseSync) and f.item.seq == 8
+    f = decode_frame(identity(9))
+    assert f.item == FirehoseIdentity(seq=9, did=DID, handle="alice.test")
+    assert decode_frame(identity(10, handle=None)).item.handle is None
+    f = decode_frame(account(11))
+    assert f.item == FirehoseAccount(seq=11, did=DID, active=False, status="deactivated")
+    assert decode_frame(account(12, active=True, status=None)).item.status is None
+
+
+def test_decode_info_error_and_skips():
+    f = decode_frame(frame("#info", {"name": "OutdatedCursor", "message": "too old"}))
+    assert (f.kind, f.name, f.message) == ("info", "OutdatedCursor", "too old")
+    f = decode_frame(error_frame("FutureCursor", "Cursor in the future."))
+    assert (f.kind, f.name) == ("error", "FutureCursor")
+    f = decode_frame(frame("#labels", {"seq": 5, "labels": []}))
+    assert f.kind == "skip" and f.seq == 5
+    f = decode_frame(frame("#somethingNew", {"seq": 6}))
+    assert f.kind == "skip" and f.seq == 6
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"\xff\xff\xff", "bad_cbor"),
+    (cbor.encode({"op": 1, "t": "#commit"}), "bad_frame_shape"),
+    (cbor.encode({"op": 1, "t": "#commit"}) + cbor.encode([1, 2]), "bad_frame_shape"),
+    (cbor.encode({"op": 2}) + cbor.encode({}), "bad_op"),
+    (cbor.encode({"op": 1, "t": 5}) + cbor.encode({}), "bad_type"),
+    (frame("#commit", {"seq": "x", "repo": DID}), "bad_seq"),
+    (frame("#commit", {"seq": -4, "repo": DID}), "bad_seq"),
+    (commit(1, repo="not-a-did"), "bad_did"),
+    (commit(1, rev=5), "bad_rev"),
+    (commit(1, blocks="text"), "bad_blocks"),
+    (commit(1, ops={"a": 1}), "bad_ops"),
+    (frame("#account", {"seq": 3, "did": DID, "active": "yes"}), "bad_active"),
+    (frame("#account", {"seq": 3, "did": DID, "active": True, "status": 4}), "bad_status"),
+    (frame("#identity", {"seq": 3, "did": DID, "handle": 4}), "bad_handle"),
+    (frame("#sync", {"seq": 3, "did": DID, "rev": "x"}), "bad_blocks"),
+])
+def test_decode_rejects_malformed(data, reason):
+    f = decode_frame(data)
+    assert f.kind == "rejected" and f.name == reason
+
+
+def test_rejected_frame_keeps_seq_when_readable():
+    f = decode_frame(commit(44, repo="bogus"))
+    assert f.kind == "rejected" and f.seq == 44
+
+
+def test_dial_backoff_capped():
+    assert 1 <= dial_backoff(0) < 2
+    assert 2 <= dial_backoff(1) < 3
+    assert 8 <= dial_backoff(3) < 9
+    assert all(10 <= dial_backoff(n) < 11 for n in (4, 10, 100, 10_000))
+
+
+# --- a real server ----------------------------------------------------------------------------------
+
+class Relay:
+    """A WebSocket relay whose behaviour per connection is a script of frames and actions."""
+
+    def __init__(self) -> None:
+        self.connections: list[str] = []  # request path of each connection
+        self.user_agents: list[str] = []
+        self.scripts: list[list] = []  # one list per connection; the last one repeats
+        self.server = None
+        self.port = 0
+
+    async def handler(self, ws) -> None:
+        self.connections.append(ws.request.path)
+        self.user_agents.append(ws.request.headers.get("User-Agent", ""))
+        i = len(self.connections) - 1
+        script = self.scripts[min(i, len(self.scripts) - 1)] if self.scripts else []
+        for step in script:
+            if step == "close":
+                return
+            if step == "abort":
+                ws.transport.abort()
+                return
+            if isinstance(step, (bytes, str)):
+                await ws.send(step)
+            elif isinstance(step, float):
+                await asyncio.sleep(step)
+        await ws.wait_closed()
+
+    async def __aenter__(self) -> "Relay":
+        self.server = await serve(self.handler, "127.0.0.1", 0, max_size=None, compression=None)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def make_cfg(tmp_path, port: int, **over) -> Config:
+    base = Config(relay_url=f"http://127.0.0.1:{port}", data_dir=str(tmp_path / "data"), cursor_save_interval=0.05,
+                  outbox_capacity=1000)
+    return replace(base, **over)
+
+
+async def wait_for(cond, timeout: float = 5.0, step: float = 0.01):
+    t = time.monotonic()
+    while not cond():
+        if time.monotonic() - t > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+
+
+def drain_all(client: FirehoseClient) -> list:
+    return client.drain(100_000)
+
+
+async def test_frames_arrive_in_order_without_cursor(tmp_path):
+    async with Relay() as relay:
+        relay.scripts = [[identity(1), account(2), commit(3), sync(4), frame("#info", {"name": "OutdatedCursor"}),
+                          commit(5)]]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0)
+        c.start()
+        try:
+            await wait_for(lambda: c.pending() >= 5)
+            got = drain_all(c)
+        finally:
+            c.stop()
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5]
+    assert [type(i).__name__ for _, i in got] == ["FirehoseIdentity", "FirehoseAccount", "FirehoseCommit",
+                                                    "FirehoseSync", "FirehoseCommit"]
+    assert relay.connections == ["/xrpc/com.atproto.sync.subscribeRepos"]
+    assert relay.user_agents[0].startswith("tapflow/")
+    assert c.stats["info"] == 1 and c.received_seq == 5
+
+
+async def test_stored_cursor_is_sent_and_no_replay_ignores_it(tmp_path):
+    async with Relay() as relay:
+        relay.scripts = [[commit(101)]]
+        cfg = make_cfg(tmp_path, relay.port)
+        db = open_flow_db(cfg.data_dir)
+        db.cf("meta")[meta_cursor_firehose(cfg.relay_url)] = pack_u64(100)
+        c = FirehoseClient(cfg, db, depth=lambda: 0)
+        c.start()
+        try:
+            await wait_for(lambda: c.pending() >= 1)
+        finally:
+            c.stop()
+        assert relay.connections[-1] == "/xrpc/com.atproto.sync.subscribeRepos?cursor=100"
+        c2 = FirehoseClient(replace(cfg, no_replay=True), db, depth=lambda: 0)
+        assert c2.dial_cursor() == 0
+        c2.start()
+        try:
+            await wait_for(lambda: c2.pending() >= 1)
+        finally:
+            c2.stop()
+        assert relay.connections[-1] == "/xrpc/com.atproto.sync.subscribeRepos"
+
+
+async def test_reconnects_at_once_after_a_drop_and_resumes_after_last_seq(tmp_path):
+    async with Relay() as relay:
+        relay.scripts = [[commit(1), commit(2), commit(3), "abort"], [commit(4), "close"], [commit(5)]]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0)
+        t0 = time.monotonic()
+        c.start()
+        try:
+            await wait_for(lambda: c.pending() >= 5)
+            took = time.monotonic() - t0
+        finally:
+            c.stop()
+    assert [s for s, _ in drain_all(c)] == [1, 2, 3, 4, 5]
+    assert relay.connections[1:] == ["/xrpc/com.atproto.sync.subscribeRepos?cursor=3",
+                                     "/xrpc/com.atproto.sync.subscribeRepos?cursor=4"]
+    assert took < 1.0, f"reconnect was not immediate ({took:.2f}s)"
+    assert c.stats["connects"] == 3 and c.stats["dial_failures"] == 0
+
+
+async def test_dial_failures_back_off(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = FirehoseClient(make_cfg(tmp_path, port), depth=lambda: 0, open_timeout=1)
+    c.start()
+    try:
+        await asyncio.sleep(2.5)
+    finally:
+        c.stop()
+    # 1st failure waits 1-2 s, 2nd 2-3 s: two or three dials in 2.5 s, never a tight loop
+    assert 2 <= c.stats["dial_failures"] <= 3, c.stats
+
+
+async def test_error_frames_are_counted_and_reconnect(tmp_path):
+    async with Relay() as relay:
+        relay.scripts = [
+            [commit(10), error_frame("ConsumerTooSlow", "too slow"), 0.5],
+            [commit(11), error_frame("FutureCursor", "Cursor in the future."), 0.5],
+            [commit(500)],
+        ]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0)
+        c.start()
+        try:
+            await wait_for(lambda: c.pending() >= 3, timeout=8)
+        finally:
+            c.stop()
+    assert [s for s, _ in drain_all(c)] == [10, 11, 500]
+    assert c.stats["error_frames"] == 2 and c.last_error == ("FutureCursor", "Cursor in the future.")
+    # after ConsumerTooSlow: resume after the last seq; after FutureCursor: the live head
+    assert relay.connections[1] == "/xrpc/com.atproto.sync.subscribeRepos?cursor=10"
+    assert relay.connections[2] == "/xrpc/com.atproto.sync.subscribeRepos"
+
+
+async def test_malformed_frames_are_skipped_and_counted(tmp_path):
+    async with Relay() as relay:
+        relay.scripts = [[commit(1), b"\xff\x00garbage", commit(2, repo="nope"), "a text frame",
+                          frame("#labels", {"seq": 3}), commit(4)]]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0)
+        c.start()
+        try:
+            await wait_for(lambda: c.received_seq == 4)
+        finally:
+            c.stop()
+    got = drain_all(c)
+    assert [(s, type(i).__name__) for s, i in got] == [(1, "FirehoseCommit"), (2, "NoneType"), (3, "NoneType"),
+                                                       (4, "FirehoseCommit")]
+    assert c.stats["rejected"] == 3 and c.stats["skipped"] == 1 and c.stats["connects"] == 1
+
+
+async def test_emit_rejected_puts_rejections_in_the_stream(tmp_path):
+    async with Relay() as relay:
+        relay.scripts = [[commit(1, repo="nope"), commit(2)]]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0, emit_rejected=True)
+        c.start()
+        try:
+            await wait_for(lambda: c.pending() >= 2)
+        finally:
+            c.stop()
+    (s1, r), (s2, ok) = drain_all(c)
+    assert type(r).__name__ == "Rejected" and r.reason == "bad_did" and r.source == "firehose" and s1 == 1
+    assert isinstance(ok, FirehoseCommit)
+
+
+async def test_oversized_frame_is_skipped_without_wedging(tmp_path):
+    big = commit(2, blocks=b"\x00" * 5000)
+    async with Relay() as relay:
+        relay.scripts = [[commit(1), big, commit(3)], [big, commit(3), commit(4)], [commit(3), commit(4)]]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port, max_frame_size=1024), depth=lambda: 0)
+        c.start()
+        try:
+            await wait_for(lambda: c.received_seq == 4)
+        finally:
+            c.stop()
+    got = [(s, type(i).__name__) for s, i in drain_all(c)]
+    assert got == [(1, "FirehoseCommit"), (2, "NoneType"), (3, "FirehoseCommit"), (4, "FirehoseCommit")]
+    assert relay.connections[1].endswith("?cursor=1")
+    assert c.stats["rejected"] >= 1
+
+
+async def test_outbox_backpressure_holds_reading(tmp_path):
+    depth = {"n": 5000}
+    async with Relay() as relay:
+        relay.scripts = [[commit(i) for i in range(1, 51)]]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port, outbox_capacity=100), depth=lambda: depth["n"])
+        c.start()
+        try:
+            await asyncio.sleep(0.5)
+            assert c.pending() == 0 and c.held and relay.connections == []  # not even dialled
+            depth["n"] = 10
+            await wait_for(lambda: c.pending() == 50)
+            assert not c.held
+        finally:
+            c.stop()
+
+
+async def test_outbox_backpressure_reads_meta_counters(tmp_path):
+    """The real depth: sum(count/outbox/*) - count/outbox_acked/0 from meta."""
+    from connectors.control import outbox_depth
+    from store.layout import meta_counter
+
+    cfg = make_cfg(tmp_path, 1)
+    db = open_flow_db(cfg.data_dir)
+    meta = db.cf("meta")
+    meta[meta_counter("outbox", 0)] = pack_u64(70)
+    meta[meta_counter("outbox", 9)] = pack_u64(50)
+    meta[meta_counter("outbox_acked", 0)] = pack_u64(30)
+    meta[meta_counter("outboxx", 0)] = pack_u64(999)  # another counter sharing the prefix text
+    assert outbox_depth(db) == 90
+
+
+async def test_local_queue_bound_holds_reading(tmp_path):
+    async with Relay() as relay:
+        relay.scripts = [[commit(i) for i in range(1, 201)]]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0, queue_max=50)
+        c.start()
+        try:
+            await asyncio.sleep(0.3)
+            assert 50 <= c.pending() <= 51
+            got = drain_all(c)
+            t = time.monotonic()
+            while len(got) < 200 and time.monotonic() - t < 5:
+                await asyncio.sleep(0.01)
+                assert c.pending() <= 51
+                got += drain_all(c)
+        finally:
+            c.stop()
+    assert [s for s, _ in got] == list(range(1, 201))
+
+
+async def test_partition_emits_saves_cursor_and_stats(tmp_path):
+    async with Relay() as relay:
+        relay.scripts = [[commit(1), commit(2, repo="bad"), identity(3)]]
+        cfg = make_cfg(tmp_path, relay.port)
+        db = open_flow_db(cfg.data_dir)
+        part = FirehoseSource(cfg, db).build_part("firehose", "firehose", None)
+        try:
+            items: list = []
+            t = time.monotonic()
+            while len(items) < 2 and time.monotonic() - t < 5:
+                items += part.next_batch()
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            part.next_batch()  # past the save interval
+            meta = db.cf("meta")
+            assert unpack_u64(meta[meta_cursor_firehose(cfg.relay_url)]) == 3
+            assert unpack_u64(meta[META_STATS_SEQ]) == 3
+            assert part.next_awake() is not None  # idle: no busy spin
+        finally:
+            part.close()
+    assert [type(i).__name__ for i in items] == ["FirehoseCommit", "FirehoseIdentity"]
+
+
+def test_partition_in_outbox_only_mode_does_nothing(tmp_path):
+    cfg = make_cfg(tmp_path, 1, outbox_only=True)
+    part = FirehoseSource(cfg).build_part("firehose", "firehose", None)
+    assert part.next_batch() == []
+    assert not part._c._thread.alive
+    part.close()
+
+
+def test_in_a_real_bytewax_flow(tmp_path):
+    """The source inside bytewax: run_main until the partition raises StopIteration after 3 items."""
+    import threading
+
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink, run_main
+
+    loop = asyncio.new_event_loop()
+    relay = Relay()
+    relay.scripts = [[commit(1), identity(2), account(3)]]
+    loop.run_until_complete(relay.__aenter__())
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+    try:
+        cfg = make_cfg(tmp_path, relay.port)
+
+        class Stopping(_FirehosePartition):
+            n = 0
+
+            def next_batch(self):
+                if Stopping.n >= 3:
+                    raise StopIteration
+                items = super().next_batch()
+                Stopping.n += len(items)
+                return items
+
+        class Src(FirehoseSource):
+            def build_part(self, step_id, for_part, resume_state):
+                return Stopping(FirehoseClient(self.cfg), 100, 0.005)
+
+        out: list = []
+        flow = Dataflow("fh")
+        s = op.input("in", flow, Src(cfg))
+        op.output("out", op.map("name", s, lambda x: (type(x).__name__, x.seq)), TestingSink(out))
+        run_main(flow)
+        assert out == [("FirehoseCommit", 1), ("FirehoseIdentity", 2), ("FirehoseAccount", 3)]
+        assert unpack_u64(open_flow_db(cfg.data_dir).cf("meta")[meta_cursor_firehose(cfg.relay_url)]) == 3
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(2)
