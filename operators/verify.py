@@ -6,7 +6,9 @@ RepoLogic needs two questions answered with the repo's signing key from its stat
   decoded by libipld) is a valid, signed Sync 1.1 commit (spec §9.1 steps 1-10); its ops are
   returned with CIDs as strings and records already in atproto JSON, keeping only ops whose
   collection passes ``keep`` (the collection filter: verification uses every op, only the
-  result is filtered, and filtered-out records are never converted to JSON).
+  result is filtered, and filtered-out records are never converted to JSON). Records go
+  through ``protocol.atjson.event_record_json``: Go Tap's bytes, or no ``record`` field
+  when Go could not decode it or the official client would reject the event.
 - ``verify_sync(body, signing_key) -> CheckedSync``: a ``#sync`` frame's signed commit.
 
 Both raise ``VerifyError`` (a ``ValueError``) with a short reason on any failure. The
@@ -107,22 +109,27 @@ def _cid_str(cid: Any) -> Optional[str]:
 
 
 def _record_to_json() -> Callable[[bytes], Optional[bytes]]:
-    try:
-        from protocol.atjson import record_to_json_bytes
+    try:  # what Go Tap would emit, minus records the official client would reject (§5.1)
+        from protocol.atjson import event_record_json as conv
+    except ImportError:
+        try:
+            from protocol.atjson import record_to_json_bytes as conv
+        except ImportError:  # until protocol.atjson lands: cbrrr's atjson mode + orjson
+            import orjson
 
-        return record_to_json_bytes
-    except ImportError:  # until protocol.atjson lands: cbrrr's atjson mode + orjson
-        import orjson
+            from protocol.cbor import decode_atjson
 
-        from protocol.cbor import decode_atjson
+            def conv(block: bytes) -> Optional[bytes]:
+                obj = decode_atjson(block)
+                return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS) if isinstance(obj, dict) else None
 
-        def to_json(block: bytes) -> Optional[bytes]:
-            try:
-                return orjson.dumps(decode_atjson(block))
-            except Exception:
-                return None
+    def to_json(block: bytes) -> Optional[bytes]:
+        try:
+            return conv(block)
+        except Exception:  # not atproto data: the event goes out without ``record``
+            return None
 
-        return to_json
+    return to_json
 
 
 _to_json: Optional[Callable[[bytes], Optional[bytes]]] = None
