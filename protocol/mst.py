@@ -159,23 +159,37 @@ def _check_value(val: bytes) -> None:
 
 # ----------------------------------------------------------------------------- nodes
 
+_LINK_HDR = b"\xd8\x2a\x58\x25\x00"  # tag 42, byte string of 37: the encoding of a link to a CID
+
 
 class Node:
-    """One MST node; see the module docstring for the fields. Treat as immutable."""
+    """One MST node; see the module docstring for ``keys``, ``vals`` and ``subs``. Immutable.
 
-    __slots__ = ("height", "keys", "vals", "subs", "pfx", "cid", "canonical")
+    Encoding state, so that an edited node is re-encoded with as little Python as possible:
 
-    def __init__(self, height: int, keys: list, vals: list, subs: list, pfx: list | None = None,
-                 cid: bytes | None = None, canonical: bool = True) -> None:
+    - ``ents``/``lcid``: the node's entry dicts and left link as they are encoded (from the
+      decoder or the last encode), correct except for the subtrees listed in ``stale``;
+    - ``block``: the encoded bytes matching ``ents``/``lcid``. A copy whose only change is a
+      subtree link (every node on the path above an edit) is encoded by swapping the 36 CID
+      bytes in place, which is the canonical encoding because links have a fixed length;
+    - neither: a node built from scratch (split, merge, build), encoded entry by entry.
+    """
+
+    __slots__ = ("height", "keys", "vals", "subs", "cid", "block", "ents", "lcid", "stale", "canonical")
+
+    def __init__(self, height: int, keys: list, vals: list, subs: list, cid: bytes | None = None,
+                 block: bytes | None = None, ents: list | None = None, lcid: bytes | None = None,
+                 stale: tuple = (), canonical: bool = True) -> None:
         self.height = height
         self.keys = keys
         self.vals = vals
         self.subs = subs
-        if pfx is None:
-            pfx = _prefixes(keys)
-        self.pfx = pfx  # canonical prefix length of each key against the one before it
         self.cid = cid  # None until computed; set for loaded nodes
-        self.canonical = canonical  # False when the block's prefix compression was not maximal
+        self.block = block
+        self.ents = ents
+        self.lcid = lcid
+        self.stale = stale  # indices into subs whose link differs from ents/lcid/block
+        self.canonical = canonical  # False when the decoded block's prefix compression was not maximal
 
     def is_empty(self) -> bool:
         return not self.keys and self.subs[0] is None
@@ -184,70 +198,77 @@ class Node:
         return f"Node(h={self.height}, keys={len(self.keys)}, cid={'set' if self.cid else 'dirty'})"
 
 
-def _prefixes(keys: list) -> list:
-    out = []
-    prev = b""
-    for k in keys:
-        out.append(common_prefix_len(prev, k) if prev else 0)
-        prev = k
-    return out
-
-
-def _is_link(x) -> bool:
-    return type(x) is bytes and len(x) == 36 and x[:4] == _CBOR_PREFIX
-
-
 def _decode_node(cid: bytes, block: bytes, height: int) -> Node:
-    """Parse a node block. ``height`` is the layer the parent implies (-1 at the root: derive it)."""
+    """Parse a node block. ``height`` is the layer the parent implies (-1 at the root: derive it).
+
+    This is the hot path of every verification, so all checks share one loop over the entries.
+    """
     try:
         d = libipld.decode_dag_cbor(block)
     except Exception as e:
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not DAG-CBOR: {e}") from None
-    if type(d) is not dict:
-        raise MSTBadNode(f"MST node {_cid_str(cid)} is not a map")
-    ents = d.get("e")
-    left = d.get("l")
+    try:
+        ents = d["e"]
+        left = d.get("l")
+        vals = [e["v"] for e in ents]
+        try:
+            ts = [e["t"] for e in ents]
+            exact = len(d) == 2
+        except KeyError:  # tolerated (read as null), but then never re-encoded from this form
+            ts = [e.get("t") for e in ents]
+            exact = False
+        keys: list = []
+        prev = b""
+        canonical = True
+        for e in ents:
+            k = e["k"]
+            p = e["p"]
+            if type(k) is not bytes or type(p) is not int or len(e) != 4:
+                if type(k) is not bytes or type(p) is not int:
+                    raise MSTBadNode(f"MST node {_cid_str(cid)}: entry key or prefix of the wrong type")
+                exact = False
+            if p:
+                if p > len(prev) or p < 0:
+                    raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
+                if not k:
+                    exact = False
+                elif p < len(prev) and prev[p] == k[0]:
+                    canonical = False
+                elif not 32 <= k[0] < 127:
+                    exact = False  # a suffix the libipld encoder might take for a CID
+                prev = prev[:p] + k
+            else:
+                if not k:
+                    exact = False
+                elif not 32 <= k[0] < 127:
+                    exact = False
+                elif prev and prev[0] == k[0]:
+                    canonical = False
+                prev = k
+            keys.append(prev)
+    except (KeyError, TypeError, AttributeError):
+        raise MSTBadNode(f"MST node {_cid_str(cid)} is not a node map with well-formed entries") from None
     if type(ents) is not list:
         raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
-    if left is not None and not _is_link(left):
-        raise MSTBadNode(f"MST node {_cid_str(cid)}: 'l' is not a node link")
-    keys: list = []
-    vals: list = []
-    subs: list = [left]
-    pfx: list = []
-    canonical = True
-    prev = b""
-    try:
-        for ent in ents:
-            p = ent["p"]
-            k = ent["k"]
-            v = ent["v"]
-            t = ent.get("t")
-            if type(p) is not int or type(k) is not bytes or p < 0 or p > len(prev):
-                raise MSTBadNode(f"MST node {_cid_str(cid)}: bad entry key or prefix length")
-            if p < len(prev) and k and prev[p] == k[0]:
-                # valid but not maximal: keep the key, remember the canonical prefix
-                canonical = False
-                key = prev[:p] + k
-                p = common_prefix_len(prev, key)
-            else:
-                key = prev[:p] + k if p else k
-            if type(v) is not bytes or len(v) != 36 or (v[:4] != _CBOR_PREFIX and v[:4] != _RAW_PREFIX):
-                raise MSTBadNode(f"MST node {_cid_str(cid)}: entry value is not a CID")
+    has_subs = left is not None or ts.count(None) != len(ts)
+    if has_subs:
+        for t in ts:
             if t is not None and (type(t) is not bytes or len(t) != 36 or t[:4] != _CBOR_PREFIX):
                 raise MSTBadNode(f"MST node {_cid_str(cid)}: 't' is not a node link")
-            keys.append(key)
-            vals.append(v)
-            subs.append(t)
-            pfx.append(p)
-            prev = key
-    except (KeyError, TypeError):
-        raise MSTBadNode(f"MST node {_cid_str(cid)}: malformed entry") from None
+        if left is not None and (type(left) is not bytes or len(left) != 36 or left[:4] != _CBOR_PREFIX):
+            raise MSTBadNode(f"MST node {_cid_str(cid)}: 'l' is not a node link")
+        if height == 0:
+            raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
     if height < 0 and keys:
         height = key_height(keys[0])
-    if height == 0 and subs.count(None) != len(subs):
-        raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
-    return Node(height, keys, vals, subs, pfx, cid, canonical)
+        if height == 0 and has_subs:
+            raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
+    ts.insert(0, left)
+    # Keep the decoded form for cheap re-encoding only when re-encoding it is exact: canonical
+    # prefixes, exactly the two node fields and four entry fields, printable key suffixes.
+    if exact and canonical:
+        return Node(height, keys, vals, ts, cid, block, ents, left, (), True)
+    return Node(height, keys, vals, ts, cid, None, None, None, (), canonical)
 
 
 def _cid_str(cid: bytes | None) -> str:
@@ -256,40 +277,95 @@ def _cid_str(cid: bytes | None) -> str:
     try:
         return libipld.encode_cid(cid)
     except Exception:
-        return cid.hex()
+        return repr(cid)[:100]
+
+
+def _sub_cid(s, out: dict | None):
+    if s is None or type(s) is bytes:
+        return s
+    c = s.cid
+    return c if c is not None else _encode_node(s, out)
 
 
 def _encode_node(node: Node, out: dict | None) -> bytes:
-    """Canonical DAG-CBOR of ``node`` (children's CIDs computed first); caches and returns its CID."""
-    subs = node.subs
-    sub_cids = []
-    for s in subs:
-        if s is None or type(s) is bytes:
-            sub_cids.append(s)
-        else:
-            sub_cids.append(s.cid if s.cid is not None else _encode_node(s, out))
-    keys = node.keys
-    pfx = node.pfx
-    vals = node.vals
-    ents = []
-    fast = True
-    for i in range(len(keys)):
-        p = pfx[i]
-        suffix = keys[i][p:] if p else keys[i]
-        # libipld's encoder writes any byte string that parses as a CID as a link; a suffix
-        # starting with a printable ASCII byte never does (repo paths always are printable).
-        if not (0x20 <= suffix[0] < 0x7F):
-            fast = False
-        ents.append({"k": suffix, "p": p, "t": sub_cids[i + 1], "v": vals[i]})
-    if fast:
-        block = libipld.encode_dag_cbor({"e": ents, "l": sub_cids[0]})
+    """Encode ``node`` (children first), cache its CID and return it; blocks go to ``out``."""
+    ents = node.ents
+    if ents is not None:
+        subs = node.subs
+        lcid = node.lcid
+        block = node.block
+        changes = None
+        for j in node.stale:
+            c = _sub_cid(subs[j], out)
+            old = lcid if j == 0 else ents[j - 1]["t"]
+            if c != old:
+                if changes is None:
+                    changes = []
+                changes.append((j, old, c))
+        if changes is not None:
+            ents = ents[:]
+            for j, old, c in changes:
+                if j == 0:
+                    lcid = c
+                else:
+                    e = ents[j - 1]
+                    ents[j - 1] = {"k": e["k"], "p": e["p"], "t": c, "v": e["v"]}
+                if block is not None:
+                    needle = _LINK_HDR + old if old is not None else None
+                    if c is None or needle is None or block.count(needle) != 1:
+                        block = None
+                    else:
+                        block = block.replace(needle, _LINK_HDR + c)
+        if block is None:
+            block = libipld.encode_dag_cbor({"e": ents, "l": lcid})
     else:
-        block = _encode_exact(ents, sub_cids[0])
+        block, ents, lcid = _encode_fresh(node, out)
+        if ents is None:
+            node.block = None
     cid = _CBOR_PREFIX + (_sha256(block) if len(block) > 200 else _sha256_small(block)).digest()
     node.cid = cid
+    if ents is not None:
+        node.block = block
+        node.ents = ents
+        node.lcid = lcid
+    node.stale = ()
     if out is not None:
         out[cid] = block
     return cid
+
+
+def _encode_fresh(node: Node, out: dict | None) -> tuple[bytes, list | None, bytes | None]:
+    """Encode a node built from scratch: prefixes computed here, always canonical."""
+    sub_cids = [_sub_cid(s, out) for s in node.subs]
+    vals = node.vals
+    ents = []
+    prev = b""
+    safe = True
+    for i, k in enumerate(node.keys):
+        p = common_prefix_len(prev, k) if prev else 0
+        suffix = k[p:] if p else k
+        # libipld's encoder writes any byte string that parses as a CID as a link; a suffix
+        # starting with a printable ASCII byte never does (repo paths always are printable).
+        if not (0x20 <= suffix[0] < 0x7F):
+            safe = False
+        ents.append({"k": suffix, "p": p, "t": sub_cids[i + 1], "v": vals[i]})
+        prev = k
+    lcid = sub_cids[0]
+    if safe:
+        return libipld.encode_dag_cbor({"e": ents, "l": lcid}), ents, lcid
+    return _encode_exact(ents, lcid), None, lcid
+
+
+def _encode_all(node: Node, out: dict) -> None:
+    """Encode ``node`` and everything under it (all loaded) into ``out``, ignoring cached CIDs."""
+    for s in node.subs:
+        if s is not None:
+            _encode_all(s, out)
+    node.cid = None
+    node.block = None
+    node.ents = None
+    node.stale = ()
+    _encode_node(node, out)
 
 
 def _encode_exact(ents: list, left: bytes | None) -> bytes:
@@ -320,7 +396,7 @@ class MST:
 
     @classmethod
     def empty(cls) -> "MST":
-        return cls(Node(0, [], [], [None], []), {})
+        return cls(Node(0, [], [], [None]), {})
 
     @classmethod
     def load(cls, store: BlockSource, root_cid: bytes) -> "MST":
@@ -367,6 +443,22 @@ class MST:
         if root.cid is not None:
             return root.cid
         return _encode_node(root, out)
+
+    def export_blocks(self, out: dict) -> bytes:
+        """Write every node block of the tree into ``out`` (re-encoding in-memory nodes, copying
+        unloaded ones from the store); returns the root CID. MSTPartialError if a node is missing.
+        """
+        root = self._root_node()
+        store = self.store
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            for i, sub in enumerate(node.subs):
+                if sub is not None:
+                    stack.append(_child(node, i, store))
+        # children before parents: encode bottom-up through the recursive encoder
+        _encode_all(root, out)
+        return root.cid
 
     def is_partial(self) -> bool:
         """True when some node is not available (walks and loads the whole tree)."""
@@ -480,7 +572,7 @@ class MST:
         h = key_height(key)
         store = self.store
         if root.is_empty():
-            self.root = Node(h, [key], [val], [None, None], [0])
+            self.root = Node(h, [key], [val], [None, None])
             return None
         if root.height < 0:
             raise MSTPartialError("MST root height unknown (its only subtree is missing)")
@@ -488,10 +580,10 @@ class MST:
             left, right = _split(root, key, store)
             for layer in range(root.height + 1, h):
                 if left is not None:
-                    left = Node(layer, [], [], [left], [])
+                    left = Node(layer, [], [], [left])
                 if right is not None:
-                    right = Node(layer, [], [], [right], [])
-            self.root = Node(h, [key], [val], [left, right], [0])
+                    right = Node(layer, [], [], [right])
+            self.root = Node(h, [key], [val], [left, right])
             return None
         new, prev = _insert(root, key, val, h, store)
         self.root = new
@@ -522,7 +614,7 @@ class MST:
                 sub = _decode_node(sub, block, new.height - 1)
             new = sub
         if new.is_empty():
-            new = Node(0, [], [], [None], [])
+            new = Node(0, [], [], [None])
         self.root = new
         return prev
 
@@ -604,65 +696,91 @@ def _split(node: Node, key: bytes, store: BlockSource) -> tuple[Node | None, Nod
         return None, node
     if i == n and cr is None:
         return node, None
-    left = Node(node.height, keys[:i], node.vals[:i], node.subs[:i] + [cl], node.pfx[:i])
-    rpfx = node.pfx[i:]
-    if rpfx:
-        rpfx[0] = 0
-    right = Node(node.height, keys[i:], node.vals[i:], [cr] + node.subs[i + 1:], rpfx)
+    left = Node(node.height, keys[:i], node.vals[:i], node.subs[:i] + [cl])
+    right = Node(node.height, keys[i:], node.vals[i:], [cr] + node.subs[i + 1:])
     return left, right
 
 
 def _chain(key: bytes, val: bytes, h: int, layer: int) -> Node:
     """A new subtree on ``layer`` holding only ``key`` (keyless nodes down to its height)."""
-    node = Node(h, [key], [val], [None, None], [0])
+    node = Node(h, [key], [val], [None, None])
     for lyr in range(h + 1, layer + 1):
-        node = Node(lyr, [], [], [node], [])
+        node = Node(lyr, [], [], [node])
     return node
+
+
+def _relink(node: Node, i: int, child) -> Node:
+    """``node`` with subtree ``i`` replaced (the copy every node above an edit gets)."""
+    subs = node.subs[:]
+    subs[i] = child
+    if node.ents is None:
+        return Node(node.height, node.keys, node.vals, subs)
+    stale = node.stale
+    if i not in stale:
+        stale = stale + (i,)
+    return Node(node.height, node.keys, node.vals, subs, None, node.block, node.ents, node.lcid, stale)
+
+
+def _printable(suffix: bytes) -> bool:
+    return 0x20 <= suffix[0] < 0x7F
 
 
 def _insert(node: Node, key: bytes, val: bytes, h: int, store: BlockSource) -> tuple[Node, bytes | None]:
     keys = node.keys
     i = bisect_left(keys, key)
-    if h == node.height:
-        if i < len(keys) and keys[i] == key:
-            prev = node.vals[i]
-            if prev == val:
-                return node, prev
-            vals = node.vals[:]
-            vals[i] = val
-            return Node(node.height, keys, vals, node.subs, node.pfx), prev
+    if h < node.height:  # the key lives further down, in subtree i
         if node.subs[i] is None:
-            left = right = None
-        else:
-            left, right = _split(_child(node, i, store), key, store)
-        nkeys = keys[:i]
-        nkeys.append(key)
-        nkeys += keys[i:]
-        nvals = node.vals[:i]
-        nvals.append(val)
-        nvals += node.vals[i:]
-        subs = node.subs[:i]
-        subs.append(left)
-        subs.append(right)
-        subs += node.subs[i + 1:]
-        pfx = node.pfx[:i]
-        pfx.append(common_prefix_len(keys[i - 1], key) if i else 0)
-        if i < len(keys):
-            pfx.append(common_prefix_len(key, keys[i]))
-            pfx += node.pfx[i + 1:]
-        return Node(node.height, nkeys, nvals, subs, pfx), None
-    # the key lives further down, in subtree i
-    if node.subs[i] is None:
-        child = _chain(key, val, h, node.height - 1)
-        prev = None
-    else:
+            return _relink(node, i, _chain(key, val, h, node.height - 1)), None
         old = _child(node, i, store)
         child, prev = _insert(old, key, val, h, store)
         if child is old:
             return node, prev
-    subs = node.subs[:]
-    subs[i] = child
-    return Node(node.height, keys, node.vals, subs, node.pfx), prev
+        return _relink(node, i, child), prev
+    n = len(keys)
+    ents = node.ents
+    if i < n and keys[i] == key:  # update in place
+        prev = node.vals[i]
+        if prev == val:
+            return node, prev
+        vals = node.vals[:]
+        vals[i] = val
+        if ents is None:
+            return Node(node.height, keys, vals, node.subs), prev
+        ents = ents[:]
+        e = ents[i]
+        ents[i] = {"k": e["k"], "p": e["p"], "t": e["t"], "v": val}
+        return Node(node.height, keys, vals, node.subs, None, None, ents, node.lcid, node.stale), prev
+    # a new key on this layer: the subtree it falls into is split around it
+    if node.subs[i] is None:
+        left = right = None
+    else:
+        left, right = _split(_child(node, i, store), key, store)
+    nkeys = keys[:i]
+    nkeys.append(key)
+    nkeys += keys[i:]
+    nvals = node.vals[:i]
+    nvals.append(val)
+    nvals += node.vals[i:]
+    subs = node.subs[:i]
+    subs.append(left)
+    subs.append(right)
+    subs += node.subs[i + 1:]
+    if ents is not None:
+        p = common_prefix_len(keys[i - 1], key) if i else 0
+        new_ents = ents[:i]
+        new_ents.append({"k": key[p:], "p": p, "t": None, "v": val})
+        ok = _printable(key[p:])
+        if i < n:
+            nxt = keys[i]
+            q = common_prefix_len(key, nxt)
+            e = ents[i]
+            new_ents.append({"k": nxt[q:], "p": q, "t": e["t"], "v": e["v"]})
+            new_ents += ents[i + 1:]
+            ok = ok and _printable(nxt[q:])
+        if ok:
+            stale = tuple(j if j < i else j + 1 for j in node.stale if j != i) + (i, i + 1)
+            return Node(node.height, nkeys, nvals, subs, None, None, new_ents, node.lcid, stale), None
+    return Node(node.height, nkeys, nvals, subs), None
 
 
 def _remove(node: Node, key: bytes, h: int, store: BlockSource) -> tuple[Node, bytes | None]:
@@ -670,30 +788,40 @@ def _remove(node: Node, key: bytes, h: int, store: BlockSource) -> tuple[Node, b
         return node, None
     keys = node.keys
     i = bisect_left(keys, key)
-    if h == node.height:
-        if i >= len(keys) or keys[i] != key:
+    if h < node.height:
+        if node.subs[i] is None:
             return node, None
-        prev = node.vals[i]
-        subs = node.subs
-        merged = _merge(subs[i], subs[i + 1], node.height - 1, store)
-        nkeys = keys[:i] + keys[i + 1:]
-        nsubs = subs[:i]
-        nsubs.append(merged)
-        nsubs += subs[i + 2:]
-        pfx = node.pfx[:i]
-        if i < len(nkeys):
-            pfx.append(common_prefix_len(nkeys[i - 1], nkeys[i]) if i else 0)
-            pfx += node.pfx[i + 2:]
-        return Node(node.height, nkeys, node.vals[:i] + node.vals[i + 1:], nsubs, pfx), prev
-    if node.subs[i] is None:
+        old = _child(node, i, store)
+        child, prev = _remove(old, key, h, store)
+        if prev is None:
+            return node, None
+        return _relink(node, i, None if child.is_empty() else child), prev
+    n = len(keys)
+    if i >= n or keys[i] != key:
         return node, None
-    old = _child(node, i, store)
-    child, prev = _remove(old, key, h, store)
-    if prev is None:
-        return node, None
-    subs = node.subs[:]
-    subs[i] = None if child.is_empty() else child
-    return Node(node.height, keys, node.vals, subs, node.pfx), prev
+    prev = node.vals[i]
+    subs = node.subs
+    merged = _merge(subs[i], subs[i + 1], node.height - 1, store)
+    nkeys = keys[:i] + keys[i + 1:]
+    nvals = node.vals[:i] + node.vals[i + 1:]
+    nsubs = subs[:i]
+    nsubs.append(merged)
+    nsubs += subs[i + 2:]
+    ents = node.ents
+    if ents is not None:
+        new_ents = ents[:i]
+        ok = True
+        if i + 1 < n:
+            nxt = keys[i + 1]
+            q = common_prefix_len(keys[i - 1], nxt) if i else 0
+            e = ents[i + 1]
+            new_ents.append({"k": nxt[q:], "p": q, "t": e["t"], "v": e["v"]})
+            new_ents += ents[i + 2:]
+            ok = _printable(nxt[q:])
+        if ok:
+            stale = tuple(j if j < i else j - 1 for j in node.stale if j != i and j != i + 1) + (i,)
+            return Node(node.height, nkeys, nvals, nsubs, None, None, new_ents, node.lcid, stale), prev
+    return Node(node.height, nkeys, nvals, nsubs), prev
 
 
 def _merge(a, b, height: int, store: BlockSource):
@@ -708,10 +836,7 @@ def _merge(a, b, height: int, store: BlockSource):
     subs = a.subs[:-1]
     subs.append(mid)
     subs += b.subs[1:]
-    pfx = a.pfx + b.pfx
-    if a.keys and b.keys:
-        pfx[len(a.keys)] = common_prefix_len(a.keys[-1], b.keys[0])
-    return Node(height, a.keys + b.keys, a.vals + b.vals, subs, pfx)
+    return Node(height, a.keys + b.keys, a.vals + b.vals, subs)
 
 
 def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: list,

@@ -1,0 +1,534 @@
+"""Verification of signed repo commits: firehose ``#commit`` and ``#sync``, and full-repo CARs.
+
+Pure code: the caller resolves the DID's signing key (anything with ``verify(data, sig) -> bool``)
+and passes it in. Every failure raises a :class:`VerificationError` subclass whose ``reason`` is a
+short stable label, so callers can count drops by reason and log the message.
+
+``#commit`` (spec §9.1, Sync 1.1), in this order:
+
+1. ``repo`` is a DID, ``rev`` a TID, ``time`` an atproto datetime.
+2. ``blocks`` is a CAR v1 whose every block hashes to its CID; its first root is the commit block.
+3. The commit is ``{did, version: 3, data, prev, rev, sig}`` with a non-empty ``sig``.
+4. ``commit.did == repo`` and ``commit.rev == rev``.
+5. ``sig`` verifies over the canonical DAG-CBOR of the commit without ``sig`` (rebuilt from typed
+   fields, never by re-encoding decoded data).
+6. The MST is loaded from ``commit.data`` (missing subtrees allowed: a proof is a partial tree).
+7. Every op path is ``collection/rkey`` with a known action; each create/update has a ``cid``
+   equal to the MST value at its path, and its record block is in the CAR.
+8. Legacy escape: an update or delete without ``prev`` ends verification here (accepted).
+9. Op shapes: create = cid only, update = cid + different prev, delete = prev only; no path twice.
+10. The inverse of the ops applied to the MST (deletes first, then by path, stub-root rule) must
+    give ``prevData`` when the event carries it.
+
+The continuity check (``prevData`` equals the stored root) needs state and is not done here.
+
+One deliberate hardening over Tap: an unknown op ``action`` is rejected even when the legacy
+escape applies (Tap would emit it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, NamedTuple, Protocol
+
+from protocol import cbor, syntax
+from protocol.car import DEFAULT_MAX_CAR_SIZE, Car, CarError, read_car
+from protocol.cid import cid_to_str
+from protocol.mst import (
+    MST,
+    MSTError,
+    MSTInversionError,
+    MSTPartialError,
+    invert_ops,
+)
+
+__all__ = [
+    "VerificationError",
+    "BadSyntax",
+    "BadCar",
+    "BadCommit",
+    "BadSignature",
+    "CommitMismatch",
+    "BadOp",
+    "OpMismatch",
+    "MissingRecord",
+    "ProofIncomplete",
+    "InversionMismatch",
+    "BadMST",
+    "SignatureKey",
+    "CommitOp",
+    "SignedCommit",
+    "VerifiedCommit",
+    "SyncCommit",
+    "VerifiedRepo",
+    "RepoRecord",
+    "parse_signed_commit",
+    "verify_commit",
+    "parse_sync",
+    "verify_sync",
+    "verify_repo",
+]
+
+_CBOR_CID_PREFIX = b"\x01\x71\x12\x20"
+_RAW_CID_PREFIX = b"\x01\x55\x12\x20"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class VerificationError(ValueError):
+    """Input that failed verification; ``reason`` is a stable label for metrics."""
+
+    reason = "invalid"
+
+
+class BadSyntax(VerificationError):
+    """Event fields with the wrong syntax or type (repo DID, rev TID, time, prevData)."""
+
+    reason = "bad_syntax"
+
+
+class BadCar(VerificationError):
+    """The CAR is malformed, a block does not hash to its CID, or the commit block is missing."""
+
+    reason = "bad_car"
+
+
+class BadCommit(VerificationError):
+    """The commit block is not a valid v3 commit object."""
+
+    reason = "bad_commit"
+
+
+class BadSignature(VerificationError):
+    """The commit signature does not verify with the given key (including high-S and DER forms)."""
+
+    reason = "bad_signature"
+
+
+class CommitMismatch(VerificationError):
+    """The commit's DID or rev differs from the event's (or from the DID that was asked for)."""
+
+    reason = "commit_mismatch"
+
+
+class BadOp(VerificationError):
+    """An op with a bad path, unknown action, wrong cid/prev shape, or a path given twice."""
+
+    reason = "bad_op"
+
+
+class OpMismatch(VerificationError):
+    """The MST value at an op's path is not the op's cid."""
+
+    reason = "op_mismatch"
+
+
+class MissingRecord(VerificationError):
+    """A created/updated record's block is not in the CAR (e.g. a ``tooBig`` commit)."""
+
+    reason = "missing_record"
+
+
+class ProofIncomplete(VerificationError):
+    """The CAR lacks an MST node the checks or the inversion need (repo must resync)."""
+
+    reason = "proof_incomplete"
+
+
+class InversionMismatch(VerificationError):
+    """Undoing the ops does not give ``prevData``, or the tree contradicts an op."""
+
+    reason = "inversion_mismatch"
+
+
+class BadMST(VerificationError):
+    """The MST is structurally invalid (bad node, wrong layer, order, prefix compression)."""
+
+    reason = "bad_mst"
+
+
+class SignatureKey(Protocol):
+    """What verification needs of a public key (``protocol.keys.PublicKey`` is one)."""
+
+    def verify(self, data: bytes, sig: bytes, /) -> bool: ...
+
+
+# ----------------------------------------------------------------------------- results
+
+
+class CommitOp(NamedTuple):
+    """One verified op. ``record`` is the record's DAG-CBOR block (create/update), else None."""
+
+    action: str
+    collection: str
+    rkey: str
+    cid: bytes | None
+    prev: bytes | None
+    record: bytes | None
+
+
+@dataclass(slots=True)
+class SignedCommit:
+    """A parsed commit block whose structure is valid (signature not yet checked)."""
+
+    did: str
+    rev: str
+    data_cid: bytes
+    prev: bytes | None
+    sig: bytes
+    unsigned: bytes  # canonical DAG-CBOR of the commit without ``sig``: the signature input
+    commit_cid: bytes
+    car: Car
+
+    def check_signature(self, key: SignatureKey) -> None:
+        try:
+            ok = key.verify(self.unsigned, self.sig)
+        except Exception as e:  # a key object may raise on malformed input; treat as bad
+            raise BadSignature(f"signature check failed for {self.did}: {e}") from None
+        if not ok:
+            raise BadSignature(f"commit signature does not verify for {self.did}")
+
+
+@dataclass(slots=True)
+class VerifiedCommit:
+    """A ``#commit`` that passed verification.
+
+    ``data_cid`` is the new MST root, ``prev_data`` the event's ``prevData`` (None for legacy
+    events), ``inverted`` False when the legacy escape skipped the inversion.
+    """
+
+    did: str
+    rev: str
+    data_cid: bytes
+    prev_data: bytes | None
+    commit_cid: bytes
+    ops: list[CommitOp]
+    inverted: bool = True
+
+
+class SyncCommit(NamedTuple):
+    """What a verified ``#sync`` says: the repo's current rev and MST root."""
+
+    did: str
+    rev: str
+    data_cid: bytes
+
+
+class RepoRecord(NamedTuple):
+    """One record of a repo snapshot, in MST key order; ``block`` None when absent from the CAR."""
+
+    collection: str
+    rkey: str
+    cid: bytes
+    block: bytes | None
+
+
+@dataclass(slots=True)
+class VerifiedRepo:
+    """A verified ``getRepo`` CAR. ``records()`` yields its records in key order.
+
+    Counters: ``missing_nodes`` (subtrees absent from the CAR, skipped), and, filled while
+    ``records()`` runs, ``invalid_paths`` (keys that are not ``collection/rkey``, skipped) and
+    ``missing_blocks`` (records whose block is absent, yielded with ``block=None``).
+    """
+
+    did: str
+    rev: str
+    data_cid: bytes
+    commit_cid: bytes
+    entries: list[tuple[bytes, bytes]] = field(repr=False)
+    blocks: dict[bytes, bytes] = field(repr=False)
+    missing_nodes: int = 0
+    invalid_paths: int = 0
+    missing_blocks: int = 0
+
+    @property
+    def record_count(self) -> int:
+        """MST entries (including any with invalid paths)."""
+        return len(self.entries)
+
+    def records(self) -> Iterator[RepoRecord]:
+        blocks = self.blocks
+        split = _split_key
+        for key, cid in self.entries:
+            parts = split(key)
+            if parts is None:
+                self.invalid_paths += 1
+                continue
+            block = blocks.get(cid)
+            if block is None:
+                self.missing_blocks += 1
+            yield RepoRecord(parts[0], parts[1], cid, block)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+_COLLECTION_OK: dict[str, bool] = {}
+
+
+def _split_key(key: bytes) -> tuple[str, str] | None:
+    """``collection/rkey`` of an MST key, or None when it is not a valid repo path."""
+    try:
+        path = key.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    coll, sep, rkey = path.partition("/")
+    if not sep:
+        return None
+    ok = _COLLECTION_OK.get(coll)
+    if ok is None:
+        ok = syntax.is_valid_nsid(coll)
+        if len(_COLLECTION_OK) < 10000:  # collections are few; bound the cache anyway
+            _COLLECTION_OK[coll] = ok
+    if not ok or not syntax.is_valid_record_key(rkey):
+        return None
+    return coll, rkey
+
+
+def _is_cid(x: Any) -> bool:
+    return type(x) is bytes and len(x) == 36 and (x[:4] == _CBOR_CID_PREFIX or x[:4] == _RAW_CID_PREFIX)
+
+
+def _str(cid: bytes | None) -> str:
+    if cid is None:
+        return "null"
+    try:
+        return cid_to_str(cid)
+    except Exception:
+        return cid.hex()
+
+
+def _read_car(blocks: Any, max_size: int) -> Car:
+    if not isinstance(blocks, (bytes, bytearray, memoryview)):
+        raise BadCar("blocks is not a byte string")
+    try:
+        car = read_car(blocks, max_size=max_size)
+    except CarError as e:
+        raise BadCar(f"bad CAR: {e}") from None
+    return car
+
+
+def parse_signed_commit(car: Car) -> SignedCommit:
+    """Parse and check the commit block (first root) of a verified CAR; no signature check."""
+    commit_cid = car.roots[0]
+    block = car.blocks.get(commit_cid)
+    if block is None:
+        raise BadCar("commit block (first CAR root) is not in the CAR")
+    try:
+        c = cbor.decode(block)
+    except cbor.CBORError as e:
+        raise BadCommit(f"commit block is not DAG-CBOR: {e}") from None
+    if type(c) is not dict:
+        raise BadCommit("commit block is not a map")
+    version = c.get("version")
+    if type(version) is not int or version != 3:
+        raise BadCommit(f"unsupported commit version {version!r}")
+    sig = c.get("sig")
+    if type(sig) is not bytes or not sig:
+        raise BadCommit("commit has no signature")
+    did = c.get("did")
+    if type(did) is not str or not syntax.is_valid_did(did):
+        raise BadCommit(f"commit did {did!r:.100} is not a DID")
+    rev = c.get("rev")
+    if type(rev) is not str or not syntax.is_valid_tid(rev):
+        raise BadCommit(f"commit rev {rev!r:.40} is not a TID")
+    data = c.get("data")
+    if type(data) is not bytes or len(data) != 36 or data[:4] != _CBOR_CID_PREFIX:
+        raise BadCommit("commit data is not a DAG-CBOR CID")
+    prev = c.get("prev")
+    if prev is not None and not _is_cid(prev):
+        raise BadCommit("commit prev is not a CID")
+    # The signature input, rebuilt from typed fields (links as links), as the Go and TS
+    # implementations do: unknown fields are dropped and ``prev`` is always present.
+    unsigned = cbor.encode({
+        "did": did,
+        "rev": rev,
+        "data": cbor.link(data),
+        "prev": None if prev is None else cbor.link(prev),
+        "version": 3,
+    })
+    return SignedCommit(did, rev, data, prev, sig, unsigned, commit_cid, car)
+
+
+def _load_mst(car: Car, data_cid: bytes) -> MST:
+    try:
+        return MST.load(car.blocks, data_cid)
+    except MSTPartialError as e:
+        raise ProofIncomplete(f"MST root not in CAR: {e}") from None
+    except MSTError as e:
+        raise BadMST(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- #commit
+
+_ACTIONS = frozenset(("create", "update", "delete"))
+
+
+def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
+                  max_car_size: int = DEFAULT_MAX_CAR_SIZE) -> VerifiedCommit:
+    """Verify a decoded ``#commit`` body (CIDs as binary bytes, as ``cbor.decode`` gives them).
+
+    ``key`` is the signing key of ``evt["repo"]``. Raises a VerificationError subclass.
+    """
+    # 1. event syntax
+    did = evt.get("repo")
+    rev = evt.get("rev")
+    time = evt.get("time")
+    if type(did) is not str or not syntax.is_valid_did(did):
+        raise BadSyntax(f"repo {did!r:.100} is not a DID")
+    if type(rev) is not str or not syntax.is_valid_tid(rev):
+        raise BadSyntax(f"rev {rev!r:.40} is not a TID")
+    if type(time) is not str or not syntax.is_valid_datetime(time):
+        raise BadSyntax(f"time {time!r:.60} is not an atproto datetime")
+    prev_data = evt.get("prevData")
+    if prev_data is not None and not _is_cid(prev_data):
+        raise BadSyntax("prevData is not a CID")
+    raw_ops = evt.get("ops")
+    if type(raw_ops) is not list:
+        raise BadSyntax("ops is not a list")
+
+    # 2-3. CAR and commit object
+    car = _read_car(evt.get("blocks"), max_car_size)
+    commit = parse_signed_commit(car)
+
+    # 4. the commit is the event's (checked before the signature so the reason is precise)
+    if commit.did != did:
+        raise CommitMismatch(f"commit did {commit.did} differs from event repo {did}")
+    if commit.rev != rev:
+        raise CommitMismatch(f"commit rev {commit.rev} differs from event rev {rev}")
+
+    # 5. signature
+    commit.check_signature(key)
+
+    # 6. MST from the proof
+    tree = _load_mst(car, commit.data_cid)
+    blocks = car.blocks
+
+    # 7. op paths and MST values
+    ops: list[CommitOp] = []
+    legacy = False
+    for op in raw_ops:
+        if not isinstance(op, Mapping):
+            raise BadOp("op is not a map")
+        action = op.get("action")
+        path = op.get("path")
+        cid = op.get("cid")
+        prev = op.get("prev")
+        if action not in _ACTIONS:
+            raise BadOp(f"unknown op action {action!r:.40}")
+        if type(path) is not str:
+            raise BadOp("op path is not a string")
+        parts = _split_key(path.encode("utf-8", "surrogatepass"))
+        if parts is None:
+            raise BadOp(f"invalid op path {path!r:.200}")
+        if cid is not None and not _is_cid(cid):
+            raise BadOp(f"op cid for {path} is not a CID")
+        if prev is not None and not _is_cid(prev):
+            raise BadOp(f"op prev for {path} is not a CID")
+        record = None
+        if action != "delete":
+            if cid is None:
+                raise BadOp(f"{action} of {path} has no cid")
+            try:
+                val = tree.get(path.encode())
+            except MSTPartialError as e:
+                raise ProofIncomplete(f"cannot look up {path}: {e}") from None
+            except MSTError as e:
+                raise BadMST(str(e)) from None
+            if val != cid:
+                raise OpMismatch(f"MST value at {path} is {_str(val)}, op says {_str(cid)}")
+            record = blocks.get(cid)
+            if record is None:
+                raise MissingRecord(f"record block {_str(cid)} for {path} not in CAR")
+        elif prev is None:
+            legacy = True
+        if action == "update" and prev is None:
+            legacy = True
+        ops.append(CommitOp(action, parts[0], parts[1], cid, prev, record))
+
+    # 8. legacy escape: ops without prev cannot be inverted
+    if legacy:
+        return VerifiedCommit(did, rev, commit.data_cid, prev_data, commit.commit_cid, ops, False)
+
+    # 9. op shapes, duplicates
+    seen = set()
+    inv = []
+    for op in ops:
+        if op.action == "create":
+            if op.prev is not None:
+                raise BadOp(f"create of {op.collection}/{op.rkey} has a prev")
+        elif op.action == "update":
+            if op.cid == op.prev:
+                raise BadOp(f"update of {op.collection}/{op.rkey} does not change the cid")
+        elif op.cid is not None:
+            raise BadOp(f"delete of {op.collection}/{op.rkey} has a cid")
+        path = (op.collection + "/" + op.rkey).encode()
+        if path in seen:
+            raise BadOp(f"path {op.collection}/{op.rkey} appears twice")
+        seen.add(path)
+        inv.append((path, op.cid, op.prev))
+
+    # 10. inversion
+    try:
+        computed = invert_ops(tree.copy(), inv)
+    except MSTPartialError as e:
+        raise ProofIncomplete(f"cannot invert: {e}") from None
+    except MSTInversionError as e:
+        raise InversionMismatch(str(e)) from None
+    except MSTError as e:
+        raise BadMST(str(e)) from None
+    if prev_data is not None and computed != prev_data:
+        raise InversionMismatch(f"inverted MST root {_str(computed)} is not prevData {_str(prev_data)}")
+    return VerifiedCommit(did, rev, commit.data_cid, prev_data, commit.commit_cid, ops, True)
+
+
+# ----------------------------------------------------------------------------- #sync
+
+
+def parse_sync(blocks: bytes, *, max_car_size: int = DEFAULT_MAX_CAR_SIZE) -> SignedCommit:
+    """Parse a ``#sync`` event's ``blocks``: the commit, whose ``did`` says whose key to fetch."""
+    return parse_signed_commit(_read_car(blocks, max_car_size))
+
+
+def verify_sync(sync: SignedCommit | bytes, key: SignatureKey, *,
+                max_car_size: int = DEFAULT_MAX_CAR_SIZE) -> SyncCommit:
+    """Verify a ``#sync`` (§8.5): the CAR's first root is a valid commit signed by ``key``.
+
+    ``key`` belongs to the DID *inside* the commit (``parse_sync(blocks).did``); the event's
+    ``did`` field is not cross-checked, as in Tap.
+    """
+    if not isinstance(sync, SignedCommit):
+        sync = parse_sync(sync, max_car_size=max_car_size)
+    sync.check_signature(key)
+    return SyncCommit(sync.did, sync.rev, sync.data_cid)
+
+
+# ----------------------------------------------------------------------------- full repo
+
+
+def verify_repo(car_bytes: bytes, key: SignatureKey, expected_did: str | None = None, *,
+                allow_partial: bool = True, max_car_size: int = DEFAULT_MAX_CAR_SIZE) -> VerifiedRepo:
+    """Verify a ``getRepo`` CAR (§9.2) and check the MST structure; records come from ``records()``.
+
+    ``expected_did``: when given, the commit's DID must equal it (Tap does not check this; a
+    PDS serving someone else's validly signed repo would otherwise be accepted).
+    ``allow_partial``: missing MST subtrees are skipped and counted, as Tap does; False makes
+    them an error. The whole MST is walked and checked before this returns, so a repo that is
+    returned is valid; ``records()`` only splits paths and looks up blocks.
+    """
+    car = _read_car(car_bytes, max_car_size)
+    commit = parse_signed_commit(car)
+    if expected_did is not None and commit.did != expected_did:
+        raise CommitMismatch(f"repo commit is for {commit.did}, expected {expected_did}")
+    commit.check_signature(key)
+    tree = _load_mst(car, commit.data_cid)
+    try:
+        entries, missing = tree.verify_counted(allow_partial=allow_partial)
+    except MSTPartialError as e:
+        raise ProofIncomplete(str(e)) from None
+    except MSTError as e:
+        raise BadMST(str(e)) from None
+    return VerifiedRepo(commit.did, commit.rev, commit.data_cid, commit.commit_cid, entries,
+                        car.blocks, missing)
