@@ -129,6 +129,8 @@ def session(public_only: bool = False) -> aiohttp.ClientSession:
     entry = _sessions.get(key)
     if entry is not None and entry[0] is loop and not entry[1].closed:
         return entry[1]
+    for k in [k for k, (lp, _) in _sessions.items() if lp.is_closed()]:
+        del _sessions[k]  # sessions of loops that ended without close_sessions()
     connector = aiohttp.TCPConnector(
         limit=256,
         limit_per_host=32,
