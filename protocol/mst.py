@@ -841,24 +841,45 @@ def _merge(a, b, height: int, store: BlockSource):
 
 def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: list,
                  allow_partial: bool, is_root: bool) -> None:
+    """Check one node and (recursively, in key order) its subtrees; append its entries to ``out``.
+
+    ``state`` is ``[missing subtrees, last key]``. Loaded children are not memoized: a full-repo
+    check touches every node once and should not keep the decoded tree alive.
+    """
     keys = node.keys
-    if not is_root and node.is_empty():
+    vals = node.vals
+    subs = node.subs
+    if not is_root and not keys and subs[0] is None:
         raise MSTEmptyNodeError(f"empty MST node {_cid_str(node.cid)}")
     if not node.canonical:
         raise MSTPrefixError(f"MST node {_cid_str(node.cid)} has non-maximal prefix compression")
     if height < 0:
         raise MSTHeightError(f"MST node {_cid_str(node.cid)} is below layer 0")
+    last = state[1]
+    sha = _sha256_small
+    pc = _CBOR_PREFIX
+    pr = _RAW_PREFIX
+    if height == 0:  # a leaf (three nodes in four): no subtrees to visit
+        if subs.count(None) != len(subs):
+            raise MSTHeightError(f"MST node {_cid_str(node.cid)} on layer 0 has subtrees")
+        for k, v in zip(keys, vals):
+            if sha(k).digest()[0] < 64:
+                raise MSTHeightError(f"MST key {k!r:.80} (height {key_height(k)}) on layer 0")
+            if k <= last:
+                raise MSTOrderError(f"MST key {k!r:.80} out of order (after {last!r:.80})")
+            if type(v) is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
+                raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
+            last = k
+        out += zip(keys, vals)
+        state[1] = last
+        return
     for k in keys:
         if key_height(k) != height:
             raise MSTHeightError(f"MST key {k!r:.80} (height {key_height(k)}) on layer {height}")
-    subs = node.subs
-    vals = node.vals
     n = len(keys)
     for i in range(n + 1):
         sub = subs[i]
         if sub is not None:
-            if height == 0:
-                raise MSTHeightError(f"MST node {_cid_str(node.cid)} on layer 0 has subtrees")
             if type(sub) is bytes:
                 block = store.get(sub)
                 if block is None:
@@ -868,17 +889,19 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
                     sub = None
                 else:
                     sub = _decode_node(sub, block, height - 1)
-                    subs[i] = sub
             if sub is not None:
                 if sub.height != height - 1:
                     raise MSTHeightError(f"MST node {_cid_str(sub.cid)} has the wrong height")
                 _verify_node(sub, height - 1, store, out, state, allow_partial, False)
         if i < n:
             k = keys[i]
+            v = vals[i]
             if k <= state[1]:
                 raise MSTOrderError(f"MST key {k!r:.80} out of order (after {state[1]!r:.80})")
+            if type(v) is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
+                raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
             state[1] = k
-            out.append((k, vals[i]))
+            out.append((k, v))
 
 
 # ----------------------------------------------------------------------------- inversion
