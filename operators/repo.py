@@ -81,7 +81,6 @@ State machine (tapflow decisions, where Tap differs or is silent):
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import re
@@ -121,7 +120,7 @@ from operators.verify import (
     default_verify_sync,
     op_collections,
 )
-from protocol.cid import cid_from_str
+from protocol.cid import cid_from_str, cid_to_str
 from store.db import Database, StoreError
 from store.ids import IdAllocator
 from store.layout import (
@@ -210,7 +209,16 @@ class RepoState:
     @classmethod
     def from_json(cls, raw: bytes) -> "RepoState":
         d = orjson.loads(raw)
-        return cls(**{k: v for k, v in d.items() if k in _STATE_FIELDS})
+        try:
+            return cls(**d)
+        except TypeError:  # written by a newer version: ignore fields we do not know
+            return cls(**{k: v for k, v in d.items() if k in _STATE_FIELDS})
+
+    def clone(self) -> "RepoState":
+        return RepoState(self.state, self.status, self.handle, self.rev, self.prev_data, self.error,
+                         self.retries, self.retry_after, self.records, self.signing_key, self.pds,
+                         self.fetch_key, self.ident_key, self.buffered, self.buf_next, self.buf_rev,
+                         self.snap_pos)
 
 
 _STATE_FIELDS = frozenset(f.name for f in fields(RepoState))
@@ -239,7 +247,7 @@ class _Batch:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._repos = db.cf("repos")
-        self._read: dict[str, Optional[RepoState]] = {}
+        self._untracked: set[str] = set()  # DIDs read from the DB and not found
         self.states: dict[str, Optional[RepoState]] = {}
         self.kv: dict[str, dict[bytes, dict[bytes, Optional[bytes]]]] = {cf: {} for cf in _KV_CFS}
         self.cleared: dict[str, set[bytes]] = {cf: set() for cf in _KV_CFS}
@@ -285,12 +293,15 @@ class _Batch:
     # repo states: callers get a private copy and store it back with put_state
     def get_state(self, did: str) -> Optional[RepoState]:
         st = self.states.get(did, _MISSING)
-        if st is _MISSING:
-            st = self._read.get(did, _MISSING)
-            if st is _MISSING:
-                st = load_repo_state(self._repos.get(did.encode()))
-                self._read[did] = st
-        return copy.copy(st) if st is not None else None
+        if st is not _MISSING:
+            return st.clone() if st is not None else None
+        if did in self._untracked:
+            return None
+        raw = self._repos.get(did.encode())
+        if raw is None:
+            self._untracked.add(did)  # the common case on the firehose: asked again and again
+            return None
+        return RepoState.from_json(raw)  # a fresh object: private to the caller
 
     def put_state(self, did: str, st: Optional[RepoState]) -> None:
         self._undo.append(("s", did, self.states.get(did, _MISSING)))
@@ -472,12 +483,16 @@ class RepoLogic:
                         wb.put(k, v, h)
         if b.events:
             h_out = db.handle("outbox")
-            first = self.ids.take(len(b.events))
-            for i, (shard, did, flags, kind, body) in enumerate(b.events):
-                eid = first + i
+            eid = self.ids.take(len(b.events))
+            per_shard: dict[int, int] = {}
+            put = wb.put
+            for shard, did, flags, kind, body in b.events:
                 payload = with_id(eid, kind, body) if kind is not None else body
-                wb.put(outbox_key(shard, eid), encode_outbox_row(did, flags, payload), h_out)
-                b.count("outbox", shard, 1)
+                put(outbox_key(shard, eid), encode_outbox_row(did, flags, payload), h_out)
+                per_shard[shard] = per_shard.get(shard, 0) + 1
+                eid += 1
+            for shard, n in per_shard.items():
+                b.count("outbox", shard, n)
         meta = db.cf("meta")
         h_meta = db.handle("meta")
         for (name, shard), delta in b.counters.items():
@@ -824,59 +839,62 @@ class RepoLogic:
                            record_key(did, hi_path) if hi_path is not None else None)
         keep = self.filter
         rev = item.rev
+        delta = 0
         i = j = 0
         n, m = len(paths), len(stored)
+        plen = len(prefix)
         while i < n or j < m:
             sp = paths[i] if i < n else None
-            kp = record_path(stored[j][0]) if j < m else None
+            kp = stored[j][0][plen:].decode() if j < m else None
             if kp is None or (sp is not None and sp < kp):  # only in the snapshot
-                self._snap_put(b, did, shard, st, prefix, recs[sp], "create", keep, rev)
+                delta += self._snap_put(b, did, shard, prefix, recs[sp], "create", keep, rev)
                 i += 1
             elif sp is None or kp < sp:  # only in the index: vanished
-                self._snap_vanished(b, did, shard, st, prefix, stored[j][0], kp, keep, rev)
+                delta += self._snap_vanished(b, did, shard, prefix, stored[j][0], kp, keep, rev)
                 j += 1
             else:
                 rec = recs[sp]
-                try:
-                    same = cid_from_str(rec.cid) == stored[j][1]
+                try:  # string compare: binary->string is 3x cheaper than string->binary
+                    same = cid_to_str(stored[j][1]) == rec.cid
                 except ValueError:
-                    same = True  # unusable CID: leave the index as it is
-                    self.stats["snapshot_bad_cid"] += 1
+                    same = False  # an unreadable index row: overwrite it
+
                 if not same:
-                    self._snap_put(b, did, shard, st, prefix, rec, "update", keep, rev)
+                    self._snap_put(b, did, shard, prefix, rec, "update", keep, rev)
                 i += 1
                 j += 1
+        st.records += delta
+        b.count("records", shard, delta)
         if hi_path is not None:
             st.snap_pos = hi_path
 
-    def _snap_put(self, b: _Batch, did: str, shard: int, st: RepoState, prefix: bytes, rec, action: str,
-                  keep: CollectionFilter, rev: str) -> None:
+    def _snap_put(self, b: _Batch, did: str, shard: int, prefix: bytes, rec, action: str,
+                  keep: CollectionFilter, rev: str) -> int:
+        """Store and emit a created/updated snapshot record; returns the index size change."""
         collection, _, rkey = rec.path.partition("/")
         if not keep(collection):
-            return
+            return 0
         try:
             cid = cid_from_str(rec.cid)
         except ValueError:
             self.stats["snapshot_bad_cid"] += 1
-            return
-        b.kv_put("records", prefix, record_key(did, rec.path), cid)
-        if action == "create":
-            st.records += 1
-            b.count("records", shard, 1)
+            return 0
+        b.kv_put("records", prefix, prefix + rec.path.encode(), cid)
         b.emit(shard, did, 0, "record", record_body(live=False, did=did, rev=rev, collection=collection, rkey=rkey,
                                                    action=action, cid=rec.cid, record_json=rec.record_json))
+        return 1 if action == "create" else 0
 
-    def _snap_vanished(self, b: _Batch, did: str, shard: int, st: RepoState, prefix: bytes, key: bytes, path: str,
-                       keep: CollectionFilter, rev: str) -> None:
+    def _snap_vanished(self, b: _Batch, did: str, shard: int, prefix: bytes, key: bytes, path: str,
+                       keep: CollectionFilter, rev: str) -> int:
+        """An index row the snapshot no longer has; returns the index size change."""
         if not self.resync_deletes:
-            return  # Tap: stale rows stay, nobody is told
+            return 0  # Tap: stale rows stay, nobody is told
         collection, _, rkey = path.partition("/")
         b.kv_put("records", prefix, key, None)
-        st.records -= 1
-        b.count("records", shard, -1)
         if keep(collection):
             b.emit(shard, did, 0, "record", record_body(live=False, did=did, rev=rev, collection=collection,
                                                        rkey=rkey, action="delete"))
+        return -1
 
     def _on_fetch_failed(self, b: _Batch, item: FetchFailed, shard: int) -> Optional[Rejected]:
         did = item.did
