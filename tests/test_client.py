@@ -362,6 +362,7 @@ class FakeTap:
         self.upgrade_auth: list[str | None] = []
         self.http_log: list[tuple[str, str, Any, dict]] = []
         self.repos: dict[str, dict] = {}
+        self.handles: dict[str, str] = {}
         self.sockets: list[web.WebSocketResponse] = []
         self.transports: list[asyncio.Transport] = []
         self.acked_event = asyncio.Event()
@@ -421,6 +422,7 @@ class FakeTap:
         app.router.add_get("/resolve/{did}", self.resolve)
         app.router.add_get("/repos", self.list_repos)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/xrpc/com.atproto.identity.resolveHandle", self.resolve_handle)
         for name, body in (("repo-count", {"repo_count": 3}), ("record-count", {"record_count": 42}),
                            ("outbox-buffer", {"outbox_buffer": 7}), ("resync-buffer", {"resync_buffer": 1}),
                            ("cursors", {"firehose": 1234, "list_repos": ""})):
@@ -443,6 +445,12 @@ class FakeTap:
         async def handler(request: web.Request) -> web.Response:
             return web.json_response(body)
         return handler
+
+    async def resolve_handle(self, request: web.Request) -> web.Response:
+        did = self.handles.get(request.query.get("handle", ""))
+        if did is None:
+            return web.json_response({"error": "InvalidRequest", "message": "Unable to resolve handle"}, status=400)
+        return web.json_response({"did": did})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -869,16 +877,16 @@ def test_sync_client(tap_thread):
 
 
 class _ServerThread:
-    def __init__(self):
+    def __init__(self, **opts: Any):
         import threading
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server: FakeTap = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        self.server: FakeTap = asyncio.run_coroutine_threadsafe(self._start(opts), self.loop).result(10)
 
-    async def _start(self) -> FakeTap:
-        return await FakeTap().start()
+    async def _start(self, opts: dict) -> FakeTap:
+        return await FakeTap(**opts).start()
 
     def call(self, fn):
         async def _c():

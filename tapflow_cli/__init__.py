@@ -1,0 +1,1 @@
+"""The ``tapflow`` command line: ``tapflow run|status|add|remove|info|tail`` (see main.py)."""

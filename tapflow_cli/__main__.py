@@ -1,0 +1,5 @@
+import sys
+
+from tapflow_cli.main import main
+
+sys.exit(main())
