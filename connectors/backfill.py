@@ -1,0 +1,570 @@
+"""BackfillSource: answers the fetch queue with verified repo snapshots and fresh identities.
+
+RepoLogic asks for work by writing ``fetch_q`` rows (``priority | not_before | did`` ->
+``{"kind": "repo"|"identity", ...}``) in the WriteBatch of the state change that needs it.
+This source scans ``fetch_q`` in key order (identity refreshes, then Tap's claim order:
+pending, desynchronized, error), skipping rows whose ``not_before`` is in the future, and
+runs at most ``TAP_RESYNC_PARALLELISM`` repo fetches at once (identity refreshes have a
+pool of their own, so a slow PDS never delays them). A row stays "in flight" until a scan no
+longer finds it (RepoLogic deletes it in the WriteBatch that applies the answer), so a row
+is never fetched twice; one DID is never fetched twice at once.
+
+- kind ``identity``: ``Directory.purge`` + ``resolve`` -> ``IdentityRefreshed``.
+- kind ``repo``: purge + resolve the identity (handle, PDS, signing key), then
+  ``GET {pds}/xrpc/com.atproto.sync.getRepo?did=`` (``TAP_REPO_FETCH_TIMEOUT``, streamed,
+  refused above ``TAP_MAX_CAR_SIZE``), verified with ``protocol.commit.verify_repo`` (every
+  block hash, commit signature with the resolved key, commit DID equals the requested DID,
+  the whole MST) -> ``SnapshotChunk`` items of ``chunk_size`` records in key order (the
+  first carries the ``ResolvedIdentity``; ``after`` = the previous chunk's last path), or
+  ``FetchFailed`` with Tap's error text (``failed to get repo: API request failed (HTTP 400):
+  RepoDeactivated: ...``). HTTP 429 puts the PDS host in a 10 s backoff; fetches for a host
+  in backoff fail fast with ``rate_limited=True``.
+- Collection filters (``TAP_COLLECTION_FILTERS``) are applied here: records of other
+  collections are left out of the chunks (RepoLogic's record index never holds them), which
+  saves their JSON conversion.
+- Back-pressure: no new fetch starts while the outbox holds ``>= TAP_OUTBOX_CAPACITY`` events.
+  In ``TAP_OUTBOX_ONLY`` mode nothing is fetched.
+
+Threads: the network side (scan, identity, download) runs on an asyncio loop in a daemon
+thread; the CPU-heavy verification runs in a one-thread executor (so the loop keeps serving
+other downloads); turning records into JSON chunks happens in ``next_batch`` on the bytewax
+thread, a few chunks per call, so a big repo is converted only as fast as the flow takes it
+and memory holds one CAR per fetch slot.
+
+Example::
+
+    from bytewax.dataflow import Dataflow
+    import bytewax.operators as op
+    from config import load_config
+    from connectors.backfill import BackfillSource
+
+    flow = Dataflow("backfill")
+    answers = op.input("backfill", flow, BackfillSource(load_config()))
+    op.inspect("answer", answers)
+
+``Backfiller`` is the same without bytewax (``start()``, ``poll()``, ``stop()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlsplit
+
+import orjson
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from config import Config
+from connectors import http
+from connectors.control import DepthGauge
+from connectors.http import LoopThread
+from operators.items import FetchFailed, IdentityRefreshed, ResolvedIdentity, SnapshotChunk, SnapshotRecord
+from protocol.cid import cid_to_str
+from store.db import Database, open_flow_db
+from store.layout import parse_fetch_key
+
+__all__ = ["BackfillSource", "Backfiller", "record_json", "PDS_BACKOFF_S", "CHUNK_SIZE"]
+
+_log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 500
+PDS_BACKOFF_S = 10.0
+#: An answered row that RepoLogic has not deleted after this long is fetched again (by kind).
+#: RepoLogic applies an answer milliseconds after it is emitted; a row still there much later
+#: is either a re-request with the same key and value or a lost answer.
+DONE_TIMEOUT_S = {"repo": 30.0, "identity": 10.0}
+
+FETCHES = Counter("tapflow_backfill_fetches", "fetch-queue requests answered, by kind and outcome", ["kind", "outcome"])
+FETCH_SECONDS = Histogram("tapflow_backfill_fetch_seconds", "repo fetch: resolve + download + verify",
+                          buckets=[0.1 * 2 ** i for i in range(12)])
+VERIFY_SECONDS = Histogram("tapflow_backfill_verify_seconds", "verify_repo time per repo",
+                           buckets=[0.001 * 4 ** i for i in range(10)])
+CAR_BYTES = Counter("tapflow_backfill_car_bytes", "bytes of getRepo CARs downloaded")
+RECORDS = Counter("tapflow_backfill_records", "snapshot records emitted")
+IN_FLIGHT = Gauge("tapflow_backfill_in_flight", "repo fetches in flight", multiprocess_mode="livemax")
+
+
+def _record_json_fallback() -> Callable[[bytes], bytes | None]:
+    try:
+        from protocol.atjson import record_to_json_bytes  # type: ignore[attr-defined]
+
+        return record_to_json_bytes
+    except ImportError:  # until protocol/atjson lands: same data model, sorted keys
+        from protocol.cbor import CBORError, decode_atjson
+
+        def conv(block: bytes) -> bytes | None:
+            try:
+                obj = decode_atjson(block)
+            except CBORError:
+                return None
+            if not isinstance(obj, dict):
+                return None
+            try:
+                return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+            except TypeError:
+                return None
+
+        return conv
+
+
+_to_json: Callable[[bytes], bytes | None] | None = None
+
+
+def record_json(block: bytes | None) -> bytes | None:
+    """Record block -> atproto JSON bytes, or None (block missing or not atproto data)."""
+    global _to_json
+    if block is None:
+        return None
+    if _to_json is None:
+        _to_json = _record_json_fallback()
+    try:
+        return _to_json(block)
+    except Exception:
+        return None
+
+
+def _collection_filter(cfg: Config) -> Callable[[str], bool] | None:
+    if not cfg.collection_filters:
+        return None
+    try:
+        from operators.filters import CollectionFilter
+    except ImportError:
+        pats = tuple(p for p in cfg.collection_filters if p)
+        exact = {p for p in pats if not p.endswith("*")}
+        prefixes = tuple(p[:-1] for p in pats if p.endswith("*"))
+        return lambda c: c in exact or (bool(prefixes) and c.startswith(prefixes))
+    f = CollectionFilter(cfg.collection_filters)
+    return None if f.matches_all else f
+
+
+def _resolved(ident: Any) -> ResolvedIdentity:
+    key = getattr(ident, "signing_key", None)
+    if key is None:
+        mb = ""
+    elif isinstance(key, str):
+        mb = key
+    else:
+        mb = key.multibase()
+    return ResolvedIdentity(handle=ident.handle, pds=ident.pds_endpoint or "", signing_key=mb)
+
+
+def _host_of(url: str) -> str:
+    p = urlsplit(url)
+    return f"{p.scheme}://{p.netloc}".lower()
+
+
+@dataclass
+class _Job:
+    """A repo snapshot being turned into chunks (bytewax thread)."""
+
+    key: bytes
+    did: str
+    identity: ResolvedIdentity
+    rev: str
+    data_cid: str
+    records: Iterator[Any]
+    keep: Callable[[str], bool] | None
+    after: str = ""
+    first: bool = True
+    emitted: int = 0
+    repo: Any = field(default=None, repr=False)
+
+
+class Backfiller:
+    """Fetch-queue worker without bytewax: ``start()``, ``poll()`` from one thread, ``stop()``."""
+
+    def __init__(self, cfg: Config, db: Database | None = None, *, directory: Any = None,
+                 depth: Callable[[], int] | None = None, chunk_size: int = CHUNK_SIZE,
+                 scan_interval: float = 0.05, identity_parallelism: int | None = None,
+                 done_timeout: dict[str, float] | None = None) -> None:
+        self.cfg = cfg
+        self.db = db if db is not None else open_flow_db(cfg.data_dir)
+        self._directory = directory
+        self._own_directory = directory is None
+        self._depth = depth if depth is not None else DepthGauge(self.db).value
+        self.chunk_size = chunk_size
+        self.scan_interval = scan_interval
+        self.repo_slots = cfg.resync_parallelism
+        self.identity_slots = identity_parallelism or max(4, cfg.resync_parallelism)
+        self.done_timeout = dict(DONE_TIMEOUT_S, **(done_timeout or {}))
+        self._keep = _collection_filter(cfg)
+        self._thread = LoopThread("backfill")
+        self._verify_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-verify")
+        self._lock = threading.Lock()
+        # fetch key -> [did, kind, value bytes, answered_at or None]; answered rows stay until deleted
+        self._inflight: dict[bytes, list] = {}
+        self._dids: set[str] = set()  # DIDs with a fetch running (not yet answered)
+        self._repo_active = 0  # repo jobs holding a slot (fetching, verifying, or being chunked)
+        self._ident_active = 0
+        self._out: deque = deque()  # finished small items (FetchFailed, IdentityRefreshed)
+        self._ready: deque[_Job] = deque()  # verified repos waiting to be chunked
+        self._job: _Job | None = None
+        self._backoff: dict[str, float] = {}  # PDS host -> monotonic time the backoff ends
+        self.stats: dict[str, int] = {"scans": 0, "started": 0, "repos_ok": 0, "failed": 0,
+                                      "rate_limited": 0, "identities": 0, "refetched": 0, "held": 0}
+        self.verify_seconds: list[float] = []
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.cfg.outbox_only:
+            return
+        self._thread.start(self._run)
+
+    def stop(self) -> None:
+        self._thread.stop()
+        self._verify_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def directory(self) -> Any:
+        if self._directory is None:
+            from protocol.identity import Directory
+
+            self._directory = Directory.from_config(self.cfg)
+        return self._directory
+
+    # --- bytewax side -----------------------------------------------------------------
+
+    def has_output(self) -> bool:
+        return bool(self._out) or self._job is not None or bool(self._ready)
+
+    def poll(self, budget: float = 0.01, max_chunks: int = 8) -> list:
+        """Items ready now: answers, then snapshot chunks for at most ``budget`` seconds."""
+        out: list = []
+        q = self._out
+        while q:
+            try:
+                out.append(q.popleft())
+            except IndexError:
+                break
+        if self._job is None and self._ready:
+            self._job = self._ready.popleft()
+        if self._job is None:
+            return out
+        deadline = time.perf_counter() + budget
+        n = 0
+        while self._job is not None and n < max_chunks:
+            item = self._next_chunk(self._job)
+            out.append(item)
+            n += 1
+            if isinstance(item, FetchFailed) or item.last:
+                self._finish(self._job.key, repo=True)
+                self._job = self._ready.popleft() if self._ready else None
+            if time.perf_counter() >= deadline:
+                break
+        return out
+
+    def _next_chunk(self, job: _Job) -> SnapshotChunk | FetchFailed:
+        records: list[SnapshotRecord] = []
+        keep = job.keep
+        size = self.chunk_size
+        last = True
+        try:
+            for rec in job.records:
+                if keep is not None and not keep(rec.collection):
+                    continue
+                records.append(SnapshotRecord(f"{rec.collection}/{rec.rkey}", cid_to_str(rec.cid),
+                                              record_json(rec.block)))
+                if len(records) >= size:
+                    last = False
+                    break
+        except Exception as e:  # verify_repo checked everything; this is a bug guard
+            _log.exception("snapshot iteration failed", extra={"did": job.did})
+            FETCHES.labels("repo", "failed").inc()
+            return FetchFailed(did=job.did, fetch_key=job.key, error=f"failed to read repo from CAR: {e}")
+        if not last:
+            # peek: a chunk that happens to end exactly at the end of the repo is the last one
+            try:
+                nxt = next(job.records)
+            except StopIteration:
+                last = True
+            else:
+                job.records = _prepend(nxt, job.records)
+        chunk = SnapshotChunk(did=job.did, fetch_key=job.key, rev=job.rev, data_cid=job.data_cid,
+                              identity=job.identity if job.first else None, records=records,
+                              after=job.after, first=job.first, last=last)
+        job.first = False
+        if records:
+            job.after = records[-1].path
+        job.emitted += len(records)
+        RECORDS.inc(len(records))
+        if last:
+            FETCHES.labels("repo", "ok").inc()
+            self.stats["repos_ok"] += 1
+            job.repo = None
+            _log.info("repo snapshot emitted", extra={"did": job.did, "rev": job.rev, "records": job.emitted})
+        return chunk
+
+    def _finish(self, key: bytes, repo: bool) -> None:
+        """An answer for ``key`` was handed out: free the slot, keep the key until RepoLogic deletes it."""
+        with self._lock:
+            entry = self._inflight.get(key)
+            if entry is not None and entry[3] is None:
+                entry[3] = time.monotonic()
+                self._dids.discard(entry[0])  # the DID may be fetched again (a new row) from now on
+                if repo:
+                    self._repo_active -= 1
+                    IN_FLIGHT.set(self._repo_active)
+                else:
+                    self._ident_active -= 1
+
+    # --- loop side --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    self._reap()
+                    self._scan()
+                except Exception:
+                    _log.exception("fetch queue scan failed")
+                await asyncio.sleep(self.scan_interval)
+        finally:
+            if self._own_directory and self._directory is not None:
+                try:
+                    await self._directory.close()
+                except Exception:
+                    pass
+
+    def _reap(self) -> None:
+        """Forget answered keys that RepoLogic has deleted (or that it ignored for too long)."""
+        with self._lock:
+            done = [(k, e) for k, e in self._inflight.items() if e[3] is not None]
+        if not done:
+            return
+        values = self.db.cf("fetch_q").get([k for k, _ in done])
+        now = time.monotonic()
+        with self._lock:
+            for (k, e), v in zip(done, values):
+                stale = now - e[3] > self.done_timeout.get(e[1], 30.0)
+                if v is None or v != e[2] or stale:
+                    if stale and v == e[2]:
+                        self.stats["refetched"] += 1
+                        _log.warning("answered fetch request still queued; fetching again",
+                                     extra={"did": e[0], "kind": e[1]})
+                    del self._inflight[k]
+
+    def _scan(self) -> None:
+        self.stats["scans"] += 1
+        with self._lock:
+            repo_free = self.repo_slots - self._repo_active
+            ident_free = self.identity_slots - self._ident_active
+        if repo_free <= 0 and ident_free <= 0:
+            return
+        if self._depth() >= self.cfg.outbox_capacity:
+            self.stats["held"] += 1
+            return
+        now = int(time.time())
+        it = self.db.cf("fetch_q").iter()
+        it.seek_to_first()
+        while it.valid():
+            key = it.key()
+            try:
+                prio, not_before, did = parse_fetch_key(key)
+            except Exception:
+                _log.error("unreadable fetch_q key skipped", extra={"key": key[:64].hex()})
+                it.next()
+                continue
+            if not_before > now:
+                # keys sort by (priority, not_before): the rest of this priority waits too
+                if prio >= 255:
+                    break
+                it.seek(bytes((prio + 1,)))
+                continue
+            if key in self._inflight or did in self._dids:
+                it.next()
+                continue
+            value = it.value()
+            try:
+                kind = orjson.loads(value).get("kind", "repo")
+            except Exception:
+                kind = "repo"
+            if kind == "identity":
+                if ident_free > 0:
+                    ident_free -= 1
+                    self._launch(key, did, kind, value)
+            elif repo_free > 0:
+                repo_free -= 1
+                self._launch(key, did, "repo", value)
+            elif ident_free <= 0 or prio > 0:
+                break  # repo pool full and no identity rows can follow
+            it.next()
+
+    def _launch(self, key: bytes, did: str, kind: str, value: bytes) -> None:
+        with self._lock:
+            self._inflight[key] = [did, kind, value, None]
+            self._dids.add(did)
+            if kind == "identity":
+                self._ident_active += 1
+            else:
+                self._repo_active += 1
+                IN_FLIGHT.set(self._repo_active)
+        self.stats["started"] += 1
+        coro = self._identity(key, did) if kind == "identity" else self._repo(key, did)
+        asyncio.get_running_loop().create_task(coro)
+
+    async def _identity(self, key: bytes, did: str) -> None:
+        item: IdentityRefreshed
+        try:
+            d = self.directory
+            d.purge(did)
+            ident = await d.resolve(did)
+            item = IdentityRefreshed(did=did, fetch_key=key, identity=_resolved(ident))
+            FETCHES.labels("identity", "ok").inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            not_found = type(e).__name__ == "DidNotFound"
+            item = IdentityRefreshed(did=did, fetch_key=key, identity=None, error=f"failed to resolve DID: {e}",
+                                     not_found=not_found)
+            FETCHES.labels("identity", "not_found" if not_found else "failed").inc()
+        self.stats["identities"] += 1
+        self._out.append(item)
+        self._finish(key, repo=False)
+
+    def _fail(self, key: bytes, did: str, error: str, rate_limited: bool = False) -> None:
+        self.stats["rate_limited" if rate_limited else "failed"] += 1
+        FETCHES.labels("repo", "rate_limited" if rate_limited else "failed").inc()
+        _log.info("repo fetch failed", extra={"did": did, "error": error, "rate_limited": rate_limited})
+        self._out.append(FetchFailed(did=did, fetch_key=key, error=error, rate_limited=rate_limited))
+        self._finish(key, repo=True)
+
+    async def _repo(self, key: bytes, did: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            job = await self._fetch_repo(key, did)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug guard: the request must still be answered
+            _log.exception("repo fetch crashed", extra={"did": did})
+            self._fail(key, did, f"failed to get repo: {type(e).__name__}: {e}")
+            return
+        if job is not None:
+            FETCH_SECONDS.observe(time.perf_counter() - t0)
+            self._ready.append(job)
+
+    async def _fetch_repo(self, key: bytes, did: str) -> _Job | None:
+        from protocol.commit import BadSignature, CommitMismatch, verify_repo
+
+        d = self.directory
+        d.purge(did)
+        try:
+            ident = await d.resolve(did)
+        except Exception as e:
+            self._fail(key, did, f"failed to resolve DID: {e}")
+            return None
+        pds = (ident.pds_endpoint or "").rstrip("/")
+        if not pds:
+            self._fail(key, did, f"no PDS endpoint for DID: {did}")
+            return None
+        pubkey = ident.signing_key
+        if pubkey is None:
+            self._fail(key, did, f"failed to get public key: {getattr(ident, 'key_error', '') or 'no #atproto key'}")
+            return None
+        host = _host_of(pds)
+        until = self._backoff.get(host)
+        if until is not None:
+            if time.monotonic() < until:
+                self._fail(key, did, f"PDS {host} is rate limiting (backing off)", rate_limited=True)
+                return None
+            del self._backoff[host]
+        _log.info("fetching repo from PDS", extra={"did": did, "pds": pds})
+        try:
+            car = await http.get_bytes(pds + "/xrpc/com.atproto.sync.getRepo", {"did": did},
+                                       timeout=self.cfg.repo_fetch_timeout, max_bytes=self.cfg.max_car_size,
+                                       public_only=self.cfg.public_only)
+        except http.XrpcError as e:
+            if e.rate_limited:
+                self._backoff[host] = time.monotonic() + PDS_BACKOFF_S
+                self._fail(key, did, f"failed to get repo: {e}", rate_limited=True)
+            else:
+                self._fail(key, did, f"failed to get repo: {e}")
+            return None
+        except http.HttpError as e:
+            self._fail(key, did, f"failed to get repo: {e}")
+            return None
+        CAR_BYTES.inc(len(car))
+        allow_partial = not self.cfg.resync_deletes  # with deletes on, a hole would read as deletions
+
+        def verify() -> tuple[Any, float]:
+            t = time.perf_counter()
+            r = verify_repo(car, pubkey, did, allow_partial=allow_partial, max_car_size=self.cfg.max_car_size)
+            return r, time.perf_counter() - t
+
+        try:
+            repo, secs = await asyncio.get_running_loop().run_in_executor(self._verify_pool, verify)
+        except BadSignature as e:
+            self._fail(key, did, f"failed to verify signature: {e}")
+            return None
+        except CommitMismatch as e:
+            self._fail(key, did, f"failed to read repo from CAR: {e}")
+            return None
+        except Exception as e:
+            self._fail(key, did, f"failed to read repo from CAR: {e}")
+            return None
+        VERIFY_SECONDS.observe(secs)
+        self.verify_seconds.append(secs)
+        if len(self.verify_seconds) > 1000:
+            del self.verify_seconds[:500]
+        if getattr(repo, "missing_nodes", 0):
+            _log.warning("repo CAR lacks MST subtrees; their records are skipped",
+                         extra={"did": did, "missing_nodes": repo.missing_nodes})
+        return _Job(key=key, did=did, identity=_resolved(ident), rev=repo.rev,
+                    data_cid=cid_to_str(repo.data_cid), records=repo.records(), keep=self._keep, repo=repo)
+
+
+def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+# --- bytewax ----------------------------------------------------------------------------------
+
+class _BackfillPartition(StatefulSourcePartition):
+    def __init__(self, b: Backfiller, idle: float) -> None:
+        self._b = b
+        self._idle = timedelta(seconds=idle)
+        b.start()
+
+    def next_batch(self) -> Iterable:
+        if self._b.cfg.outbox_only:
+            return []
+        return self._b.poll()
+
+    def next_awake(self) -> datetime | None:
+        if self._b.has_output():
+            return None
+        return datetime.now(timezone.utc) + (timedelta(days=1) if self._b.cfg.outbox_only else self._idle)
+
+    def snapshot(self) -> None:
+        return None  # requests live in fetch_q
+
+    def close(self) -> None:
+        self._b.stop()
+
+
+class BackfillSource(FixedPartitionedSource):
+    """One partition answering ``fetch_q`` (see module doc)."""
+
+    def __init__(self, cfg: Config, db: Database | None = None, *, directory: Any = None,
+                 idle: float = 0.01, chunk_size: int = CHUNK_SIZE) -> None:
+        self.cfg = cfg
+        self._db = db
+        self._directory = directory
+        self._idle = idle
+        self._chunk = chunk_size
+
+    def list_parts(self) -> list[str]:
+        return ["backfill"]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _BackfillPartition:
+        b = Backfiller(self.cfg, self._db, directory=self._directory, chunk_size=self._chunk)
+        return _BackfillPartition(b, self._idle)
