@@ -343,6 +343,8 @@ def _fast_map(d: dict, depth: int, notes: list) -> dict:
         notes.append("key __proto__")
     for k, v in d.items():
         tv = type(v)
+        if tv is str:  # most values: nothing to do
+            continue
         if tv is dict:
             d[k] = _fast_map(v, depth + 1, notes)
         elif tv is list:
@@ -357,6 +359,8 @@ def _fast_list(lst: list, depth: int, notes: list) -> None:
         raise RecordError("record nested too deeply")
     for i, v in enumerate(lst):
         tv = type(v)
+        if tv is str:
+            continue
         if tv is dict:
             lst[i] = _fast_map(v, depth + 1, notes)
         elif tv is list:
@@ -393,7 +397,8 @@ def _fast(block: bytes, notes: list) -> dict:
     # The first byte tells a real map from a byte string or link that atjson mode turned into one.
     if type(obj) is not dict or not 0xA0 <= block[0] <= 0xBB:
         raise RecordError("top-level datum was not an object")
-    obj = _fast_map(obj, 0, notes)
+    if _fast_map(obj, 0, notes) is not obj:  # a top-level blob or legacy blob is not an object in Go
+        raise RecordError("top-level datum was not an object")
     if len(block) > MAX_KEY_LEN:
         _check_sizes(obj)
     return obj
@@ -862,24 +867,19 @@ def _blob_default(o: Any) -> Any:
     raise TypeError(f"unexpected {type(o).__name__} in record")
 
 
+_ESCAPE_CANDIDATES = b"<>&\xe2"  # 0xe2 leads the UTF-8 of U+2028/U+2029
+
+
 def _go_escapes(out: bytes) -> bytes:
     """orjson writes ``<>&`` and U+2028/9 raw; Go escapes them. Only string contents can hold them.
 
-    (``bytes.find`` rather than ``in``: on CPython 3.11 it is about twice as fast.)
+    One ``translate`` pass decides whether there is anything to do (cheaper here than
+    four ``find`` calls or a regex search).
     """
-    find = out.find
-    if find(b"<") >= 0:
-        out = out.replace(b"<", b"\\u003c")
-        find = out.find
-    if find(b">") >= 0:
-        out = out.replace(b">", b"\\u003e")
-        find = out.find
-    if find(b"&") >= 0:
-        out = out.replace(b"&", b"\\u0026")
-        find = out.find
-    if find(b"\xe2\x80") >= 0:
-        out = out.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
-    return out
+    if len(out.translate(None, _ESCAPE_CANDIDATES)) == len(out):
+        return out
+    out = out.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
+    return out.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
 
 
 def dumps_record(obj: dict) -> bytes:

@@ -410,6 +410,16 @@ def test_cbor_go_rejects(block: bytes) -> None:
     assert record_to_json_bytes(block) is None
 
 
+def test_top_level_blob_is_not_an_object() -> None:
+    """atdata's parseObject: a top-level map that parses to a blob or link is rejected."""
+    assert record_to_obj(_blob()) is None
+    assert record_to_obj(mp(("cid", tstr(RAW_CID_S)), ("mimeType", tstr("image/png")))) is None
+    assert record_to_obj(mp(("$link", tstr(RAW_CID_S)))) is None
+    assert record_to_obj(mp(("$bytes", tstr("AAEC")))) is None
+    with pytest.raises(RecordError):
+        atjson._fast(_blob(), [])
+
+
 def test_top_level_null_and_tag_on_map() -> None:
     assert record_to_obj(b"\xf6") == {}
     assert record_to_json_bytes(b"\xf6") == b"{}"
