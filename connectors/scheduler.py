@@ -1,0 +1,157 @@
+"""Per-repo delivery ordering: Tap's rules (spec/tap-behavior.md §6.3) as one small scheduler.
+
+The rules, for the events of one DID in id order:
+
+1. A **historical** event (backfill record, any identity event) may be sent once every earlier
+   **live** event of the DID has been taken. Historical events overlap freely.
+2. A **live** event (firehose record) may be sent only when every earlier event of the DID
+   has been taken, and while it is in flight nothing else of the DID is sent (a barrier).
+3. Dispatch is FIFO per DID: nothing overtakes an earlier event of the same DID, so a
+   historical event queued behind a waiting live event waits too.
+4. DIDs are independent of each other.
+
+Each DID is in one of four named states:
+
+``IDLE``        nothing queued, nothing in flight. Not stored at all: a DID that goes idle is
+                forgotten, so memory follows the DIDs with work, not every DID ever seen
+                (Tap keeps a worker per DID forever, §15.16).
+``HISTORICAL``  historical events in flight; further historical events go out at once.
+``DRAINING``    a live event is at the head of the queue, waiting for the historical events
+                in flight to be taken (rule 2); everything behind it waits (rule 3).
+``LIVE``        one live event in flight, alone (rule 2).
+
+Transitions happen in exactly two places: ``add`` (an event arrives) and ``taken`` (an event
+in flight was acked); both end by ``_pump``, which sends from the head of the DID's queue for
+as long as the rules allow. That one loop is what replaces the fast path / slow path / worker
+goroutine of Go's ``outbox.go`` and the two stalls fixed there (spec §14 tests 12 and 13).
+
+Example, README's ``H1 H2 L1 H3 H4 L2 H5``: H1, H2 go (HISTORICAL); L1 waits (DRAINING);
+H1, H2 taken -> L1 goes (LIVE); L1 taken -> H3, H4 go (HISTORICAL), L2 waits (DRAINING); H3, H4
+taken -> L2 goes (LIVE); L2 taken -> H5 goes (HISTORICAL); H5 taken -> IDLE (forgotten).
+
+The scheduler does no I/O and knows no clock: retries of events already in flight bypass it
+(the event is already allowed out), exactly as in Tap.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Callable, Iterator
+
+from store.outbox import OutboxEvent
+
+
+class DidState(enum.Enum):
+    IDLE = "idle"
+    HISTORICAL = "historical"
+    DRAINING = "draining"
+    LIVE = "live"
+
+
+class _Did:
+    """The work of one non-idle DID: its FIFO of waiting events and the keys in flight."""
+
+    __slots__ = ("state", "queue", "in_flight")
+
+    def __init__(self) -> None:
+        self.state = DidState.IDLE
+        self.queue: deque[OutboxEvent] = deque()
+        self.in_flight: set[bytes] = set()
+
+
+def _may_send(d: _Did, ev: OutboxEvent) -> bool:
+    """Rules 1 and 2 for the event at the head of the DID's queue."""
+    if d.state is DidState.IDLE:
+        return True  # nothing in flight: anything may go
+    if ev.live:
+        return False  # a live event waits for everything before it
+    return d.state is DidState.HISTORICAL  # historical overlaps historical, never a live event
+
+
+class Scheduler:
+    """Releases events to ``send`` in the order Tap's per-repo rules allow.
+
+    ``add(ev)`` every event of the target, per DID in id order; call ``taken(ev)`` once the
+    target's consumer took an event that was sent (or that is still waiting: it is dropped).
+    ``send`` is called synchronously from ``add``/``taken``, after the state change, and must
+    not block.
+    """
+
+    def __init__(self, send: Callable[[OutboxEvent], None]) -> None:
+        self._send = send
+        self._dids: dict[str, _Did] = {}
+
+    # --- the two transitions ------------------------------------------------------------
+
+    def add(self, ev: OutboxEvent) -> None:
+        """A new event of ``ev.did`` (ids of one DID must arrive in increasing order)."""
+        d = self._dids.get(ev.did)
+        if d is None:
+            d = self._dids[ev.did] = _Did()
+        d.queue.append(ev)
+        self._pump(ev.did, d)
+
+    def taken(self, ev: OutboxEvent) -> bool:
+        """``ev`` was taken by the consumer. False if it was neither in flight nor waiting."""
+        d = self._dids.get(ev.did)
+        if d is None:
+            return False
+        if ev.key in d.in_flight:
+            d.in_flight.discard(ev.key)
+            if not d.in_flight:
+                d.state = DidState.IDLE
+        else:
+            # Taken before it was sent (an ack naming an event we still hold back, e.g. one the
+            # consumer saw before a restart): it will not be sent; the rest moves on.
+            try:
+                d.queue.remove(ev)
+            except ValueError:
+                return False
+            if d.state is DidState.DRAINING:
+                d.state = DidState.HISTORICAL  # the head may no longer be live; _pump decides again
+        self._pump(ev.did, d)
+        return True
+
+    def _pump(self, did: str, d: _Did) -> None:
+        """Send from the head of the DID's queue while the rules allow (rule 3: FIFO)."""
+        out: list[OutboxEvent] = []
+        q = d.queue
+        while q:
+            ev = q[0]
+            if not _may_send(d, ev):
+                if ev.live:
+                    d.state = DidState.DRAINING
+                break
+            q.popleft()
+            d.in_flight.add(ev.key)
+            out.append(ev)
+            if ev.live:
+                d.state = DidState.LIVE
+                break
+            d.state = DidState.HISTORICAL
+        if not q and not d.in_flight:
+            del self._dids[did]  # IDLE: keep nothing
+        for ev in out:
+            self._send(ev)
+
+    # --- inspection (tests, metrics) -------------------------------------------------------
+
+    def state(self, did: str) -> DidState:
+        d = self._dids.get(did)
+        return d.state if d is not None else DidState.IDLE
+
+    def waiting(self, did: str) -> int:
+        d = self._dids.get(did)
+        return len(d.queue) if d is not None else 0
+
+    def in_flight(self, did: str) -> int:
+        d = self._dids.get(did)
+        return len(d.in_flight) if d is not None else 0
+
+    def __len__(self) -> int:
+        """DIDs with work (idle DIDs are not stored)."""
+        return len(self._dids)
+
+    def busy_dids(self) -> Iterator[str]:
+        return iter(self._dids)
