@@ -152,6 +152,7 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
 
     Raises a ``CarError`` subclass on anything wrong; never returns a partially
     verified CAR. Duplicate blocks (same CID) are kept once: same CID, same bytes.
+    A zero-length section ends the CAR, as it does for go-car (Tap's reader).
     """
     end = len(data)
     if end > max_size:
@@ -185,6 +186,9 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
             pos += 2
         else:
             slen, pos = _read_varint(data, pos, end)
+        if slen == 0:
+            # go-car reads an empty section as io.EOF, so Go stops there and ignores the rest.
+            break
         if slen > MAX_SECTION_SIZE:
             raise CarTooLarge(f"CAR section of {slen} bytes")
         send = pos + slen

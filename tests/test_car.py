@@ -310,8 +310,13 @@ def test_section_too_short_for_a_cid() -> None:
     car, *_ = _small_car()
     with pytest.raises(CarBadCID):
         read_car(car + b"\x05\x01\x71\x12\x20\x00")
-    with pytest.raises(CarBadCID):
-        read_car(car + b"\x00")
+
+
+def test_zero_length_section_ends_the_car_like_go_car() -> None:
+    """go-car's CidFromReader returns io.EOF on an empty section, and Tap's loop stops there."""
+    car, root_cid, rec_cid, rec = _small_car()
+    parsed = read_car(car + b"\x00" + b"anything after is ignored \xff\xff")
+    assert set(parsed.blocks) == {root_cid, rec_cid}
 
 
 def test_too_large() -> None:
