@@ -445,6 +445,8 @@ class RepoLogic:
                 except StoreError:
                     raise
                 except Exception as e:  # a bug or input we did not foresee: never half-apply
+                    if type(e) is Exception:  # rocksdict reports RocksDB failures as bare Exception
+                        raise StoreError(f"RocksDB read failed in {self.db.path}: {e}") from e
                     b.rollback(mark)
                     log.exception("item failed; rolled back", extra={"did": did, "source": source})
                     r = Rejected(did, source, "internal_error", f"{type(e).__name__}: {e}")

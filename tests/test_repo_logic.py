@@ -1126,3 +1126,16 @@ def test_random_histories_keep_invariants_and_events_rebuild_the_repo(tmp_path, 
     _check_invariants(env, dids)
     stats = env.logic.stats
     assert stats["commit_applied"] and stats["desynchronized"] and stats["commit_buffered"], stats
+
+
+def test_rocksdb_read_failure_is_a_store_error_not_a_rejection(env, monkeypatch):
+    env.active_repo(D)
+
+    class Broken:
+        def get(self, key):
+            raise Exception("IO error: read failed")  # what rocksdict raises
+
+    real_cf = env.db.cf
+    monkeypatch.setattr(env.db, "cf", lambda name: Broken() if name == "repos" else real_cf(name))
+    with pytest.raises(StoreError):
+        env.process(account(False, "deactivated"))
