@@ -93,11 +93,17 @@ IN_FLIGHT = Gauge("tapflow_backfill_in_flight", "repo fetches in flight", multip
 
 
 def _record_json_fallback() -> Callable[[bytes], bytes | None]:
+    try:  # Go Tap's bytes, or None where Go (or the official client) would fail on the record
+        from protocol.atjson import event_record_json
+
+        return event_record_json
+    except ImportError:
+        pass
     try:
-        from protocol.atjson import record_to_json_bytes  # type: ignore[attr-defined]
+        from protocol.atjson import record_to_json_bytes
 
         return record_to_json_bytes
-    except ImportError:  # until protocol/atjson lands: same data model, sorted keys
+    except ImportError:  # without protocol.atjson: same data model, sorted keys
         from protocol.cbor import CBORError, decode_atjson
 
         def conv(block: bytes) -> bytes | None:

@@ -630,3 +630,56 @@ def test_big_real_repo_costs(pds, tmp_path):
           f"chunking {convert * 1e3:.1f} ms ({convert / n * 1e6:.1f} us/record) in {len(busy)} polls, "
           f"longest poll {busy[-1] * 1e3:.1f} ms")
     assert busy[-1] < 0.1
+
+
+def test_public_only_refuses_loopback_pds(tmp_path, pds_loop):
+    """TAP_PUBLIC_ONLY: a PDS endpoint (from a DID document) on a loopback address is refused."""
+    env = Env(tmp_path, pds_loop, public_only=True)
+    did = "did:plc:private"
+    env.account(did, {})
+    env.dir.idents["did:plc:localhost"] = replace(env.dir.idents[did], pds_endpoint=f"http://localhost:{pds_loop.port}")
+    env.request(did)
+    env.request("did:plc:localhost")
+    b = env.backfiller()
+    b.start()
+    try:
+        out = collect(b, lambda o: len(o) >= 2)
+    finally:
+        b.stop()
+    for f in out:
+        assert isinstance(f, FetchFailed) and "non-public" in f.error, f.error
+    assert pds_loop.requests == []
+
+
+def test_http_helper_follows_redirects_and_reports_timeouts(pds_loop):
+    from connectors import http
+
+    async def main():
+        app = web.Application()
+
+        async def hop(req):
+            raise web.HTTPFound(f"/xrpc/com.atproto.sync.getRepo?did={req.query['did']}")
+
+        async def slow(req):
+            await asyncio.sleep(2)
+            return web.Response(text="late")
+
+        app.router.add_get("/hop", hop)
+        app.router.add_get("/slow", slow)
+        app.router.add_get("/xrpc/com.atproto.sync.getRepo", pds_loop.get_repo)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            pds_loop.cars["did:plc:r"] = b"CARBYTES"
+            body = await http.get_bytes(f"http://127.0.0.1:{port}/hop", {"did": "did:plc:r"}, timeout=5, max_bytes=100)
+            assert body == b"CARBYTES"
+            with pytest.raises(http.HttpError, match="timed out"):
+                await http.get_bytes(f"http://127.0.0.1:{port}/slow", timeout=0.3, max_bytes=100)
+        finally:
+            await http.close_sessions()
+            await runner.cleanup()
+
+    asyncio.run(main())
