@@ -18,9 +18,14 @@ Use directly (tests, tools)::
 or from bytewax 0.21: ``op.stateful_batch("repo_logic", keyed, repo_logic_builder(cfg))``
 (the stream is keyed by ``str(shard_of(did))``; bytewax passes no key, each item carries
 its DID). What flows out is only ``Rejected`` items: bad input never raises out of
-``process()``; it is counted and logged downstream. A RocksDB write failure (``StoreError``)
-does raise: without durability the flow must stop, and everything it was processing is
-still in the durable queues it came from.
+``process()``; it is counted and logged downstream. A RocksDB read or write failure
+(``StoreError``) does raise: without durability the flow must stop, and everything it was
+processing is still in the durable queues it came from.
+
+Per-shard counters ``count/<name>/<shard>`` (u64 BE, ``store.layout.pack_u64``) for
+``repos``, ``records``, ``resync_buf`` and ``outbox`` (events added) are updated in the same
+WriteBatch. ``FETCH_WAKEUP`` / ``OUTBOX_WAKEUP`` (``threading.Event``) are set after a batch
+that queued a fetch / wrote events, for in-process waiters.
 
 Within one ``process()`` call an overlay holds every state, record, buffer and queue row the
 batch touched, so several items of one DID in one batch see each other's effects. Each item
@@ -45,7 +50,9 @@ State machine (tapflow decisions, where Tap differs or is silent):
   ``resyncing`` repos BUFFER verified commits (Tap buffers only in ``resyncing``; a snapshot
   taken before a commit ignored meanwhile would lose that commit until the next prevData
   mismatch). A commit whose prevData mismatches marks the repo desynchronized AND is
-  buffered. Buffering needs a signing key; at most ``max_buffered`` rows per repo.
+  buffered. A repo that was never synced has no signing key and ignores commits like a
+  pending one; at most ``max_buffered`` rows per repo. Replays (rev at or below the stored
+  rev, or the newest buffered rev) are skipped before verification.
 - Commit verification failure: Tap drops the commit and keeps the state. tapflow rejects it
   (counted, logged) and, for an ``active`` repo, marks it ``desynchronized``: the resync
   re-resolves the identity, which heals key rotations without a preceding ``#identity``
