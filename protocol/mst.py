@@ -191,6 +191,10 @@ class Node:
         self.stale = stale  # indices into subs whose link differs from ents/lcid/block
         self.canonical = canonical  # False when the decoded block's prefix compression was not maximal
 
+    def full(self) -> "Node":
+        """This node with ``keys``/``vals``/``subs`` (always filled in; kept for API stability)."""
+        return self
+
     def is_empty(self) -> bool:
         return not self.keys and self.subs[0] is None
 
