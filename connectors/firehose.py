@@ -120,42 +120,48 @@ def decode_frame(data: bytes) -> Frame:
         parts = decode_multi(data)
     except CBORError as e:
         return _reject("", "bad_cbor", message=str(e))
-    if len(parts) != 2 or not isinstance(parts[0], dict) or not isinstance(parts[1], dict):
+    if len(parts) != 2 or type(parts[0]) is not dict or type(parts[1]) is not dict:
         return _reject("", "bad_frame_shape", message=f"{len(parts)} objects")
     header, body = parts
     op = header.get("op")
-    if op == -1:
-        name = body.get("error")
-        msg = body.get("message")
-        return Frame("error", "error", None, None, name if isinstance(name, str) else "",
-                     msg if isinstance(msg, str) else "")
     if op != 1:
+        if op == -1:
+            name = body.get("error")
+            msg = body.get("message")
+            return Frame("error", "error", None, None, name if isinstance(name, str) else "",
+                         msg if isinstance(msg, str) else "")
         return _reject("", "bad_op", message=repr(op)[:50])
     t = header.get("t")
-    if not isinstance(t, str):
-        return _reject("", "bad_type", message=repr(t)[:50])
-    if t == "#info":
-        name = body.get("name")
-        msg = body.get("message")
-        return Frame("info", t, None, None, name if isinstance(name, str) else "", msg if isinstance(msg, str) else "")
-    if t not in ("#commit", "#sync", "#identity", "#account"):
-        seq = body.get("seq")
-        return Frame("skip", t, seq if _is_int(seq) and seq >= 0 else None)
     seq = body.get("seq")
-    if not _is_int(seq) or seq < 0:
-        return _reject(t, "bad_seq", did=body.get("repo") or body.get("did") or "")
+    # hot path first: one type() test per field (bool is not int for type())
     if t == "#commit":
-        did = _did(body.get("repo"))
-        if did is None:
-            return _reject(t, "bad_did", seq, body.get("repo"))
-        if not isinstance(body.get("rev"), str):
+        if type(seq) is not int or seq < 0:
+            return _reject(t, "bad_seq", did=body.get("repo") or "")
+        did = body.get("repo")
+        if type(did) is not str or not did.startswith("did:") or len(did) > _MAX_DID:
+            return _reject(t, "bad_did", seq, did)
+        if type(body.get("rev")) is not str:
             return _reject(t, "bad_rev", seq, did)
-        if not isinstance(body.get("blocks"), bytes):
+        if type(body.get("blocks")) is not bytes:
             return _reject(t, "bad_blocks", seq, did)
         ops = body.get("ops")
-        if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
+        if type(ops) is not list:
             return _reject(t, "bad_ops", seq, did)
-        return Frame("event", t, seq, FirehoseCommit(seq=seq, did=did, body=body), did=did)
+        for o in ops:
+            if type(o) is not dict:
+                return _reject(t, "bad_ops", seq, did)
+        return Frame("event", t, seq, FirehoseCommit(seq, did, body), "", "", did)
+    if t not in _OTHER_EVENTS:
+        if t == "#info":
+            name = body.get("name")
+            msg = body.get("message")
+            return Frame("info", t, None, None, name if isinstance(name, str) else "",
+                         msg if isinstance(msg, str) else "")
+        if not isinstance(t, str):
+            return _reject("", "bad_type", message=repr(t)[:50])
+        return Frame("skip", t, seq if type(seq) is int and seq >= 0 else None)
+    if type(seq) is not int or seq < 0:
+        return _reject(t, "bad_seq", did=body.get("did") or "")
     did = _did(body.get("did"))
     if did is None:
         return _reject(t, "bad_did", seq, body.get("did"))
@@ -178,6 +184,10 @@ def decode_frame(data: bytes) -> Frame:
     if status is not None and not isinstance(status, str):
         return _reject(t, "bad_status", seq, did)
     return Frame("event", t, seq, FirehoseAccount(seq=seq, did=did, active=active, status=status), did=did)
+
+
+_OTHER_EVENTS = frozenset(("#sync", "#identity", "#account"))
+_KNOWN_TYPES = frozenset(("#commit", "#sync", "#identity", "#account", "#info", "#labels", "error", ""))
 
 
 def dial_backoff(failures: int) -> float:
@@ -218,6 +228,7 @@ class FirehoseClient:
                                       "rejected": 0, "error_frames": 0, "info": 0, "skipped": 0}
         self.last_error: tuple[str, str] | None = None
         self.cursor_used: list[int] = []  # cursor of every dial (tests)
+        self._frame_ctr: dict[str, Any] = {}  # frame type -> its Prometheus child (labels() is not free)
 
     # --- cursor ----------------------------------------------------------------------
 
@@ -390,7 +401,13 @@ class FirehoseClient:
 
     def _handle(self, f: Frame, q: deque) -> bool:
         """Queue or log one frame; True when the connection should be dropped (error frame)."""
-        FRAMES.labels(f.type.lstrip("#") or "invalid").inc()
+        ctr = self._frame_ctr.get(f.type)
+        if ctr is None:
+            name = f.type.lstrip("#") or "invalid"
+            ctr = FRAMES.labels(name if f.type in _KNOWN_TYPES else "other")
+            if len(self._frame_ctr) < 64:
+                self._frame_ctr[f.type] = ctr
+        ctr.inc()
         kind = f.kind
         if kind == "event":
             EVENTS_RECEIVED.inc()
@@ -413,7 +430,7 @@ class FirehoseClient:
             self.stats["info"] += 1
             _log.warning("firehose info", extra={"url": self.url, "info": f.name, "detail": f.message})
         elif kind == "error":
-            ERROR_FRAMES.labels(f.name or "unknown").inc()
+            ERROR_FRAMES.labels(f.name if f.name in ("FutureCursor", "ConsumerTooSlow") else "other").inc()
             self.stats["error_frames"] += 1
             self.last_error = (f.name, f.message)
             _log.error("firehose error frame", extra={"url": self.url, "error": f.name, "detail": f.message})
