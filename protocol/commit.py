@@ -250,22 +250,40 @@ class VerifiedRepo:
 
     def records(self) -> Iterator[RepoRecord]:
         blocks = self.blocks
-        split = _split_key
+        ok_coll = _COLLECTION_OK
+        new = tuple.__new__
         for key, cid in self.entries:
-            parts = split(key)
-            if parts is None:
-                self.invalid_paths += 1
-                continue
-            block = blocks.get(cid)
-            if block is None:
-                self.missing_blocks += 1
-            yield RepoRecord(parts[0], parts[1], cid, block)
+            # inlined _split_key: this loop runs once per record of every backfill
+            try:
+                coll, sep, rkey = key.decode("ascii").partition("/")
+            except UnicodeDecodeError:
+                sep = ""
+            if sep:
+                ok = ok_coll.get(coll)
+                if ok is None:
+                    ok = _collection_ok(coll)
+                if ok and 0 < len(rkey) <= 512 and not rkey.strip(_RKEY_CHARS) and rkey != "." and rkey != "..":
+                    block = blocks.get(cid)
+                    if block is None:
+                        self.missing_blocks += 1
+                    yield new(RepoRecord, (coll, rkey, cid, block))
+                    continue
+            self.invalid_paths += 1
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 _COLLECTION_OK: dict[str, bool] = {}
+# record key characters (syntax.is_valid_record_key's regex as a set, for a C-speed strip test)
+_RKEY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_~.:-"
+
+
+def _collection_ok(coll: str) -> bool:
+    ok = syntax.is_valid_nsid(coll)
+    if len(_COLLECTION_OK) < 10000:  # collections are few; bound the cache anyway
+        _COLLECTION_OK[coll] = ok
+    return ok
 
 
 def _split_key(key: bytes) -> tuple[str, str] | None:
@@ -279,10 +297,8 @@ def _split_key(key: bytes) -> tuple[str, str] | None:
         return None
     ok = _COLLECTION_OK.get(coll)
     if ok is None:
-        ok = syntax.is_valid_nsid(coll)
-        if len(_COLLECTION_OK) < 10000:  # collections are few; bound the cache anyway
-            _COLLECTION_OK[coll] = ok
-    if not ok or not syntax.is_valid_record_key(rkey):
+        ok = _collection_ok(coll)
+    if not ok or not (0 < len(rkey) <= 512) or rkey.strip(_RKEY_CHARS) or rkey == "." or rkey == "..":
         return None
     return coll, rkey
 

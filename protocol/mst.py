@@ -891,6 +891,9 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
                         raise MSTPartialError(f"MST node {_cid_str(sub)} missing")
                     state[0] += 1
                     sub = None
+                elif height == 1:  # most nodes: decode and check a leaf in one pass
+                    _verify_leaf_block(sub, block, out, state)
+                    sub = None
                 else:
                     sub = _decode_node(sub, block, height - 1)
             if sub is not None:
@@ -906,6 +909,56 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
                 raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
             state[1] = k
             out.append((k, v))
+
+
+def _verify_leaf_block(cid: bytes, block: bytes, out: list, state: list) -> None:
+    """``_decode_node`` + ``_verify_node`` for a layer-0 node, fused (the bulk of a full-repo check)."""
+    try:
+        d = libipld.decode_dag_cbor(block)
+    except Exception as e:
+        raise MSTBadNode(f"MST node {_cid_str(cid)} is not DAG-CBOR: {e}") from None
+    try:
+        ents = d["e"]
+        if type(ents) is not list:
+            raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
+        if not ents:
+            raise MSTEmptyNodeError(f"empty MST node {_cid_str(cid)}")
+        if d.get("l") is not None:
+            raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
+        last = state[1]
+        prev = b""
+        sha = _sha256_small
+        pc = _CBOR_PREFIX
+        pr = _RAW_PREFIX
+        for e in ents:
+            k = e["k"]
+            p = e["p"]
+            v = e["v"]
+            if type(k) is not bytes or type(p) is not int:
+                raise MSTBadNode(f"MST node {_cid_str(cid)}: entry key or prefix of the wrong type")
+            if p:
+                if p > len(prev) or p < 0:
+                    raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
+                if p < len(prev) and k and prev[p] == k[0]:
+                    raise MSTPrefixError(f"MST node {_cid_str(cid)} has non-maximal prefix compression")
+                key = prev[:p] + k
+            else:
+                if prev and k and prev[0] == k[0]:
+                    raise MSTPrefixError(f"MST node {_cid_str(cid)} has non-maximal prefix compression")
+                key = k
+            if e.get("t") is not None:
+                raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
+            if key <= last:
+                raise MSTOrderError(f"MST key {key!r:.80} out of order (after {last!r:.80})")
+            if sha(key).digest()[0] < 64:
+                raise MSTHeightError(f"MST key {key!r:.80} (height {key_height(key)}) on layer 0")
+            if type(v) is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
+                raise MSTBadNode(f"MST value for {key!r:.80} is not a CID")
+            out.append((key, v))
+            prev = last = key
+    except (KeyError, TypeError, AttributeError):
+        raise MSTBadNode(f"MST node {_cid_str(cid)} is not a node map with well-formed entries") from None
+    state[1] = last
 
 
 # ----------------------------------------------------------------------------- inversion

@@ -291,6 +291,35 @@ def test_non_maximal_prefix_compression():
     assert t2.root_cid() == tree_of([a, b, c]).root_cid()
 
 
+def test_leaf_errors_below_the_root():
+    """Leaves under the root are checked by the fused decode+verify pass: same error types."""
+    a, b = _layer0("app.bsky.feed.post/", 2)
+    top = next(k for k in (f"app.bsky.graph.follow/{i}".encode() for i in range(10000)) if key_height(k) == 1)
+    cases = [
+        (node_block([(a, CID1, None), (b, CID1, None)], prefixes=[0, 3]), MSTPrefixError),
+        (node_block([(b, CID1, None), (a, CID1, None)], prefixes=[0, common_prefix_len(a, b)]), MSTOrderError),
+        (node_block([(a, CID1, CID1)]), MSTHeightError),  # a subtree under layer 0
+        (node_block([(a, CID1, None)], left=CID1), MSTHeightError),
+        (node_block([(a, CID1, None), (top, CID1, None)]), MSTHeightError),
+        (node_block([]), MSTEmptyNodeError),
+        (cbor.encode({"e": [{"k": a, "p": 0, "t": None, "v": b"nope"}], "l": None}), MSTBadNode),
+        (cbor.encode({"e": [{"k": a, "p": 99, "t": None, "v": cbrrr.CID(CID1)}], "l": None}), MSTBadNode),
+        (cbor.encode({"e": [{"k": "str", "p": 0, "t": None, "v": cbrrr.CID(CID1)}], "l": None}), MSTBadNode),
+        (cbor.encode({"e": "x", "l": None}), MSTBadNode),
+        (b"\xff", MSTBadNode),
+    ]
+    for leaf_block, err in cases:
+        s: dict = {}
+        leaf = put(s, leaf_block)
+        root = put(s, node_block([(top, CID1, None)], left=leaf))
+        with pytest.raises(err):
+            MST.load(s, root).verify()
+    s = {}
+    leaf = put(s, node_block([(a, CID1, None), (b, CID1, None)]))
+    root = put(s, node_block([(top, CID1, None)], left=leaf))
+    assert MST.load(s, root).verify() == [(a, CID1), (b, CID1), (top, CID1)]
+
+
 def test_prefix_beyond_previous_key():
     s: dict = {}
     root = put(s, node_block([(K["A0"], CID1, None), (K["C0"], CID1, None)], prefixes=[0, 40]))
