@@ -657,15 +657,21 @@ def test_client_rejects(obj) -> None:
         one(_blob(mime=tstr("jpeg"))),
         one(_blob(size=uint(2**53))),
         mp(T, ("__proto__", uint(1))),
-        one(link(b"\x01" + b"\xff" * 7 + b"\x7f" + b"\x12\x20" + bytes(32))),  # codec varint >= 2^49
+        one(link(b"\x01\x55\x12\xdc\x0b" + bytes(1500))),  # 1500-byte digest: a $link string over 2048 chars
     ],
-    ids=["int", "negint", "dagcbor-ref", "mime", "size", "proto", "wide-codec"],
+    ids=["int", "negint", "dagcbor-ref", "mime", "size", "proto", "long-link"],
 )
 def test_go_sends_but_client_would_reject(block: bytes) -> None:
     assert record_to_json_bytes(block) is not None  # Go sends it...
     assert event_record_json(block) is None  # ...we leave the record out instead of poisoning the client
     assert event_record_json(block, client_safe=False) == record_to_json_bytes(block)
     assert not is_client_safe(record_to_obj(block))
+
+
+def test_wide_varints_in_cids_are_fine_for_both() -> None:
+    """go-cid takes 9-byte varints; so does the client's multiformats (checked against 0.3.12)."""
+    block = one(link(b"\x01" + b"\xff" * 8 + b"\x01" + b"\x12\x20" + bytes(32)))
+    assert event_record_json(block) == record_to_json_bytes(block) is not None
 
 
 def test_dumps_record_matches_record_to_json_bytes() -> None:
@@ -732,3 +738,91 @@ def test_random_bytes_never_crash(data: bytes) -> None:
         assert (out is None) == (res is None)
         if out is not None:
             json.loads(out)
+
+
+# --- cross-check against the real official client, when the harness has installed it ---------
+
+_PROBE = """
+import { createInterface } from 'node:readline'
+import { lexParse } from '@atproto/lex'
+import { parseTapEvent } from '@atproto/tap'
+const head = '{"id":1,"type":"record","record":{"live":true,"did":"did:plc:ewvi7nxzyoun6zhxrhs64oiz",' +
+  '"rev":"3lbgkl2zuqs2a","collection":"app.bsky.feed.post","rkey":"3lbgkl2zuqs2a","action":"create",' +
+  '"cid":"bafyreibyxjqwqfygc5yqlvbgygeqwcb3drstfyatkora4voxoxt7brxdyy","record":'
+for await (const line of createInterface({ input: process.stdin })) {
+  try { parseTapEvent(lexParse(head + line + '}}', { strict: true })); console.log('1') }
+  catch (e) { console.log('0') }
+}
+"""
+
+
+def _generated_records(n: int) -> list[bytes]:
+    import random
+
+    rnd = random.Random(7)
+    cids = [RAW_CID, CBOR_CID, b"\x12\x20" + bytes(32), b"\x01\x70\x12\x20" + bytes(32),
+            b"\x01\x55\xa0\xe4\x02\x20" + bytes(32), b"\x01" + b"\xff" * 8 + b"\x01\x12\x20" + bytes(32)]
+    ints = [0, -1, 2**53 - 1, 2**53, -(2**53 - 1), -(2**53), 2**63 - 1, 2**64 - 1, 2**63, -(2**63)]
+
+    def scalar():
+        r = rnd.random()
+        if r < 0.15:
+            return rnd.choice(ints)
+        if r < 0.3:
+            return rnd.choice(["", "<&>", "\u2028", "é"])
+        if r < 0.4:
+            return rnd.choice([None, True, False])
+        if r < 0.55:
+            return cbrrr.CID(rnd.choice(cids))
+        if r < 0.65:
+            return bytes(rnd.randrange(4))
+        if r < 0.85:
+            return {"$type": "blob", "ref": cbrrr.CID(rnd.choice(cids)), "mimeType": rnd.choice(["image/png", "png"]),
+                    "size": rnd.choice([0, 5, -1, 2**53])}
+        return {"cid": rnd.choice([RAW_CID_S, "zzz"]), "mimeType": "image/png"}
+
+    def value(d):
+        r = rnd.random()
+        if d > 3 or r < 0.5:
+            return scalar()
+        if r < 0.7:
+            return [value(d + 1) for _ in range(rnd.randrange(3))]
+        return {rnd.choice(["a", "$type", "__proto__", "cid", "mimeType"]): value(d + 1) for _ in range(rnd.randrange(3))}
+
+    out = []
+    for _ in range(n):
+        rec = {k: value(0) for k in rnd.sample(["a", "b", "__proto__", "$type"], rnd.randrange(1, 4))}
+        if "$type" in rec and rnd.random() < 0.7:
+            rec["$type"] = "app.bsky.feed.post"
+        try:
+            out.append(cbrrr.encode_dag_cbor(rec))
+        except Exception:
+            pass
+    return out
+
+
+def test_client_verdicts_match_the_official_client(tmp_path) -> None:
+    """validate_outgoing_record vs the installed @atproto/tap 0.3.12 parsing our exact bytes."""
+    import os
+    import subprocess
+
+    from tests.e2e_support import HARNESS_HOME, node_bin
+
+    modules = HARNESS_HOME / "client" / "node_modules"
+    if not (modules / "@atproto" / "tap").exists():
+        pytest.skip("official client not installed (run shared/harness/client/setup.sh)")
+    os.symlink(modules, tmp_path / "node_modules")
+    (tmp_path / "probe.mjs").write_text(_PROBE)
+    lines, ours = [], []
+    for block in _generated_records(600) + REAL_BLOCKS[::5]:
+        out = record_to_json_bytes(block)
+        if out is not None:
+            lines.append(out.decode())
+            ours.append(is_client_safe(record_to_obj(block)))
+    res = subprocess.run([node_bin(), str(tmp_path / "probe.mjs")], input="\n".join(lines) + "\n",
+                         capture_output=True, text=True, timeout=120, check=True)
+    theirs = [x == "1" for x in res.stdout.split()]
+    assert len(theirs) == len(ours)
+    bad = [lines[i][:200] for i in range(len(ours)) if ours[i] != theirs[i]]
+    assert not bad, bad[:5]
+    assert 0 < sum(theirs) < len(theirs)  # both verdicts exercised
