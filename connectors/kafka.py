@@ -94,6 +94,7 @@ PRODUCER_DEFAULTS: dict[str, object] = {
     "queue.buffering.max.messages": 200000,
     "queue.buffering.max.kbytes": 262144,
     "partitioner": "murmur2_random",    # Java clients' partitioner: key -> partition is stable and shared
+    "statistics.interval.ms": 5000,     # broker states for the stall watchdog
 }
 PERMANENT_HINT = {
     KafkaError.MSG_SIZE_TOO_LARGE: "raise the broker's/topic's max.message.bytes or TAP_KAFKA_MESSAGE_MAX_BYTES",
@@ -374,7 +375,7 @@ class KafkaTarget:
     def __init__(self, cfg: Config, on_taken: Callable[[bytes], None], *,
                  producer_overrides: Mapping[str, object] | None = None,
                  create_topics: bool = True, setup_timeout: float = 15.0,
-                 poll_interval: float = 0.002, stop_timeout: float = 10.0):
+                 poll_interval: float = 0.002, stop_timeout: float = 10.0, stall_timeout: float = 60.0):
         if not cfg.kafka_bootstrap:
             raise KafkaSetupError("TAP_KAFKA_BOOTSTRAP is empty")
         self.cfg = cfg
@@ -386,6 +387,11 @@ class KafkaTarget:
         self._setup_timeout = setup_timeout
         self._poll_interval = poll_interval
         self._stop_timeout = stop_timeout
+        self._stall_timeout = stall_timeout
+        self._last_progress = time.monotonic()
+        self._progress_mark = 0
+        self._connected_since: float | None = None  # statistics say a broker is UP, continuously since
+        self._epochs = 0                    # idempotent producer epoch bumps (statistics)
         self._producer: Producer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -443,6 +449,7 @@ class KafkaTarget:
                     pass
         self._tick()
         self._gen += 1
+        self._running = False
         for pend in self._unacked.values():
             pend.dead = True
         box, self._producer = [self._producer], None
@@ -471,6 +478,8 @@ class KafkaTarget:
             self._wake.set()
             return
         pend = _Pending(self, ev, msgs, n, n - 1 if msgs[0][0] is self.events_topic else n)
+        if not self._unacked:
+            self._last_progress = time.monotonic()
         self._unacked[key] = pend
         if self._backlog or self._resetting:
             self._backlog.append(pend)
@@ -564,6 +573,7 @@ class KafkaTarget:
             self._start_reset(f"fatal producer error: {err}")
             return
         if code == KafkaError._ALL_BROKERS_DOWN:
+            self._connected_since = None
             if self._broker_up:
                 log.warning("Kafka: all brokers down (%s); waiting, nothing is taken meanwhile", err)
             self._broker_up = False
@@ -607,6 +617,7 @@ class KafkaTarget:
                     break
                 bl.popleft()
         if self._taken:
+            self._last_progress = time.monotonic()
             taken, self._taken = self._taken, []
             self.taken += len(taken)
             cb = self.on_taken
@@ -615,7 +626,41 @@ class KafkaTarget:
                     cb(k)
                 except Exception:
                     log.exception("on_taken callback failed for %r", k)
+        elif not self._unacked:
+            self._last_progress = time.monotonic()
+        elif (self._stall_timeout and not self._resetting and self._running
+              and time.monotonic() - self._last_progress > self._stall_timeout):
+            self._check_stall()
         self._push_metrics()
+
+    def _check_stall(self) -> None:
+        """No ack for stall_timeout s while events wait. If a broker was connected all that
+        time, the producer is stuck (e.g. the cluster was replaced and no longer knows our
+        producer id: librdkafka then bumps its epoch forever without reporting an error):
+        start over with a new producer. While no broker is connected, keep waiting."""
+        since = self._connected_since
+        if since is None:
+            return
+        now = time.monotonic()
+        if now - max(since, self._last_progress) > self._stall_timeout:
+            self._start_reset(f"no broker ack for {now - self._last_progress:.0f}s while connected "
+                              f"({self._epochs} producer epoch bumps)")
+
+    def _stats_cb(self, gen: int, text: str) -> None:
+        if gen != self._gen:
+            return
+        try:
+            st = orjson.loads(text)
+            up = any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in st.get("brokers", {}).values())
+            self._epochs = int((st.get("eos") or {}).get("epoch_cnt", 0))
+            if not up:
+                self._connected_since = None
+            elif self._connected_since is None:
+                self._connected_since = time.monotonic()
+                if not self._broker_up and not self._unacked:
+                    self._broker_up = True
+        except Exception as e:  # statistics are advisory
+            log.debug("Kafka statistics not understood: %r", e)
 
     def _retry_due(self, p: Producer) -> None:
         now = time.monotonic()
@@ -649,9 +694,12 @@ class KafkaTarget:
     # -- producer reset --
 
     def _new_producer(self) -> Producer:
+        self._connected_since = None
         conf = dict(self._conf)
         conf["error_cb"] = partial(self._error_cb, self._gen)
-        conf["logger"] = logging.getLogger("tapflow.kafka.librdkafka")
+        conf["logger"] = _RdLog()
+        if conf.get("statistics.interval.ms"):
+            conf["stats_cb"] = partial(self._stats_cb, self._gen)
         try:
             return Producer(conf)
         except KafkaException as e:
@@ -705,6 +753,27 @@ class KafkaTarget:
         return KafkaStats(dict(zip(t, self._produced)), dict(zip(t, self._acked)), dict(zip(t, self._failed)),
                           len(self._backlog), len(self._unacked), self.taken + len(self._taken), self.resets,
                           self._broker_up)
+
+
+class _RdLog:
+    """librdkafka's log lines, into ``tapflow.kafka.librdkafka``: its errors are ones it retries
+    (connection refused while the broker is away...), so they become warnings, and a facility
+    logs at most once every 10 s (debug lines are never held back)."""
+
+    def __init__(self):
+        self.log_ = logging.getLogger("tapflow.kafka.librdkafka")
+        self.last: dict[str, float] = {}
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        if level > logging.WARNING:
+            level = logging.WARNING
+        if level > logging.DEBUG:
+            key = str(args[0]) if args else fmt
+            now = time.monotonic()
+            if now - self.last.get(key, 0.0) < 10.0:
+                return
+            self.last[key] = now
+        self.log_.log(level, fmt, *args)
 
 
 def _dispose(box: list) -> None:
