@@ -29,7 +29,8 @@ escape applies (Tap would emit it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, NamedTuple, Protocol
+from collections.abc import Mapping
+from typing import Any, Iterator, NamedTuple, Protocol
 
 from protocol import cbor, syntax
 from protocol.car import DEFAULT_MAX_CAR_SIZE, Car, CarError, read_car
@@ -424,9 +425,10 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
 
     # 7. op paths and MST values
     ops: list[CommitOp] = []
+    keys: list[bytes] = []
     legacy = False
     for op in raw_ops:
-        if not isinstance(op, Mapping):
+        if type(op) is not dict and not isinstance(op, Mapping):
             raise BadOp("op is not a map")
         action = op.get("action")
         path = op.get("path")
@@ -436,7 +438,8 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
             raise BadOp(f"unknown op action {action!r:.40}")
         if type(path) is not str:
             raise BadOp("op path is not a string")
-        parts = _split_key(path.encode("utf-8", "surrogatepass"))
+        key = path.encode("utf-8", "surrogatepass")
+        parts = _split_key(key)
         if parts is None:
             raise BadOp(f"invalid op path {path!r:.200}")
         if cid is not None and not _is_cid(cid):
@@ -448,7 +451,7 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
             if cid is None:
                 raise BadOp(f"{action} of {path} has no cid")
             try:
-                val = tree.get(path.encode())
+                val = tree.get(key)
             except MSTPartialError as e:
                 raise ProofIncomplete(f"cannot look up {path}: {e}") from None
             except MSTError as e:
@@ -463,6 +466,7 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
         if action == "update" and prev is None:
             legacy = True
         ops.append(CommitOp(action, parts[0], parts[1], cid, prev, record))
+        keys.append(key)
 
     # 8. legacy escape: ops without prev cannot be inverted
     if legacy:
@@ -471,7 +475,7 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
     # 9. op shapes, duplicates
     seen = set()
     inv = []
-    for op in ops:
+    for op, path in zip(ops, keys):
         if op.action == "create":
             if op.prev is not None:
                 raise BadOp(f"create of {op.collection}/{op.rkey} has a prev")
@@ -480,7 +484,6 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
                 raise BadOp(f"update of {op.collection}/{op.rkey} does not change the cid")
         elif op.cid is not None:
             raise BadOp(f"delete of {op.collection}/{op.rkey} has a cid")
-        path = (op.collection + "/" + op.rkey).encode()
         if path in seen:
             raise BadOp(f"path {op.collection}/{op.rkey} appears twice")
         seen.add(path)

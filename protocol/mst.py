@@ -130,12 +130,19 @@ class BlockSource(Protocol):
 # ----------------------------------------------------------------------------- key helpers
 
 
+_last_height: tuple = (None, 0)  # one-entry cache: a commit op's key is looked up, then edited
+
+
 def key_height(key: bytes) -> int:
     """Layer of ``key``: leading zero 2-bit groups of sha256(key) (fanout 4)."""
+    global _last_height
+    last = _last_height  # (key, height), replaced as a whole: safe across threads
+    if last[0] is key:
+        return last[1]
     d = _sha256_small(key).digest()
-    if d[0] & 0xC0:  # three keys in four
-        return 0
-    return (256 - int.from_bytes(d, "big").bit_length()) >> 1
+    h = 0 if d[0] & 0xC0 else (256 - int.from_bytes(d, "big").bit_length()) >> 1  # 0: three keys in four
+    _last_height = (key, h)
+    return h
 
 
 def common_prefix_len(a: bytes, b: bytes) -> int:

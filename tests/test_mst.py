@@ -486,9 +486,17 @@ def test_key_suffix_that_looks_like_a_cid():
 
 
 def _canonical(store: dict) -> None:
+    """Every block is canonical DAG-CBOR with the schema's types: links are links (tag 42), key
+    suffixes byte strings, whatever encoder path (patch, decoded entries, fresh, exact) made it."""
     for c, b in store.items():
         assert cid_for_dag_cbor(b) == c
-        assert cbrrr.encode_dag_cbor(cbrrr.decode_dag_cbor(b)) == b
+        d = cbrrr.decode_dag_cbor(b)
+        assert cbrrr.encode_dag_cbor(d) == b
+        assert set(d) == {"e", "l"} and (d["l"] is None or isinstance(d["l"], cbrrr.CID))
+        for e in d["e"]:
+            assert set(e) == {"k", "p", "t", "v"}
+            assert type(e["k"]) is bytes and type(e["p"]) is int
+            assert isinstance(e["v"], cbrrr.CID) and (e["t"] is None or isinstance(e["t"], cbrrr.CID))
 
 
 # ----------------------------------------------------------------------------- properties
@@ -509,12 +517,16 @@ def _check_edit(base: set, k: bytes, loaded: bool) -> None:
     prev = t2.insert(k, vals[k])
     assert prev == (vals[k] if k in base else None)
     with_k = MST.build([(x, vals[x]) for x in base | {k}])
-    assert t2.root_cid() == with_k.root_cid()
+    new_blocks: dict = {}
+    assert t2.root_cid(out=new_blocks) == with_k.root_cid()
+    _canonical(new_blocks)  # the blocks the edit path produced (patched, re-encoded, fresh)
     assert t.root_cid() == before  # copy-on-write
     t3 = t2.copy()
     assert t3.remove(k) == vals[k]
     without = MST.build([(x, vals[x]) for x in base - {k}])
-    assert t3.root_cid() == without.root_cid()
+    new_blocks = {}
+    assert t3.root_cid(out=new_blocks) == without.root_cid()
+    _canonical(new_blocks)
     assert t3.remove(k) is None
     out: dict = {}
     t2.export_blocks(out)
@@ -554,7 +566,9 @@ def test_random_edit_sequences(base, script):
             cur[k] = val(n + 1)
         if n % 3 == 0:
             assert t.root_cid() == MST.build(cur.items()).root_cid()
-    assert t.root_cid() == MST.build(cur.items()).root_cid()
+    out: dict = {}
+    assert t.root_cid(out=out) == MST.build(cur.items()).root_cid()
+    _canonical(out)
     assert t.items() == sorted(cur.items())
 
 
