@@ -9,6 +9,8 @@ Reusable by benchmarks and tests (``from bench.gen import ...`` with the repo ro
   running the inversion against a recording block store) and the new record blocks.
 - ``RepoSim.get_repo_car()`` is what ``com.atproto.sync.getRepo`` returns.
 - ``random_writes`` draws a realistic live mix (mostly single creates; some deletes and updates).
+- ``make_repos`` and ``firehose_stream`` make many accounts and an interleaved ``#commit``
+  stream over them (what a relay would send), for pipeline benchmarks.
 
 Example::
 
@@ -42,6 +44,8 @@ __all__ = [
     "random_writes",
     "encode_frame",
     "sync_frame_body",
+    "make_repos",
+    "firehose_stream",
 ]
 
 B32_SORTABLE = "234567abcdefghijklmnopqrstuvwxyz"
@@ -346,3 +350,32 @@ def random_writes(sim: RepoSim, rng: random.Random | None = None) -> list[tuple[
         path, block = sim._new_record()
         out.append(("create", path, block))
     return out
+
+
+def make_repos(n_repos: int, records_per_repo: int | Iterable[int] = 100, seed: int = 0,
+               curve: str = K256) -> list[RepoSim]:
+    """``n_repos`` accounts with distinct DIDs and keys; sizes fixed or drawn per repo."""
+    rng = random.Random(seed)
+    sizes = ([records_per_repo] * n_repos if isinstance(records_per_repo, int)
+             else list(records_per_repo))
+    out = []
+    for i in range(n_repos):
+        key = PrivateKey.from_bytes(curve, rng.randbytes(31) + b"\x01")
+        out.append(RepoSim.create(n_records=sizes[i % len(sizes)], seed=seed * 1_000_003 + i,
+                                  did=make_did(seed * 1_000_003 + i), key=key))
+    return out
+
+
+def firehose_stream(sims: list[RepoSim], n_commits: int, seed: int = 0, first_seq: int = 1):
+    """Yield ``(seq, did, frame_bytes)`` for ``n_commits`` live commits spread over ``sims``.
+
+    Each commit continues its repo's chain (``prevData`` is the previous commit's root), so a
+    consumer that saw the snapshot (``sim.get_repo_car()`` taken before) can follow them all.
+    """
+    rng = random.Random(seed)
+    seq = first_seq
+    for _ in range(n_commits):
+        sim = sims[rng.randrange(len(sims))]
+        ev = sim.commit(random_writes(sim, rng))
+        yield seq, sim.did, ev.frame(seq)
+        seq += 1
