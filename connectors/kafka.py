@@ -78,6 +78,9 @@ from store.outbox import OutboxEvent
 log = logging.getLogger("tapflow.kafka")
 
 EVENTS = "events"
+# Largest message produced, and max.message.bytes of the topics we create: a Tap event carries
+# a whole record as JSON (atproto records stay well below; the firehose frame limit is 5 MiB).
+MAX_MESSAGE_BYTES = 10 << 20
 RECORDS = "records"
 HEADER_FIELDS = ("live", "did", "collection", "action", "rev")
 
@@ -95,6 +98,7 @@ PRODUCER_DEFAULTS: dict[str, object] = {
     "queue.buffering.max.kbytes": 262144,
     "partitioner": "murmur2_random",    # Java clients' partitioner: key -> partition is stable and shared
     "statistics.interval.ms": 5000,     # broker states for the stall watchdog
+    "message.max.bytes": MAX_MESSAGE_BYTES,
 }
 PERMANENT_HINT = {
     KafkaError.MSG_SIZE_TOO_LARGE: "raise the broker's/topic's max.message.bytes or TAP_KAFKA_MESSAGE_MAX_BYTES",
@@ -111,8 +115,9 @@ _PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
 PRODUCED = Counter("tapflow_kafka_produced_messages", "Messages handed to the Kafka producer", ["topic"])
 ACKED = Counter("tapflow_kafka_acked_messages", "Messages acked by the Kafka broker", ["topic"])
 FAILED = Counter("tapflow_kafka_failed_messages", "Messages the producer or broker failed (retried)", ["topic"])
-BACKLOG = Gauge("tapflow_kafka_backlog_events", "Events waiting for room in the producer queue")
-UNACKED = Gauge("tapflow_kafka_unacked_events", "Events offered to Kafka and not yet acked")
+BACKLOG = Gauge("tapflow_kafka_backlog_events", "Events waiting for room in the producer queue",
+                multiprocess_mode="livesum")
+UNACKED = Gauge("tapflow_kafka_unacked_events", "Events offered to Kafka and not yet acked", multiprocess_mode="livesum")
 
 
 class KafkaSetupError(RuntimeError):
@@ -270,7 +275,9 @@ def ensure_topics(cfg: Config, timeout: float = 15.0) -> dict[str, str]:
     except KafkaException as e:
         raise KafkaSetupError(f"Kafka broker {cfg.kafka_bootstrap} unreachable: no answer within {timeout:g}s "
                               f"({e.args[0].str() if isinstance(e.args[0], KafkaError) else e})") from e
-    wanted = {events: {"cleanup.policy": "delete"}, records: {"cleanup.policy": "compact"}}
+    big = str(MAX_MESSAGE_BYTES)
+    wanted = {events: {"cleanup.policy": "delete", "max.message.bytes": big},
+              records: {"cleanup.policy": "compact", "max.message.bytes": big}}
     result: dict[str, str] = {}
     new = []
     for name, conf in wanted.items():
