@@ -5,7 +5,9 @@ RepoLogic asks for work by writing ``fetch_q`` rows (``priority | not_before | d
 This source scans ``fetch_q`` in key order (identity refreshes, then Tap's claim order:
 pending, desynchronized, error), skipping rows whose ``not_before`` is in the future, and
 runs at most ``TAP_RESYNC_PARALLELISM`` repo fetches at once (identity refreshes have a
-pool of their own, so a slow PDS never delays them). A row stays "in flight" until a scan no
+pool of their own, so a slow PDS never delays them). The queue is rescanned every 50 ms, and
+within 5 ms when RepoLogic (same process) sets ``operators.repo.FETCH_WAKEUP`` or a fetch
+slot frees up. A row stays "in flight" until a scan no
 longer finds it (RepoLogic deletes it in the WriteBatch that applies the answer), so a row
 is never fetched twice; one DID is never fetched twice at once.
 
@@ -213,6 +215,7 @@ class Backfiller:
         self._out: deque = deque()  # finished small items (FetchFailed, IdentityRefreshed)
         self._ready: deque[_Job] = deque()  # verified repos waiting to be chunked
         self._job: _Job | None = None
+        self._kick = False
         self._backoff: dict[str, float] = {}  # PDS host -> monotonic time the backoff ends
         self.stats: dict[str, int] = {"scans": 0, "started": 0, "repos_ok": 0, "failed": 0,
                                       "rate_limited": 0, "identities": 0, "refetched": 0, "held": 0}
@@ -316,6 +319,7 @@ class Backfiller:
             if entry is not None and entry[3] is None:
                 entry[3] = time.monotonic()
                 self._dids.discard(entry[0])  # the DID may be fetched again (a new row) from now on
+                self._kick = True  # a slot is free: scan at the next tick
                 if repo:
                     self._repo_active -= 1
                     IN_FLIGHT.set(self._repo_active)
@@ -325,14 +329,23 @@ class Backfiller:
     # --- loop side --------------------------------------------------------------------
 
     async def _run(self) -> None:
+        wake = _fetch_wakeup()
+        tick = min(0.005, self.scan_interval) if wake is not None else self.scan_interval
+        last = 0.0
         try:
             while True:
-                try:
-                    self._reap()
-                    self._scan()
-                except Exception:
-                    _log.exception("fetch queue scan failed")
-                await asyncio.sleep(self.scan_interval)
+                now = time.monotonic()
+                if self._kick or (wake is not None and wake.is_set()) or now - last >= self.scan_interval:
+                    if wake is not None:
+                        wake.clear()  # a set() after this is seen by the scan below or the next tick
+                    self._kick = False
+                    last = now
+                    try:
+                        self._reap()
+                        self._scan()
+                    except Exception:
+                        _log.exception("fetch queue scan failed")
+                await asyncio.sleep(tick)
         finally:
             if self._own_directory and self._directory is not None:
                 try:
@@ -525,6 +538,15 @@ class Backfiller:
                          extra={"did": did, "missing_nodes": repo.missing_nodes})
         return _Job(key=key, did=did, identity=_resolved(ident), rev=repo.rev,
                     data_cid=cid_to_str(repo.data_cid), records=repo.records(), keep=self._keep, repo=repo)
+
+
+def _fetch_wakeup() -> threading.Event | None:
+    """RepoLogic's in-process "a fetch was queued" event, when RepoLogic runs in this process."""
+    try:
+        from operators.repo import FETCH_WAKEUP
+    except Exception:
+        return None
+    return FETCH_WAKEUP
 
 
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
