@@ -117,6 +117,13 @@ def _reject(t: str, reason: str, seq: Any = None, did: Any = "", message: str = 
 def decode_frame(data: bytes) -> Frame:
     """Decode one binary firehose frame; never raises (bad input is a ``rejected`` Frame)."""
     try:
+        return _decode_frame(data)
+    except Exception as e:  # a bug guard: one odd frame must not wedge the stream
+        return _reject("", "decode_error", message=f"{type(e).__name__}: {e}")
+
+
+def _decode_frame(data: bytes) -> Frame:
+    try:
         parts = decode_multi(data)
     except CBORError as e:
         return _reject("", "bad_cbor", message=str(e))
