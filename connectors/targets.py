@@ -142,3 +142,33 @@ class AckTracker:
             self._foreign_scheduled = False
         for bit, key in items:
             self._taken(bit, key)
+
+
+class DeliveryMetrics:
+    """Prometheus series of the delivery process (spec §12 names), created on first use.
+
+    In the service, ``PROMETHEUS_MULTIPROC_DIR`` is inherited from the flow process, which
+    serves the sum of both processes on ``TAP_METRICS_LISTEN``.
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.events_delivered = Counter("tap_events_delivered", "Events sent to a consumer (retries included)")
+        self.events_acked = Counter("tap_events_acked", "Events taken by every delivery target")
+        self.webhook_requests = Counter("tap_webhook_requests", "Webhook POSTs by outcome", ["status"])
+        self.event_cache_size = Gauge("tap_event_cache_size", "Outbox events held by the delivery process",
+                                      multiprocess_mode="livesum")
+        self.outbox_depth = Gauge("tap_outbox_depth", "Outbox rows not yet acked and deleted",
+                                  multiprocess_mode="livemax")
+        self.channel_clients = Gauge("tap_channel_clients", "Connected /channel clients", multiprocess_mode="livesum")
+
+
+_metrics: DeliveryMetrics | None = None
+
+
+def metrics() -> DeliveryMetrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = DeliveryMetrics()
+    return _metrics

@@ -1,0 +1,358 @@
+"""``/channel``: Tap's WebSocket delivery (spec/tap-behavior.md §6.4-6.6, tap-client.md §1.10).
+
+Wire: one text frame per event, the event's JSON exactly as stored in the outbox. Nothing
+else is ever sent by the server (no hello, no pings, and no close frame: on shutdown the TCP
+connection is aborted, because the official client never reconnects after a close frame).
+Client pings are answered. Client frames are acks ``{"type":"ack","id":N}``, parsed like Go's
+``ReadJSON`` into ``{type string, id uint}``: anything that does not fit (non-JSON, empty,
+string or negative id) drops the connection; an unknown ``type`` is ignored; acks are
+connection-independent, and duplicate or unknown ids are harmless.
+
+Modes:
+
+- **ack** (default): an event is taken when a client acks it. Unacked events are sent again
+  every ``TAP_RETRY_TIMEOUT`` until acked; events in flight on a connection that drops go
+  back to the head of the queue at once (allowed by at-least-once, tap-client.md §1.10.8).
+- **fire-and-forget** (``TAP_DISABLE_ACKS``): taken once written to a socket. A write that
+  fails puts the events back in the queue for the next client (Tap leaves the repo blocked
+  until restart, §15.6).
+
+All clients pull from one shared queue, so each event goes to exactly one client; per-repo
+order is kept before the queue by ``connectors.scheduler``. A writer sends what is queued in
+one socket write (frames coalesced), which is most of the cost of delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections import deque
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from config import Config
+from connectors.scheduler import Scheduler
+from connectors.targets import TakenCallback, metrics
+from store.outbox import OutboxEvent
+
+log = logging.getLogger(__name__)
+
+_H2 = struct.Struct("!BBH")
+_H3 = struct.Struct("!BBQ")
+_U64_LIMIT = 1 << 64
+WRITE_BATCH = 512  # events per socket write at most
+WRITE_HIGH_WATER = 1 << 20  # bytes buffered in the transport before a writer waits
+
+
+class BadFrame(ValueError):
+    """A client frame Go Tap would fail to read: the connection is dropped."""
+
+
+def _field(obj: dict, name: str):
+    """Go's encoding/json field match: exact key first, else case-insensitive."""
+    if name in obj:
+        return obj[name]
+    for k, v in obj.items():
+        if k.lower() == name:
+            return v
+    return None
+
+
+def parse_client_frame(data: str | bytes) -> int | None:
+    """The acked id of a client frame, ``None`` if it is not an ack; ``BadFrame`` to drop."""
+    if not data:
+        raise BadFrame("empty frame")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise BadFrame(f"not JSON: {e}") from None
+    if obj is None:
+        return None  # Go: null decodes into the zero value
+    if type(obj) is not dict:
+        raise BadFrame("not a JSON object")
+    typ = _field(obj, "type")
+    if typ is not None and type(typ) is not str:
+        raise BadFrame("type is not a string")
+    ev_id = _field(obj, "id")
+    if ev_id is not None and (type(ev_id) is not int or not 0 <= ev_id < _U64_LIMIT):
+        raise BadFrame("id is not an unsigned integer")
+    if typ != "ack":
+        return None
+    return ev_id or 0
+
+
+def text_frame_header(n: int) -> bytes:
+    """Header of an unmasked, final, uncompressed text frame of ``n`` payload bytes."""
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return _H2.pack(0x81, 126, n)
+    return _H3.pack(0x81, 127, n)
+
+
+class _Flight:
+    """An event released to the channel, until a client takes it."""
+
+    __slots__ = ("ev", "conn", "sent_at", "queued")
+
+    def __init__(self, ev: OutboxEvent) -> None:
+        self.ev = ev
+        self.conn: _Conn | None = None  # where it was last written (ack mode)
+        self.sent_at = 0.0
+        self.queued = False  # in the shared ready queue
+
+
+class _Conn:
+    __slots__ = ("ws", "transport", "protocol", "sent", "closed", "peer")
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self.ws = ws
+        self.transport = request.transport
+        self.protocol = request.protocol
+        self.sent: set[int] = set()  # ids written here and not yet acked (ack mode)
+        self.closed = False
+        self.peer = request.remote
+
+
+class ChannelTarget:
+    """The ``/channel`` delivery target; ``handle`` is the aiohttp route handler."""
+
+    name = "channel"
+
+    def __init__(self, cfg: Config, on_taken: TakenCallback, *, write_batch: int = WRITE_BATCH) -> None:
+        self._ack_mode = not cfg.disable_acks
+        self._retry_timeout = cfg.retry_timeout
+        self._on_taken = on_taken
+        self._write_batch = write_batch
+        self._sched = Scheduler(self._release)
+        self._flights: dict[int, _Flight] = {}  # offered, not yet taken: id -> flight
+        self._ready: deque[_Flight] = deque()  # may be written to any client now
+        self._sent: dict[int, _Flight] = {}  # ack mode: written, unacked; oldest send first
+        self._conns: set[_Conn] = set()
+        self._have_ready = asyncio.Event()
+        self._sweeper: asyncio.Task | None = None
+        self._stopped = False
+
+    # --- DeliveryTarget ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._ack_mode:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="channel-retry")
+
+    def offer(self, ev: OutboxEvent) -> None:
+        if ev.internal:  # not for clients (Kafka tombstones): nothing to send
+            self._on_taken(ev.key)
+            return
+        self._flights[ev.id] = _Flight(ev)
+        self._sched.add(ev)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.abort_all()
+
+    def abort_all(self) -> None:
+        """Drop every client's TCP connection, without a close frame (clients reconnect)."""
+        for conn in list(self._conns):
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.abort()
+        self._have_ready.set()
+
+    # --- numbers ---------------------------------------------------------------------------------
+
+    @property
+    def clients(self) -> int:
+        return len(self._conns)
+
+    @property
+    def unacked(self) -> int:
+        return len(self._sent)
+
+    @property
+    def queued(self) -> int:
+        return len(self._ready)
+
+    # --- the queue ----------------------------------------------------------------------------
+
+    def _release(self, ev: OutboxEvent) -> None:
+        """The scheduler allows ``ev`` out."""
+        self._enqueue(self._flights[ev.id])
+
+    def _enqueue(self, f: _Flight, front: bool = False) -> None:
+        if f.queued:
+            return
+        f.queued = True
+        if front:
+            self._ready.appendleft(f)
+        else:
+            self._ready.append(f)
+        self._have_ready.set()
+
+    def _take(self, f: _Flight) -> None:
+        del self._flights[f.ev.id]
+        self._sched.taken(f.ev)
+        self._on_taken(f.ev.key)
+
+    def ack(self, event_id: int) -> None:
+        """A client acked ``event_id`` (on any connection)."""
+        f = self._flights.get(event_id)
+        if f is None:
+            return  # unknown, or already taken: harmless
+        if f.conn is not None:
+            f.conn.sent.discard(event_id)
+        self._sent.pop(event_id, None)
+        self._take(f)
+
+    # --- retries (ack mode) ------------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        tick = min(max(self._retry_timeout / 4, 0.05), 1.0)
+        while True:
+            await asyncio.sleep(tick)
+            self.resend_timed_out(time.monotonic())
+
+    def resend_timed_out(self, now: float) -> int:
+        """Queue again every event written at least ``retry_timeout`` ago and not acked."""
+        due: list[_Flight] = []
+        for f in self._sent.values():
+            if now - f.sent_at < self._retry_timeout:
+                break  # ordered by last send: the rest is younger
+            due.append(f)
+        for f in due:
+            del self._sent[f.ev.id]
+            if f.conn is not None:
+                f.conn.sent.discard(f.ev.id)
+                f.conn = None
+            self._enqueue(f)
+        if due:
+            log.info("resending unacked events", extra={"count": len(due), "retry_timeout_s": self._retry_timeout})
+        return len(due)
+
+    def _requeue_connection(self, conn: _Conn) -> None:
+        """A connection dropped: its unacked events go to the head of the queue, in id order."""
+        back = []
+        for i in conn.sent:
+            f = self._flights.get(i)
+            if f is not None and f.conn is conn:
+                f.conn = None
+                self._sent.pop(i, None)
+                back.append(f)
+        conn.sent.clear()
+        back.sort(key=lambda f: f.ev.id, reverse=True)
+        for f in back:
+            self._enqueue(f, front=True)
+
+    # --- connections -------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(autoping=True, compress=False)
+        if not ws.can_prepare(request).ok:
+            # Not an upgrade: plain-text 400 like gorilla/websocket.
+            return web.Response(status=400, text="Bad Request\n", headers={"Sec-WebSocket-Version": "13"})
+        await ws.prepare(request)
+        conn = _Conn(ws, request)
+        self._conns.add(conn)
+        metrics().channel_clients.inc()
+        log.info("websocket connected", extra={"peer": conn.peer, "clients": len(self._conns)})
+        writer = asyncio.create_task(self._write_loop(conn), name="channel-writer")
+        reason = "closed"
+        try:
+            while not conn.closed:
+                msg = await ws.receive()
+                if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                    try:
+                        ack_id = parse_client_frame(msg.data)
+                    except BadFrame as e:
+                        reason = f"bad client frame: {e}"
+                        break
+                    if ack_id is not None and self._ack_mode:
+                        self.ack(ack_id)
+                elif msg.type is WSMsgType.ERROR:
+                    reason = f"read error: {msg.data}"
+                    break
+                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
+        finally:
+            conn.closed = True
+            writer.cancel()
+            self._conns.discard(conn)
+            metrics().channel_clients.dec()
+            if self._ack_mode:
+                self._requeue_connection(conn)
+            if conn.transport is not None:
+                conn.transport.abort()  # never a close frame from us
+            log.info("websocket disconnected", extra={"peer": conn.peer, "reason": reason, "clients": len(self._conns)})
+        return ws
+
+    async def _write_loop(self, conn: _Conn) -> None:
+        ready = self._ready
+        transport = conn.transport
+        ack_mode = self._ack_mode
+        flights = self._flights
+        sent = self._sent
+        delivered = metrics().events_delivered
+        try:
+            while not conn.closed:
+                if not ready:
+                    self._have_ready.clear()
+                    await self._have_ready.wait()
+                    continue
+                batch: list[_Flight] = []
+                parts: list[bytes] = []
+                while ready and len(batch) < self._write_batch:
+                    f = ready.popleft()
+                    f.queued = False
+                    if flights.get(f.ev.id) is not f:
+                        continue  # taken while it waited
+                    if ack_mode and f.conn is not None:
+                        continue  # already written (a stale retry entry)
+                    p = f.ev.payload
+                    parts.append(text_frame_header(len(p)))
+                    parts.append(p)
+                    batch.append(f)
+                if not batch:
+                    continue
+                if conn.closed or transport is None or transport.is_closing():
+                    for f in reversed(batch):  # nothing written: to the head again
+                        self._enqueue(f, front=True)
+                    return
+                transport.write(b"".join(parts))
+                delivered.inc(len(batch))
+                if ack_mode:
+                    now = time.monotonic()
+                    for f in batch:
+                        i = f.ev.id
+                        f.conn = conn
+                        f.sent_at = now
+                        conn.sent.add(i)
+                        sent.pop(i, None)
+                        sent[i] = f
+                else:
+                    for f in batch:
+                        self._take(f)
+                if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    await self._drain(conn)
+                elif ready:
+                    await asyncio.sleep(0)  # let acks and other sockets in between batches
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("websocket writer failed", extra={"peer": conn.peer})
+            conn.closed = True
+            if transport is not None:
+                transport.abort()
+
+    async def _drain(self, conn: _Conn) -> None:
+        """Wait until the transport's buffer drained below its low-water mark."""
+        proto = conn.protocol
+        drain = getattr(proto, "_drain_helper", None)
+        if drain is not None and getattr(proto, "_paused", False):
+            await drain()
+            return
+        while not conn.closed and conn.transport is not None and conn.transport.get_write_buffer_size() > WRITE_HIGH_WATER // 4:
+            await asyncio.sleep(0.005)

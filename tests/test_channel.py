@@ -1,0 +1,653 @@
+"""/channel over real sockets: spec §14 delivery tests 7-14 and 16, plus the additional
+acceptance tests of §14 (malformed acks, cross-connection acks, two clients, redelivery,
+restart), against a fake flow that writes outbox rows into a RocksDB primary while the
+delivery code follows it as a secondary.
+
+``FakeFlow`` and ``Stack`` are shared with test_api.py and test_webhook.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import WSMsgType, web
+
+from config import Config
+from connectors.api import Api, CommandLog
+from connectors.channel import BadFrame, ChannelTarget, parse_client_frame
+from connectors.outbox_follower import OutboxFollower
+from operators.events import identity_body, record_body, with_id
+from store.db import Database, close_all, open_delivery_db, open_flow_db
+from store.layout import (
+    FLAG_IDENTITY,
+    FLAG_INTERNAL,
+    FLAG_LIVE,
+    encode_outbox_row,
+    meta_counter,
+    outbox_key,
+    pack_u64,
+    shard_of,
+    unpack_u64,
+)
+
+CID = "bafyreibyxjqwqfygc5yqlvbgygeqwcb3drstfyatkora4voxoxt7brxdyy"
+SHARDS = 4
+
+
+def did_n(i: int) -> str:
+    """A valid did:plc (the official client checks DID syntax)."""
+    return "did:plc:" + f"{i:024d}".translate(str.maketrans("0123456789", "abcdefghij"))
+
+
+class FakeFlow:
+    """What the dataflow does around the outbox, directly on a RocksDB primary.
+
+    ``push`` writes rows and the shard's ``count/outbox`` counter in one WriteBatch (as
+    RepoLogic does); ``apply_acks`` deletes outbox rows named in ``data/delivery`` acks and
+    counts them in ``count/outbox_acked/0`` (as ControlSource does).
+    """
+
+    def __init__(self, data_dir: Path, shards: int = SHARDS) -> None:
+        self.data_dir = data_dir
+        self.db = open_flow_db(data_dir)
+        self.shards = shards
+        meta = self.db.cf("meta")
+        raw = meta.get(b"fake/next_id")
+        self.next_id = unpack_u64(raw) if raw else 1
+        self._delivery: Database | None = None
+        self.deleted = 0
+
+    def push(self, did: str, n: int = 1, *, live: bool = False, identity: bool = False,
+             internal: bool = False) -> list[int]:
+        shard = shard_of(did, self.shards)
+        b = self.db.batch()
+        h = self.db.handle("outbox")
+        ids = []
+        for _ in range(n):
+            i = self.next_id
+            self.next_id += 1
+            flags = (FLAG_LIVE if live else 0) | (FLAG_IDENTITY if identity else 0) | (FLAG_INTERNAL if internal else 0)
+            if internal:
+                payload = orjson.dumps({"did": did, "deleted_paths": ["app.bsky.feed.post/x"]})
+            elif identity:
+                payload = with_id(i, "identity", identity_body(did=did, handle="alice.test", is_active=True, status="active"))
+            else:
+                rkey = f"3k{i:011d}".replace("0", "a")
+                payload = with_id(i, "record", record_body(live=live, did=did, rev="3kb3fge5lm32x",
+                                                             collection="app.bsky.feed.post", rkey=rkey,
+                                                             action="create", cid=CID,
+                                                             record_json=b'{"$type":"app.bsky.feed.post","text":"hi","createdAt":"2024-10-07T12:00:00.000Z"}'))
+            b.put(outbox_key(shard, i), encode_outbox_row(did, flags, payload), h)
+            ids.append(i)
+        meta = self.db.cf("meta")
+        key = meta_counter("outbox", shard)
+        cur = meta.get(key)
+        b.put(key, pack_u64((unpack_u64(cur) if cur else 0) + n), self.db.handle("meta"))
+        b.put(b"fake/next_id", pack_u64(self.next_id), self.db.handle("meta"))
+        self.db.write(b)
+        return ids
+
+    def rows(self) -> int:
+        return sum(1 for _ in self.db.cf("outbox").keys())
+
+    def apply_acks(self) -> int:
+        if self._delivery is None:
+            if not (self.data_dir / "delivery" / "CURRENT").exists():
+                return 0
+            self._delivery = open_delivery_db(self.data_dir, secondary=True)
+        self._delivery.catch_up()
+        outbox = self.db.cf("outbox")
+        gone = [k for k in self._delivery.cf("acks").keys() if outbox.get(k) is not None]
+        if gone:
+            b = self.db.batch()
+            for k in gone:
+                b.delete(k, self.db.handle("outbox"))
+            self.deleted += len(gone)
+            b.put(meta_counter("outbox_acked", 0), pack_u64(self.deleted), self.db.handle("meta"))
+            self.db.write(b)
+        return len(gone)
+
+    def put_repo(self, did: str, **state) -> None:
+        st = {"state": "active", "status": "active", "handle": "alice.test", "rev": "3kb3fge5lm32x",
+              "error": "", "retries": 0, "records": 0}
+        st.update(state)
+        b = self.db.batch()
+        b.put(did.encode(), orjson.dumps(st), self.db.handle("repos"))
+        key = meta_counter("repos", shard_of(did, self.shards))
+        cur = self.db.cf("meta").get(key)
+        b.put(key, pack_u64((unpack_u64(cur) if cur else 0) + 1), self.db.handle("meta"))
+        self.db.write(b)
+
+
+def make_cfg(data_dir: Path, **kw) -> Config:
+    base = Config(data_dir=str(data_dir), shards=SHARDS, bind=("127.0.0.1", 0), retry_timeout=60.0)
+    return replace(base, **kw)
+
+
+class Stack:
+    """Follower + targets + HTTP API on a real port, over ``data_dir`` (no child process)."""
+
+    def __init__(self, cfg: Config, *, control: bool = True, factories=None, directory=None) -> None:
+        self.cfg = cfg
+        self.control = control
+        self.factories = factories
+        self.directory = directory
+        self.fake: FakeFlow | None = None
+
+    async def start(self, fake: FakeFlow | None = None) -> "Stack":
+        from connectors.delivery_main import target_factories
+
+        self.fake = fake or FakeFlow(Path(self.cfg.data_dir), self.cfg.shards)
+        self.delivery = open_delivery_db(self.cfg.data_dir)
+        self.flow = open_flow_db(self.cfg.data_dir, secondary=True)
+        factories = self.factories or target_factories(self.cfg)
+        self.follower = OutboxFollower(self.cfg, self.flow, self.delivery, factories) if factories else None
+        self.channel = next((t for t in self.follower.targets if isinstance(t, ChannelTarget)), None) if self.follower else None
+        self.commands = CommandLog(self.delivery, self.flow)
+        self.api = Api(self.cfg, self.flow, self.commands,
+                       channel_handler=self.channel.handle if self.channel else None, directory=self.directory)
+        self.runner = web.AppRunner(self.api.app(), handle_signals=False, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await self.site.start()
+        self.port = self.site._server.sockets[0].getsockname()[1]
+        self.tasks = []
+        if self.follower:
+            await self.follower.start()
+            self.tasks.append(asyncio.create_task(self.follower.run()))
+        if self.control:
+            self.tasks.append(asyncio.create_task(self._control()))
+        return self
+
+    async def _control(self) -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            self.fake.apply_acks()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self.channel:
+            self.channel.abort_all()
+        if self.follower:
+            await self.follower.stop()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.runner.cleanup()
+
+    async def restart(self) -> "Stack":
+        """A new delivery process over the same data (the fake flow stays)."""
+        import gc
+
+        from store import db as store_db
+
+        await self.stop()
+        for key in list(store_db._open):
+            if key[0].endswith("delivery") or key[1]:  # delivery primary and every secondary
+                store_db._open.pop(key).close()
+        # RocksDB lets go of its LOCK only when no column family handle is left; aiohttp keeps
+        # route handlers in a module-level cache, so cut what they reach.
+        self.api.channel_handler = self.api.flow = self.api.commands = None
+        self.delivery = self.flow = self.follower = self.channel = self.api = self.commands = None
+        self.runner = self.site = None
+        self.tasks = []
+        self.fake._delivery = None
+        gc.collect()
+        return await Stack(self.cfg, control=self.control, factories=self.factories,
+                           directory=self.directory).start(self.fake)
+
+
+class Consumer:
+    """A WebSocket client that records every frame (like Go's test consumer)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession) -> None:
+        self.ws = ws
+        self.session = session
+        self.msgs: list[dict] = []
+        self.closed_with: WSMsgType | None = None
+        self._task = asyncio.create_task(self._read())
+        self._new = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, url: str, **kw) -> "Consumer":
+        session = aiohttp.ClientSession()
+        ws = await session.ws_connect(url.replace("http", "ws", 1) + "/channel", **kw)
+        return cls(ws, session)
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type is WSMsgType.TEXT:
+                self.msgs.append(orjson.loads(msg.data))
+                self._new.set()
+        self.closed_with = WSMsgType.CLOSED
+        self._new.set()
+
+    async def wait(self, n: int, timeout: float = 2.0) -> list[dict]:
+        """Up to ``timeout`` for ``n`` messages; returns what arrived."""
+        deadline = time.monotonic() + timeout
+        while len(self.msgs) < n and not self._task.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._new.clear()
+            try:
+                await asyncio.wait_for(self._new.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        return list(self.msgs)
+
+    async def ack(self, *ids: int) -> None:
+        for i in ids:
+            await self.ws.send_str(orjson.dumps({"type": "ack", "id": i}).decode())
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await self.ws.close()
+        await self.session.close()
+
+
+@pytest.fixture
+async def stack_factory(tmp_path):
+    stacks: list[Stack] = []
+
+    async def make(**kw) -> Stack:
+        control = kw.pop("control", True)
+        s = await Stack(make_cfg(tmp_path, **kw), control=control).start()
+        stacks.append(s)
+        return s
+
+    yield make
+    for s in stacks:
+        try:
+            await s.stop()
+        except Exception:
+            pass
+    close_all()
+
+
+QUIET = 0.15  # how long "nothing more arrives" is checked (Go's tests: 50 ms)
+
+
+# --- ack frame parsing (Go ReadJSON into {type string, id uint}) ----------------------------
+
+@pytest.mark.parametrize("frame,expected", [
+    ('{"type":"ack","id":42}', 42),
+    ('{"id":42,"type":"ack","extra":[1]}', 42),
+    ('{"Type":"ack","ID":7}', 7),  # Go matches field names case-insensitively
+    ('{"type":"hello","id":1}', None),
+    ('{"type":"ack"}', 0),
+    ("null", None),
+    ('{"id":5}', None),
+    (b'{"type":"ack","id":3}', 3),
+])
+def test_parse_client_frame(frame, expected):
+    assert parse_client_frame(frame) == expected
+
+
+@pytest.mark.parametrize("frame", ["", "hello", '{"type":"ack","id":"1"}', '{"type":"ack","id":-1}',
+                                   '{"type":"ack","id":1.5}', '{"type":1,"id":1}', "[]", '"ack"',
+                                   '{"type":"ack","id":18446744073709551616}', '{"type":"ack","id":true}'])
+def test_parse_client_frame_drops(frame):
+    with pytest.raises(BadFrame):
+        parse_client_frame(frame)
+
+
+# --- §14 delivery tests -------------------------------------------------------------------------
+
+async def test_fire_and_forget_basic(stack_factory):  # §14 test 7
+    s = await stack_factory(disable_acks=True)
+    c = await Consumer.connect(s.url)
+    await asyncio.sleep(0.02)
+    d = did_n(1)
+    s.fake.push(d, 5)
+    msgs = await c.wait(5, 1.0)
+    assert len(msgs) == 5
+    assert all(m["type"] == "record" and m["record"]["did"] == d for m in msgs)
+    await c.close()
+
+
+async def test_fire_and_forget_multi_did(stack_factory):  # §14 test 8
+    s = await stack_factory(disable_acks=True)
+    c = await Consumer.connect(s.url)
+    a, b = did_n(1), did_n(2)
+    s.fake.push(a, 3)
+    s.fake.push(b, 3)
+    msgs = await c.wait(6, 1.0)
+    assert len(msgs) == 6
+    assert sum(m["record"]["did"] == a for m in msgs) == 3
+    assert sum(m["record"]["did"] == b for m in msgs) == 3
+    await c.close()
+
+
+async def test_ack_mode_historical_concurrent(stack_factory):  # §14 tests 9 and 10
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    d = did_n(3)
+    ids = s.fake.push(d, 3)
+    msgs = await c.wait(3, 1.0)
+    assert [m["id"] for m in msgs] == ids  # all three before any ack
+    await c.ack(*ids)
+    await _until(lambda: s.fake.rows() == 0)
+    await c.close()
+
+
+async def test_ack_mode_live_barrier(stack_factory):  # §14 test 11
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    d = did_n(4)
+    h = s.fake.push(d, 2)
+    assert len(await c.wait(2, 1.0)) == 2
+    l1 = s.fake.push(d, 1, live=True)
+    h2 = s.fake.push(d, 2)
+    assert len(await c.wait(3, QUIET)) == 2, "L1 must wait for H1, H2"
+    await c.ack(*h)
+    msgs = await c.wait(3, 1.0)
+    assert len(msgs) == 3 and msgs[2]["id"] == l1[0]
+    assert len(await c.wait(4, QUIET)) == 3, "H3, H4 must wait for L1"
+    await c.ack(l1[0])
+    msgs = await c.wait(5, 1.0)
+    assert len(msgs) == 5 and {msgs[3]["id"], msgs[4]["id"]} == set(h2)
+    await c.close()
+
+
+async def test_ack_mode_consecutive_live(stack_factory):  # §14 test 12 (Go #1331)
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    ids = s.fake.push(did_n(5), 3, live=True)
+    msgs = await c.wait(1, 1.0)
+    assert [m["id"] for m in msgs] == ids[:1]
+    assert len(await c.wait(2, QUIET)) == 1
+    await c.ack(ids[0])
+    msgs = await c.wait(2, 1.0)
+    assert [m["id"] for m in msgs] == ids[:2]
+    assert len(await c.wait(3, QUIET)) == 2
+    await c.ack(ids[1])
+    msgs = await c.wait(3, 1.0)
+    assert [m["id"] for m in msgs] == ids
+    await c.close()
+
+
+async def test_ack_mode_fast_path_live_blocks_historical(stack_factory):  # §14 test 13
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    d = did_n(6)
+    l1 = s.fake.push(d, 1, live=True)
+    assert [m["id"] for m in await c.wait(1, 1.0)] == l1
+    h1 = s.fake.push(d, 1)
+    assert len(await c.wait(2, QUIET)) == 1
+    await c.ack(l1[0])
+    msgs = await c.wait(2, 1.0)
+    assert [m["id"] for m in msgs] == l1 + h1
+    await c.close()
+
+
+async def test_fire_and_forget_preconnect_events(stack_factory):  # §14 test 14
+    s = await stack_factory(disable_acks=True)
+    ids = s.fake.push(did_n(7), 5)
+    await asyncio.sleep(0.05)
+    c = await Consumer.connect(s.url)
+    msgs = await c.wait(5, 1.0)
+    assert [m["id"] for m in msgs] == ids
+    await _until(lambda: s.fake.rows() == 0)
+    await c.close()
+
+
+async def test_identity_event(stack_factory):  # §14 test 16
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    d = did_n(8)
+    s.fake.push(d, 1, identity=True)
+    (m,) = await c.wait(1, 1.0)
+    assert m["type"] == "identity"
+    assert m["identity"] == {"did": d, "handle": "alice.test", "is_active": True, "status": "active"}
+    await c.close()
+
+
+# --- additional acceptance tests (§14, "suggested") ------------------------------------------------
+
+@pytest.mark.parametrize("frame", ["hello", '{"type":"ack","id":"1"}', '{"type":"ack","id":-1}', ""])
+async def test_malformed_ack_drops_the_connection_without_close_frame(stack_factory, frame):
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    await c.ws.send_str(frame)
+    await asyncio.wait_for(c._task, 2.0)
+    assert c.ws.close_code in (None, 1006)  # TCP dropped, no close frame from the server
+    await c.close()
+
+
+async def test_unknown_type_is_ignored(stack_factory):
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    await c.ws.send_str('{"type":"hello","id":1}')
+    ids = s.fake.push(did_n(9), 1)
+    assert [m["id"] for m in await c.wait(1, 1.0)] == ids
+
+
+async def test_ack_on_another_connection_releases_the_barrier(stack_factory):
+    s = await stack_factory()
+    c1 = await Consumer.connect(s.url)
+    d = did_n(10)
+    l1 = s.fake.push(d, 1, live=True)
+    h1 = s.fake.push(d, 1)
+    assert [m["id"] for m in await c1.wait(1, 1.0)] == l1
+    c2 = await Consumer.connect(s.url)
+    await c2.ack(l1[0])
+    got = (await c1.wait(2, 1.0))[1:] + await c2.wait(1, 0.3)
+    assert [m["id"] for m in got] == h1
+    await c1.close()
+    await c2.close()
+
+
+async def test_two_clients_each_event_to_exactly_one(stack_factory):
+    s = await stack_factory()
+    c1 = await Consumer.connect(s.url)
+    c2 = await Consumer.connect(s.url)
+    ids = []
+    for i in range(20):
+        ids += s.fake.push(did_n(100 + i), 5)
+    await _until(lambda: len(c1.msgs) + len(c2.msgs) >= 100)
+    await asyncio.sleep(QUIET)
+    got = [m["id"] for m in c1.msgs + c2.msgs]
+    assert sorted(got) == ids  # none twice, none lost
+    await c1.close()
+    await c2.close()
+
+
+async def test_two_clients_barriers_hold(stack_factory):
+    s = await stack_factory()
+    c1 = await Consumer.connect(s.url)
+    c2 = await Consumer.connect(s.url)
+    d = did_n(11)
+    ids = s.fake.push(d, 1) + s.fake.push(d, 1, live=True) + s.fake.push(d, 1)
+    await _until(lambda: len(c1.msgs) + len(c2.msgs) >= 1)
+    await asyncio.sleep(QUIET)
+    assert [m["id"] for m in c1.msgs + c2.msgs] == ids[:1]
+    await c2.ack(ids[0])
+    await _until(lambda: len(c1.msgs) + len(c2.msgs) >= 2)
+    await asyncio.sleep(QUIET)
+    assert sorted(m["id"] for m in c1.msgs + c2.msgs) == ids[:2]
+    await c1.ack(ids[1])
+    await _until(lambda: len(c1.msgs) + len(c2.msgs) >= 3)
+    assert sorted(m["id"] for m in c1.msgs + c2.msgs) == ids
+
+
+async def test_unacked_event_is_resent_after_retry_timeout(stack_factory):
+    s = await stack_factory(retry_timeout=0.3)
+    c = await Consumer.connect(s.url)
+    ids = s.fake.push(did_n(12), 1, live=True)
+    t0 = time.monotonic()
+    assert len(await c.wait(1, 1.0)) == 1
+    assert len(await c.wait(2, 0.15)) == 1
+    msgs = await c.wait(3, 2.0)  # resent, and again
+    assert [m["id"] for m in msgs] == ids * 3
+    assert time.monotonic() - t0 >= 0.55
+    await c.ack(ids[0])
+    await asyncio.sleep(0.5)
+    assert len(c.msgs) <= 4  # no more resends once acked (one may have crossed the ack)
+    await _until(lambda: s.fake.rows() == 0)
+
+
+async def test_events_of_a_dropped_connection_go_to_the_next_client_at_once(stack_factory):
+    s = await stack_factory()  # retry timeout 60 s: no timer involved
+    c1 = await Consumer.connect(s.url)
+    d = did_n(13)
+    ids = s.fake.push(d, 1, live=True) + s.fake.push(d, 2)
+    assert [m["id"] for m in await c1.wait(1, 1.0)] == ids[:1]
+    await c1.close()
+    c2 = await Consumer.connect(s.url)
+    assert [m["id"] for m in await c2.wait(1, 1.0)] == ids[:1]
+    await c2.ack(ids[0])
+    assert [m["id"] for m in await c2.wait(3, 1.0)] == ids
+    await c2.close()
+
+
+async def test_fire_and_forget_failed_write_is_retried(stack_factory):
+    """§15.6: a write to a dead socket puts the events back (Tap blocks the repo until restart)."""
+    s = await stack_factory(disable_acks=True)
+    ch = s.channel
+
+    class DeadTransport:
+        def is_closing(self):
+            return True
+
+    class FakeConn:
+        transport = DeadTransport()
+        protocol = None
+        closed = False
+        sent: set = set()
+        peer = "x"
+
+    d = did_n(14)
+    ids = s.fake.push(d, 1, live=True) + s.fake.push(d, 1)
+    await _until(lambda: ch.queued == 1)
+    await ch._write_loop(FakeConn())  # finds the transport closing: requeues and returns
+    assert ch.queued == 1
+    c = await Consumer.connect(s.url)
+    assert [m["id"] for m in await c.wait(2, 1.0)] == ids
+    await c.close()
+
+
+async def test_pings_are_answered(stack_factory):
+    s = await stack_factory()
+    session = aiohttp.ClientSession()
+    ws = await session.ws_connect(s.url.replace("http", "ws") + "/channel", autoping=False)
+    await ws.ping(b"hb")
+    msg = await asyncio.wait_for(ws.receive(), 1.0)
+    assert msg.type is WSMsgType.PONG and msg.data == b"hb"
+    await ws.close()
+    await session.close()
+
+
+async def test_shutdown_aborts_without_close_frame(stack_factory):
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    await asyncio.sleep(0.02)
+    frames = []
+
+    async def raw_reader():
+        pass
+
+    await s.stop()
+    await asyncio.wait_for(c._task, 2.0)
+    assert c.ws.close_code in (None, 1006)
+    await c.close()
+
+
+async def test_internal_rows_are_taken_without_sending(stack_factory):
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    d = did_n(15)
+    s.fake.push(d, 2, internal=True)
+    ids = s.fake.push(d, 1)
+    assert [m["id"] for m in await c.wait(1, 1.0)] == ids
+    await _until(lambda: s.fake.rows() == 1)  # the internal rows are acked and deleted
+    assert len(await c.wait(2, QUIET)) == 1
+
+
+async def test_restart_redelivers_unacked_in_order_with_barriers(stack_factory, tmp_path):
+    s = await stack_factory(control=True)
+    c = await Consumer.connect(s.url)
+    d = did_n(16)
+    h = s.fake.push(d, 2)
+    l1 = s.fake.push(d, 1, live=True)
+    h2 = s.fake.push(d, 1)
+    other = s.fake.push(did_n(17), 1)
+    msgs = await c.wait(3, 1.0)
+    assert sorted(m["id"] for m in msgs) == sorted(h + other)
+    await c.ack(other[0])
+    await _until(lambda: s.fake.rows() == 4)
+    await c.close()
+    s2 = await s.restart()
+    c2 = await Consumer.connect(s2.url)
+    msgs = await c2.wait(2, 1.0)
+    assert sorted(m["id"] for m in msgs) == h  # the acked event is gone for good
+    assert len(await c2.wait(3, QUIET)) == 2
+    await c2.ack(*h)
+    assert [m["id"] for m in await c2.wait(3, 1.0)][2:] == l1
+    await c2.ack(l1[0])
+    assert [m["id"] for m in await c2.wait(4, 1.0)][3:] == h2
+    await c2.close()
+    await s2.stop()
+
+
+async def test_acked_but_not_deleted_rows_are_not_redelivered(stack_factory):
+    s = await stack_factory(control=False)  # the flow never deletes: acks pile up
+    c = await Consumer.connect(s.url)
+    ids = s.fake.push(did_n(18), 3)
+    await c.wait(3, 1.0)
+    await c.ack(ids[0], ids[1])
+    await _until(lambda: s.follower.awaiting_delete == 2)
+    await c.close()
+    s2 = await s.restart()
+    c2 = await Consumer.connect(s2.url)
+    assert [m["id"] for m in await c2.wait(1, 1.0)] == ids[2:]
+    assert len(await c2.wait(2, QUIET)) == 1
+    assert s2.follower.awaiting_delete == 2
+    s2.fake.apply_acks()  # the flow catches up: ack rows go, and so does the memory of them
+    await _until(lambda: s2.follower.awaiting_delete == 0, 3.0)
+    s2.delivery.catch_up() if s2.delivery.secondary else None
+    assert list(s2.delivery.cf("acks").keys()) == []
+    await c2.close()
+    await s2.stop()
+
+
+async def test_memory_is_bounded_by_outbox_capacity(stack_factory):
+    s = await stack_factory(outbox_capacity=10)
+    ids = []
+    for i in range(10):
+        ids += s.fake.push(did_n(200 + i), 10)
+    await asyncio.sleep(0.2)
+    assert s.follower.in_flight == 10  # read only as far as the capacity allows
+    c = await Consumer.connect(s.url)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 10
+    while len(seen) < 100 and time.monotonic() < deadline:
+        msgs = await c.wait(len(c.msgs) + 1, 0.5)
+        new = [m["id"] for m in msgs if m["id"] not in seen]
+        seen.update(new)
+        await c.ack(*new)
+        assert s.follower.in_flight <= 10
+    assert sorted(seen) == ids
+    await _until(lambda: s.fake.rows() == 0, 3.0)
+    await _until(lambda: s.follower.awaiting_delete == 0, 3.0)
+    await c.close()
+
+
+async def _until(cond, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
