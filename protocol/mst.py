@@ -484,6 +484,8 @@ class MST:
         """Value CID stored at ``key`` or None; MSTPartialError if the path is not available."""
         _check_key(key)
         node = self._root_node()
+        if node.height < 0:
+            raise MSTPartialError("MST root height unknown (its only subtree is missing)")
         h = key_height(key)
         store = self.store
         while True:

@@ -423,6 +423,18 @@ def test_missing_root_block():
         MST.load({}, CID1)
 
 
+def test_bare_pointer_root_with_missing_child():
+    """A (non-canonical) root that only points at a missing subtree: its height is unknown, so
+    lookups and edits report a partial tree instead of guessing."""
+    s: dict = {}
+    leaf = cid_for_dag_cbor(node_block([(K["A0"], CID1, None)]))
+    root = put(s, node_block([], left=leaf))
+    t = MST.load(s, root)
+    for op in (lambda: t.get(K["A0"]), lambda: t.copy().insert(K["C0"], CID1), lambda: t.copy().remove(K["A0"])):
+        with pytest.raises(MSTPartialError):
+            op()
+
+
 def test_stub_root_rule():
     """Removing the only top-layer key leaves a bare pointer to an unavailable subtree:
     the tree becomes a stub whose root CID is that subtree's (Go's trimming for inversion)."""
