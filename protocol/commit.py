@@ -28,8 +28,8 @@ escape applies (Tap would emit it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol
 
 from protocol import cbor, syntax
