@@ -535,7 +535,7 @@ class RepoLogic:
         if st.fetch_key:
             return
         key = fetch_key(prio, int(not_before), did)
-        b.kv_put("fetch_q", _NOPREFIX, key, orjson.dumps({"kind": "repo", "did": did}))
+        b.kv_put("fetch_q", _NOPREFIX, key, orjson.dumps({"kind": "repo", "did": did, "n": time.time_ns()}))
         st.fetch_key = key.hex()
         b.fetch_queued = True
 
@@ -742,7 +742,7 @@ class RepoLogic:
         key = fetch_key(PRIO_IDENTITY, int(self._now), did)
         if st.ident_key and st.ident_key != key.hex():
             b.kv_put("fetch_q", _NOPREFIX, bytes.fromhex(st.ident_key), None)
-        b.kv_put("fetch_q", _NOPREFIX, key, orjson.dumps({"kind": "identity", "did": did}))
+        b.kv_put("fetch_q", _NOPREFIX, key, orjson.dumps({"kind": "identity", "did": did, "n": time.time_ns()}))
         st.ident_key = key.hex()
         b.fetch_queued = True
         b.put_state(did, st)

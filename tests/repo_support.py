@@ -170,7 +170,9 @@ class Env:
         out = []
         while it.valid():
             p, nb, d = parse_fetch_key(it.key())
-            out.append((p, nb, d, orjson.loads(it.value())))
+            value = orjson.loads(it.value())
+            assert isinstance(value.pop("n"), int)  # uniqueness token (tells re-requests apart)
+            out.append((p, nb, d, value))
             it.next()
         return out
 
