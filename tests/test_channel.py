@@ -651,3 +651,150 @@ async def _until(cond, timeout: float = 2.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+# --- the real child process and the official client (@atproto/tap 0.3.12) ----------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENT = Path(os.environ.get("TAPFLOW_SHARED", ROOT.parent / "shared")) / "harness" / "client" / "run-client.sh"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Child:
+    """``python -m connectors.delivery_main`` over ``data_dir``."""
+
+    def __init__(self, data_dir: Path, port: int, **env: str) -> None:
+        self.data_dir, self.port = data_dir, port
+        e = {k: v for k, v in os.environ.items() if not k.startswith("TAP_")}
+        e.update({"PYTHONPATH": str(ROOT), "TAP_DATA_DIR": str(data_dir), "TAP_BIND": f"127.0.0.1:{port}",
+                  "TAP_SHARDS": str(SHARDS), "TAP_LOG_LEVEL": "info"})
+        e.update(env)
+        self.log = open(data_dir.parent / f"child-{port}-{time.monotonic_ns()}.log", "wb")
+        self.proc = subprocess.Popen([os.sys.executable, "-m", "connectors.delivery_main"], cwd=str(ROOT), env=e,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def ready(self, timeout: float = 15.0) -> "Child":
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, Path(self.log.name).read_text()
+                try:
+                    async with s.get(self.url + "/health", headers=self._auth()) as r:
+                        if r.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("delivery child did not start:\n" + Path(self.log.name).read_text())
+
+    def _auth(self) -> dict:
+        return {}
+
+    def stop(self, sig=None) -> int:
+        import signal as _signal
+
+        self.proc.send_signal(sig or _signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        finally:
+            self.log.close()
+
+
+async def _control_loop(fake: FakeFlow) -> None:
+    while True:
+        try:
+            fake.apply_acks()
+        except Exception:
+            fake._delivery = None
+        await asyncio.sleep(0.005)
+
+
+def _client(url: str, out: Path, **env: str) -> subprocess.Popen:
+    e = dict(os.environ)
+    e.update({"TAP_URL": url, "TAP_ADD_REPOS": "0", "TIMEOUT_S": "60"})
+    e.update(env)
+    return subprocess.Popen(["bash", str(CLIENT)], env=e, stdout=open(out, "wb"), stderr=open(str(out) + ".err", "wb"))
+
+
+def _events(out: Path) -> list[dict]:
+    return [orjson.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.e2e
+async def test_official_client_redelivery_with_fail_first(tmp_path):
+    """TAP_FAIL_FIRST=1: the client rejects each first delivery; the child resends after the
+    retry timeout; barriers hold; every event ends acked and deleted."""
+    data = tmp_path / "data"
+    fake = FakeFlow(data)
+    child = await Child(data, _free_port(), TAP_RETRY_TIMEOUT="1s").ready()
+    control = asyncio.create_task(_control_loop(fake))
+    try:
+        d1, d2 = did_n(1), did_n(2)
+        ids = fake.push(d1, 1, identity=True) + fake.push(d1, 3) + fake.push(d1, 1, live=True) + fake.push(d1, 2)
+        ids += fake.push(d2, 1, live=True) + fake.push(d2, 1, live=True)
+        out = tmp_path / "client.out"
+        proc = _client(child.url, out, TAP_FAIL_FIRST="1", TAP_COUNT_UNIQUE="1", MAX_EVENTS=str(len(ids)))
+        code = await asyncio.to_thread(proc.wait, 60)
+        evs = _events(out)
+        assert code == 0, Path(str(out) + ".err").read_text()
+        assert {e["id"] for e in evs} == set(ids)
+        # each id failed once and was redelivered (the client exits after handling the last one)
+        assert {e["id"] for e in evs if e["_delivery"] == 1} == set(ids)
+        assert {e["id"] for e in evs if e["_delivery"] == 2} == set(ids)
+        # per-DID rules on what the client saw: an event's first delivery never precedes the
+        # ack (= second delivery) of an earlier live event, and a live event's first delivery
+        # never precedes the acks of everything earlier of its DID.
+        pos = {(e["id"], e["_delivery"]): i for i, e in enumerate(evs)}
+        acked_at = {i: pos.get((i, 2), 10**9) for i in ids}
+        by_did = {d1: ids[:7], d2: ids[7:]}
+        live = set(ids[4:5]) | set(ids[7:9])
+        for did, seq in by_did.items():
+            for j, i in enumerate(seq):
+                earlier = seq[:j]
+                first = pos[(i, 1)]
+                for e in earlier:
+                    if e in live or i in live:
+                        assert acked_at[e] < first, (did, e, i)
+        await _until(lambda: fake.rows() == 0, 10.0)
+    finally:
+        control.cancel()
+        child.stop()
+
+
+@pytest.mark.e2e
+async def test_official_client_survives_a_delivery_restart(tmp_path):
+    """SIGTERM drops the TCP connection without a close frame: the official client reconnects to
+    the next delivery process, which redelivers what was not acked."""
+    data = tmp_path / "data"
+    fake = FakeFlow(data)
+    port = _free_port()
+    child = await Child(data, port).ready()
+    control = asyncio.create_task(_control_loop(fake))
+    try:
+        d = did_n(3)
+        ids = fake.push(d, 1, live=True) + fake.push(d, 2)
+        out = tmp_path / "client.out"
+        proc = _client(child.url, out, TAP_ACK="0", TAP_COUNT_UNIQUE="1", MAX_EVENTS="3")
+        await _until(lambda: out.exists() and len(_events(out)) >= 1, 20.0)
+        assert [e["id"] for e in _events(out)] == ids[:1]
+        child.stop()  # no acks were sent: everything must come again from the next process
+        child = await Child(data, port).ready()
+        await _until(lambda: len(_events(out)) >= 2, 20.0)
+        assert proc.poll() is None, "the client must not have ended on a close frame"
+        assert [e["id"] for e in _events(out)][:2] == ids[:1] * 2
+        proc.terminate()
+        proc.wait(10)
+    finally:
+        control.cancel()
+        child.stop()
