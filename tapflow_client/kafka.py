@@ -48,7 +48,8 @@ def kafka_events(bootstrap: str, group_id: str, topic: str = "tap.events", *,
     ``conf`` goes to the Kafka consumer; underscores become dots, so
     ``security_protocol="SASL_SSL"`` is ``security.protocol``. Defaults:
     ``auto.offset.reset=earliest``. ``idle_timeout`` ends the iteration after that many
-    seconds without a message (handy for batch jobs and tests); None waits forever.
+    seconds without a message once partitions are assigned (handy for batch jobs and tests);
+    None waits forever.
     """
     try:
         from confluent_kafka import Consumer
@@ -78,7 +79,8 @@ class KafkaEventIterator:
         self._last: Optional[tuple[str, int, int]] = None
         self._last_commit = time.monotonic()
         self._closed = False
-        consumer.subscribe([topic], on_revoke=self._on_revoke)
+        self._assigned = False
+        consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def __iter__(self) -> Iterator[Event]:
         return self
@@ -93,7 +95,9 @@ class KafkaEventIterator:
                 self.commit()
             msg = self.consumer.poll(self.poll_timeout)
             if msg is None:
-                if self.idle_timeout is not None and time.monotonic() - idle_since >= self.idle_timeout:
+                if not self._assigned:
+                    idle_since = time.monotonic()  # joining the group is not idleness
+                elif self.idle_timeout is not None and time.monotonic() - idle_since >= self.idle_timeout:
                     self.close(mark_last=False)
                     raise StopIteration
                 continue
@@ -142,6 +146,9 @@ class KafkaEventIterator:
             log.warning("kafka: commit failed: %s", e)
             return
         self._done.clear()
+
+    def _on_assign(self, consumer: Any, partitions: list) -> None:
+        self._assigned = True
 
     def _on_revoke(self, consumer: Any, partitions: list) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}

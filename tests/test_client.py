@@ -904,3 +904,131 @@ def tap_thread():
     st = _ServerThread()
     yield st.server.url, st
     st.stop()
+
+
+# --- examples ------------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _example_events() -> list[str]:
+    return [
+        ident_frame(1),
+        rec_frame(2, rkey="a1", live=False),
+        rec_frame(3, rkey="a2", live=False),
+        rec_frame(4, rkey="a1", action="update", record={"$type": "app.bsky.feed.post", "text": "edited"}),
+        rec_frame(5, rkey="a2", action="delete", cid=_DROP, record=_DROP),
+        rec_frame(6, did="did:plc:gone", rkey="x"),
+        ident_frame(7, did="did:plc:gone", status="deleted", is_active=False),
+    ]
+
+
+def test_sqlite_indexer_example(tmp_path, tap_thread):
+    import sqlite3
+
+    url, st = tap_thread
+    db = tmp_path / "records.db"
+    st.call(lambda s: [s.push(f) for f in _example_events()])
+    cmd = [sys.executable, str(EXAMPLES / "sqlite_indexer.py"), "--db", str(db), "--url", url, "--max", "7",
+           "--add", DID]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "applied 7 events" in r.stdout
+    assert DID in st.server.repos  # --add
+
+    def rows():
+        with sqlite3.connect(db) as c:
+            return (c.execute("SELECT did, rkey, json_extract(record, '$.text'), live FROM records ORDER BY rkey")
+                    .fetchall(),
+                    c.execute("SELECT did, handle, status, is_active FROM repos ORDER BY did").fetchall())
+
+    expected = ([(DID, "a1", "edited", 1)],
+                [(DID, "alice.test", "active", 1), ("did:plc:gone", "alice.test", "deleted", 0)])
+    assert rows() == expected
+    deadline = __import__("time").time() + 5
+    while len(st.server.acks) < 7 and __import__("time").time() < deadline:
+        __import__("time").sleep(0.02)
+    assert sorted(st.server.acked_ids()) == [1, 2, 3, 4, 5, 6, 7]
+    # everything again (a redelivery after a crash): same result
+    st.call(lambda s: [s.push(f) for f in _example_events()])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert rows() == expected
+
+
+def test_postgres_example_without_psycopg():
+    try:
+        import psycopg  # noqa: F401
+        pytest.skip("psycopg is installed")
+    except ImportError:
+        pass
+    r = subprocess.run([sys.executable, str(EXAMPLES / "postgres_indexer.py")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1
+    assert 'this example needs psycopg 3: pip install "psycopg[binary]"' in r.stderr
+
+
+# --- Kafka ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def kafka_bootstrap(request):
+    bootstrap = os.environ.get("TAPFLOW_TEST_KAFKA_BOOTSTRAP")
+    if bootstrap:
+        yield bootstrap
+        return
+    try:
+        from tests.kafka_broker import Broker
+    except ImportError:
+        pytest.skip("tests/kafka_broker.py is not available")
+
+    try:
+        broker = Broker().start()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no Kafka-protocol broker: {e}")
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+def _produce(bootstrap: str, topic: str, frames: list[str]) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    p = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for f in frames:
+        p.produce(topic, key=DID.encode(), value=f.encode())
+    assert p.flush(30) == 0
+
+
+@pytest.mark.kafka
+def test_kafka_events_commits_only_processed_events(kafka_bootstrap, tmp_path):
+    from tapflow_client.kafka import kafka_events
+
+    topic = f"tap.events.test{random.randrange(1 << 30)}"
+    _produce(kafka_bootstrap, topic, [rec_frame(1), "not json", rec_frame(2), rec_frame(3), rec_frame(4)])
+    group = f"g{random.randrange(1 << 30)}"
+    errors: list[Exception] = []
+    seen: list[int] = []
+    with pytest.raises(RuntimeError):
+        with kafka_events(kafka_bootstrap, group, topic, on_error=errors.append, session_timeout_ms=6000,
+                          idle_timeout=20) as events:
+            for ev in events:
+                if ev.id == 3:
+                    raise RuntimeError("handler failed on 3")
+                seen.append(ev.id)
+    assert seen == [1, 2] and len(errors) == 1 and isinstance(errors[0], ParseError)
+    # the same group resumes at the event whose handler failed
+    with kafka_events(kafka_bootstrap, group, topic, session_timeout_ms=6000, idle_timeout=3) as events:
+        again = [ev.id for ev in events]
+    assert again == [3, 4]
+
+    # the example indexer, fed from the same topic by a fresh group
+    db = tmp_path / "k.db"
+    r = subprocess.run([sys.executable, str(EXAMPLES / "kafka_sqlite_indexer.py"), "--bootstrap", kafka_bootstrap,
+                        "--group", group + "x", "--topic", topic, "--db", str(db), "--idle-exit", "3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "applied 4 events" in r.stdout
