@@ -263,6 +263,7 @@ async def cmd_tail(args: argparse.Namespace) -> int:
 # --- status --------------------------------------------------------------------------------
 
 IN_PROGRESS = ("pending", "resyncing", "desynchronized")
+ERROR_DETAILS = 10
 
 
 class Snapshot:
@@ -302,6 +303,11 @@ async def take_snapshot(tap: TapClient, max_repos: int) -> Snapshot:
                 break
     except NotFound:
         states = None  # a Tap without GET /repos
+    # the listing has no error messages: ask /info for the first few
+    details = await asyncio.gather(*(tap.info(r.did) for r in errors[:ERROR_DETAILS]), return_exceptions=True)
+    for i, d in enumerate(details):
+        if not isinstance(d, BaseException):
+            errors[i] = d
     return Snapshot(time.monotonic(), stats, states, errors, listed, truncated, str(health))
 
 
@@ -340,7 +346,7 @@ class Style:
 
 
 def render(url: str, now: Snapshot, prev: Optional[Snapshot], first: Optional[Snapshot], width: int,
-           style: Style, max_errors: int = 10) -> str:
+           style: Style, max_errors: int = ERROR_DETAILS) -> str:
     s = now.stats
     lines = [f"{style('tapflow', '1')} at {url}   health: "
              + (style(now.health, '32') if now.health == "ok" else style(now.health, '31'))]

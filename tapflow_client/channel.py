@@ -112,6 +112,7 @@ class TapChannel:
         self._running = False
         self._run_task: Optional[asyncio.Task] = None
         self._done: Optional[asyncio.Future] = None
+        self._waiting = False  # in receive(), i.e. not inside a handler
         self.connections = 0  # successful opens so far (for status displays and tests)
 
     # --- acks ---------------------------------------------------------------------------
@@ -169,12 +170,13 @@ class TapChannel:
     start = run  # the official client's name
 
     async def stop(self) -> None:
-        """Stop receiving. Safe from inside the handler (the current event still gets acked
-        if the handler returns). Elsewhere it waits until ``run()`` has returned."""
+        """Stop receiving and disconnect. An event being handled is finished (and acked if
+        the handler returns) first. Safe from inside the handler; elsewhere it waits until
+        ``run()`` has returned."""
         self._stop.set()
         ws = self._ws
-        if ws is not None and not ws.closed and not self._in_handler():
-            await _abort(ws)
+        if ws is not None and not ws.closed and self._waiting:
+            await _abort(ws)  # idle in receive(): nothing to finish
         if self._done is not None and not self._in_handler():
             try:
                 await asyncio.shield(self._done)
@@ -302,9 +304,14 @@ class TapChannel:
                 yield _NormalClose()
                 return
             wait = max(0.01, last_ping + interval - time.monotonic()) if interval > 0 else None
+            self._waiting = True
             try:
                 msg = await ws.receive(timeout=wait)
             except asyncio.TimeoutError:
+                msg = None
+            finally:
+                self._waiting = False
+            if msg is None:
                 # a heartbeat tick: we were waiting for data the whole time
                 if last_in < last_ping:
                     yield TimeoutError(f"no data and no pong for {interval}s")

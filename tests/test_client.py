@@ -494,7 +494,12 @@ class FakeTap:
         dids = sorted(d for d in self.repos if d > cursor)
         page = dids[:limit]
         nxt = page[-1] if len(dids) > limit else None
-        return web.json_response({"repos": [self.repos[d] for d in page], "cursor": nxt})
+        # like tapflow's listing: no error/retries (those come from /info)
+        rows = [{k: v for k, v in self.repos[d].items() if k not in ("error", "retries")} for d in page]
+        out: dict[str, Any] = {"repos": rows}
+        if nxt:
+            out["cursor"] = nxt
+        return web.json_response(out)
 
     async def channel(self, request: web.Request) -> web.StreamResponse:
         self.upgrade_auth.append(request.headers.get("Authorization"))
@@ -1032,3 +1037,134 @@ def test_kafka_events_commits_only_processed_events(kafka_bootstrap, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "applied 4 events" in r.stdout
+
+
+async def test_stop_from_outside_lets_the_current_event_finish(tap):
+    started = asyncio.Event()
+    tap.push(rec_frame(1))
+
+    async def handler(ev):
+        started.set()
+        await asyncio.sleep(0.3)
+
+    ch = TapChannel_for(tap, handler)
+    task = asyncio.ensure_future(ch.run())
+    await asyncio.wait_for(started.wait(), 5)
+    await ch.stop()  # waits for the handler, its ack, then the disconnect
+    assert task.done()
+    await task
+    await asyncio.sleep(0.1)
+    assert tap.acked_ids() == [1]
+
+
+# --- end to end: the real service ------------------------------------------------------------
+
+def _pds_write(pds, did: str, ops: list[dict]) -> list[dict]:
+    code = f"""
+const did = {json.dumps(did)};
+const s = await X.createSession(base, did);
+const out = [];
+for (const op of {json.dumps(ops)}) {{
+  const r = await X.xrpc(base, 'com.atproto.repo.putRecord', {{ auth: s.accessJwt, body: {{ repo: did, collection: op.collection, rkey: op.rkey, record: op.record }} }});
+  out.push({{ path: op.collection + '/' + op.rkey, cid: r.cid }});
+}}
+console.log(JSON.stringify({{ ok: true, out }}));
+"""
+    return pds.xrpc_script(code)["out"]
+
+
+@pytest.mark.e2e
+async def test_client_against_the_real_service(pds, tmp_path):
+    """TapClient + channel + CLI against ``python -m bytewax.run flows.tap`` and the PDS harness:
+    HTTP methods with auth, backfill then live events, a failed handler redelivered, and a
+    kill -9 + restart of the service survived by the same channel."""
+    from tests.e2e_support import make_service
+
+    out = tmp_path / "load.json"
+    pds.script("load.mjs", {"ACCOUNTS": "2", "RECORDS": "10", "OUT_FILE": str(out)})
+    ledger = json.loads(out.read_text())
+    dids = sorted(ledger["repos"])
+    svc = make_service(pds, tmp_path, TAP_ADMIN_PASSWORD="pw", TAP_RETRY_TIMEOUT="2s")
+    await asyncio.to_thread(svc.start)
+    client = TapClient(svc.url, admin_password="pw")
+    state: dict[str, dict[str, str]] = {d: {} for d in dids}
+    identities: dict[str, IdentityEvent] = {}
+    live: list[RecordEvent] = []
+    failed_once: list[int] = []
+    reconnects: list[BaseException] = []
+
+    async def handler(ev):
+        if isinstance(ev, IdentityEvent):
+            identities[ev.did] = ev
+            return
+        if not failed_once:
+            failed_once.append(ev.id)
+            raise RuntimeError("first record fails once: must come again")
+        if ev.live:
+            live.append(ev)
+        if ev.action == "delete":
+            state[ev.did].pop(f"{ev.collection}/{ev.rkey}", None)
+        else:
+            state[ev.did][f"{ev.collection}/{ev.rkey}"] = ev.cid  # type: ignore[assignment]
+
+    channel = client.channel(handler, on_error=lambda e: None,
+                             on_reconnect_error=lambda e, n, init: reconnects.append(e),
+                             backoff_base=0.2, max_reconnect_seconds=1.0, heartbeat_interval=2.0)
+    task = asyncio.ensure_future(channel.run())
+
+    async def wait_for(cond, what: str, timeout: float = 90.0):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not cond():
+            if task.done():
+                task.result()
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{svc.log_tail()}")
+            await asyncio.sleep(0.2)
+
+    try:
+        assert await client.health() == {"status": "ok"}
+        with pytest.raises(AuthError):
+            async with TapClient(svc.url, admin_password="wrong") as bad:
+                await bad.health()
+        await client.add_repos(dids)
+        expected = {d: ledger["repos"][d]["records"] for d in dids}
+        await wait_for(lambda: state == expected, "backfill through the channel")
+        assert failed_once and set(identities) == set(dids)
+        assert all(identities[d].handle == ledger["repos"][d]["handle"] for d in dids)
+
+        infos = [await client.info(d) for d in dids]
+        assert [i.state for i in infos] == ["active", "active"]
+        assert [i.records for i in infos] == [len(expected[d]) for d in dids]
+        listed = [r.did for page in [p async for p in client.list_repos(limit=1)] for r in page]
+        assert listed == dids
+        stats = await client.stats()
+        assert stats["repo_count"] == 2 and stats["record_count"] == sum(len(v) for v in expected.values())
+        doc = await client.resolve(dids[0])
+        assert doc is not None and doc["id"] == dids[0]
+        with pytest.raises(NotFound):
+            await client.info("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa")
+
+        # the CLI sees the same service
+        r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tapflow_cli.main", "status", "--url",
+                                                     svc.url, "--password", "pw", "--sample", "0.2"],
+                                    capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "active 2" in r.stdout and "100.0%" in r.stdout
+
+        # kill -9 and restart on the same port: the channel reconnects by itself (no close frame)
+        await asyncio.to_thread(svc.kill)
+        await wait_for(lambda: reconnects, "the channel to notice", timeout=30)
+        await asyncio.to_thread(svc.start)
+        written = await asyncio.to_thread(_pds_write, pds, dids[0], [
+            {"collection": "com.example.live", "rkey": "k1", "record": {"$type": "com.example.live", "n": 1}}])
+        await wait_for(lambda: any(e.rkey == "k1" for e in live), "a live event after the restart")
+        ev = next(e for e in live if e.rkey == "k1")
+        assert ev.cid == written[0]["cid"] and ev.record == {"$type": "com.example.live", "n": 1}
+        assert channel.connections >= 2
+    finally:
+        await channel.stop()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            await client.close()
+            await asyncio.to_thread(svc.stop)
