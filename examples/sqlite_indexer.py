@@ -71,9 +71,9 @@ def main() -> None:
     p.add_argument("--max", type=int, default=0, help="stop after N events (0: run until Ctrl-C)")
     args = p.parse_args()
 
-    db = open_db(args.db)
     with SyncTapClient(args.url, args.password) as tap:
         tap.health()                   # fail now, clearly, if the service is down or the password wrong
+        db = open_db(args.db)
         if args.add:
             tap.add_repos(args.add)
         n = 0

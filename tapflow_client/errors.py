@@ -8,7 +8,12 @@ class TapError(Exception):
 
 
 class ParseError(TapError, ValueError):
-    """A frame, webhook body or response that is not what Tap sends (never acked)."""
+    """A frame, webhook body or response that is not what Tap sends (never acked).
+
+    ``frame`` holds the raw text when the error came from the channel or Kafka.
+    """
+
+    frame: str | None = None
 
 
 class TapUnreachable(TapError, ConnectionError):

@@ -164,13 +164,6 @@ class EventIterator:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close(ack_last=exc_type is None)
 
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            if not self._closed and not self._lt.loop.is_closed():
-                self.close()
-        except Exception:  # noqa: BLE001
-            pass
-
 
 def iter_events(url: str = DEFAULT_URL, admin_password: Optional[str] = None, **options: Any) -> EventIterator:
     """Shortcut: ``for ev in iter_events("http://127.0.0.1:2480"): ...`` (blocking)."""
