@@ -65,7 +65,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -73,6 +73,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from prometheus_client import Counter, Gauge
 
 from config import Config
+from store.layout import FLAG_INTERNAL
 from store.outbox import OutboxEvent
 
 log = logging.getLogger("tapflow.kafka")
@@ -152,7 +153,7 @@ def build_messages(ev: OutboxEvent, events_topic: str, records_topic: str) -> li
     A record event gives 2 (events + records), an identity event 1, an internal row one
     tombstone per deleted path, an unparseable payload 1 (events only, header ``did``).
     """
-    if not ev.internal:
+    if not ev.flags & FLAG_INTERNAL:
         payload = ev.payload
         m = _REC_HEAD.match(payload)
         if m is not None:
