@@ -11,8 +11,11 @@ No dependency beyond the standard library.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
+from functools import lru_cache
 from typing import Any
 
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -31,7 +34,12 @@ _RKEY_RE = re.compile(r"[a-zA-Z0-9_~.:-]{1,512}")
 
 
 def is_did(s: object) -> bool:
-    return type(s) is str and len(s) <= 2048 and _DID_RE.fullmatch(s) is not None
+    return type(s) is str and len(s) <= 2048 and _did_ok(s)
+
+
+@lru_cache(maxsize=8192)
+def _did_ok(s: str) -> bool:  # the same DIDs come again and again
+    return _DID_RE.fullmatch(s) is not None
 
 
 def is_handle(s: object) -> bool:
@@ -39,7 +47,12 @@ def is_handle(s: object) -> bool:
 
 
 def is_nsid(s: object) -> bool:
-    return type(s) is str and 5 <= len(s) <= 317 and _NSID_RE.fullmatch(s) is not None
+    return type(s) is str and 5 <= len(s) <= 317 and _nsid_ok(s)
+
+
+@lru_cache(maxsize=4096)
+def _nsid_ok(s: str) -> bool:  # a handful of collections make up nearly all events
+    return _NSID_RE.fullmatch(s) is not None
 
 
 def is_record_key(s: object) -> bool:
@@ -48,45 +61,32 @@ def is_record_key(s: object) -> bool:
 
 # --- CIDs (multiformats CID.parse + the canonical-string check of lex-data) -------------
 
-_B32 = "abcdefghijklmnopqrstuvwxyz234567"
-_B32_IDX = {c: i for i, c in enumerate(_B32)}
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _B58_IDX = {c: i for i, c in enumerate(_B58)}
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+_B36_IDX = {c: i for i, c in enumerate(_B36)}
+
+
+_B32_ALPHABET = b"abcdefghijklmnopqrstuvwxyz234567"
+_B32_TO_INT = bytes.maketrans(_B32_ALPHABET, b"0123456789abcdefghijklmnopqrstuv")
 
 
 def _b32_decode(s: str) -> bytes:
-    end = len(s)
-    while end and s[end - 1] == "=":
-        end -= 1
-    out = bytearray()
-    bits = buf = 0
-    for ch in s[:end]:
-        v = _B32_IDX.get(ch)
-        if v is None:
-            raise ValueError("non-base32 character")
-        buf = ((buf << 5) | v) & 0xFFFF
-        bits += 5
-        if bits >= 8:
-            bits -= 8
-            out.append((buf >> bits) & 0xFF)
-    if bits >= 5 or (buf << (8 - bits)) & 0xFF:
+    """multiformats' strict RFC 4648 base32: lowercase, trailing '=' ignored, the leftover
+    bits must be fewer than 5 and zero."""
+    try:
+        b = s.rstrip("=").encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError("non-base32 character") from None
+    if b.translate(None, _B32_ALPHABET):
+        raise ValueError("non-base32 character")
+    nbytes, extra = divmod(len(b) * 5, 8)
+    if extra >= 5:
         raise ValueError("unexpected end of data")
-    return bytes(out)
-
-
-def _b32_encode(b: bytes) -> str:
-    out = []
-    bits = buf = 0
-    for byte in b:
-        buf = ((buf << 8) | byte) & 0xFFFF
-        bits += 8
-        while bits >= 5:
-            bits -= 5
-            out.append(_B32[(buf >> bits) & 31])
-    if bits:
-        out.append(_B32[(buf << (5 - bits)) & 31])
-    return "".join(out)
+    value = int(b.translate(_B32_TO_INT), 32) if b else 0
+    if value & ((1 << extra) - 1):
+        raise ValueError("unexpected end of data")
+    return (value >> extra).to_bytes(nbytes, "big")
 
 
 def _bx_decode(s: str, alphabet: str, idx: dict[str, int]) -> bytes:
@@ -100,16 +100,6 @@ def _bx_decode(s: str, alphabet: str, idx: dict[str, int]) -> bytes:
     zeros = len(s) - len(s.lstrip(alphabet[0]))
     body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
     return b"\0" * zeros + body
-
-
-def _b58_encode(b: bytes) -> str:
-    n = int.from_bytes(b, "big")
-    out = []
-    while n:
-        n, r = divmod(n, 58)
-        out.append(_B58[r])
-    zeros = len(b) - len(b.lstrip(b"\0"))
-    return "1" * zeros + "".join(reversed(out))
 
 
 def _varint(b: bytes, pos: int) -> tuple[int, int]:
@@ -154,8 +144,9 @@ def _decode_cid_bytes(b: bytes) -> tuple[int, int, bytes]:
     return version, codec, b[prefix:]
 
 
-def parse_cid(s: str) -> tuple[int, int, bytes, str]:
-    """Like multiformats ``CID.parse``: (version, codec, multihash, canonical string)."""
+def parse_cid(s: str) -> tuple[int, int, bytes, bool]:
+    """Like multiformats ``CID.parse``: (version, codec, multihash, canonical), where canonical
+    means ``s`` is what ``cid.toString()`` gives back."""
     if not s:
         raise ValueError("empty CID")
     first = s[0]
@@ -166,17 +157,24 @@ def parse_cid(s: str) -> tuple[int, int, bytes, str]:
     elif first == "b":
         raw = _b32_decode(s[1:])
     elif first == "k":
-        raw = _bx_decode(s[1:], _B36, {c: i for i, c in enumerate(_B36)})
+        raw = _bx_decode(s[1:], _B36, _B36_IDX)
     else:
         raise ValueError("not a base32, base36 or base58btc CID")
     version, codec, mh = _decode_cid_bytes(raw)
-    if version == 0:
-        if first != "Q":
-            raise ValueError("version 0 CID string must not include a multibase prefix")
-        canonical = _b58_encode(mh)
-    else:
-        canonical = "b" + _b32_encode(_enc_varint(1) + _enc_varint(codec) + mh)
-    return version, codec, mh, canonical
+    if version == 0 and first != "Q":
+        raise ValueError("version 0 CID string must not include a multibase prefix")
+    # multiformats caches the source string under its base: toString() returns a "b..." or
+    # "Q..." source verbatim (padding and all), and re-encodes the others in base32
+    return version, codec, mh, first in ("b", "Q")
+
+
+def cid_string(s: str) -> str:
+    """What ``CID.parse(s).toString()`` returns."""
+    version, codec, mh, canonical = parse_cid(s)
+    if canonical:
+        return s
+    raw = _enc_varint(1) + _enc_varint(codec) + mh
+    return "b" + base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
 def is_cid_string(s: object) -> bool:
@@ -184,7 +182,7 @@ def is_cid_string(s: object) -> bool:
     if type(s) is not str:
         return False
     try:
-        return parse_cid(s)[3] == s
+        return parse_cid(s)[3]
     except (ValueError, OverflowError):
         return False
 
@@ -255,6 +253,9 @@ def _where(path: str) -> str:
     return path or "(top level)"
 
 
+_SCALARS = (str, bool, type(None))
+
+
 def check_value(v: Any, path: str = "") -> Any:
     """Validate a decoded JSON value like ``jsonToLex(v, {strict: true})``.
 
@@ -262,7 +263,26 @@ def check_value(v: Any, path: str = "") -> Any:
     integers) turned into ints; containers are copied only when that happens.
     """
     t = type(v)
-    if t is str or t is bool or v is None:
+    if t is dict:
+        _check_special(v, path)
+        copy = None
+        for k, item in v.items():
+            ti = type(item)
+            if ti is str or ti is bool or item is None:
+                continue
+            if ti is int and -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                continue
+            if k == "__proto__":
+                raise LexError(f"{_where(path)}: invalid key __proto__")
+            new = check_value(item, f"{path}.{k}" if path else k)
+            if new is not item:
+                if copy is None:
+                    copy = dict(v)
+                copy[k] = new
+        if "__proto__" in v:
+            raise LexError(f"{_where(path)}: invalid key __proto__")
+        return v if copy is None else copy
+    if t in _SCALARS:
         return v
     if t is int:
         if -MAX_SAFE_INTEGER <= v <= MAX_SAFE_INTEGER:
@@ -275,23 +295,14 @@ def check_value(v: Any, path: str = "") -> Any:
     if t is list:
         copy = None
         for i, item in enumerate(v):
+            ti = type(item)
+            if ti is str or ti is bool or item is None:
+                continue
             new = check_value(item, f"{path}[{i}]")
             if new is not item:
                 if copy is None:
                     copy = list(v)
                 copy[i] = new
-        return v if copy is None else copy
-    if t is dict:
-        _check_special(v, path)
-        copy = None
-        for k, item in v.items():
-            if k == "__proto__":
-                raise LexError(f"{_where(path)}: invalid key __proto__")
-            new = check_value(item, f"{path}.{k}" if path else k)
-            if new is not item:
-                if copy is None:
-                    copy = dict(v)
-                copy[k] = new
         return v if copy is None else copy
     raise LexError(f"{_where(path)}: not a JSON value ({t.__name__})")
 

@@ -156,7 +156,7 @@ def _req_str(d: dict, key: str, where: str) -> str:
     if type(v) is not str:
         if type(v) is dict and _lex.special_kind(v) == "link":
             # like the official client: a {"$link": cid} stands for the CID's string
-            return _lex.parse_cid(v["$link"])[3]
+            return _lex.cid_string(v["$link"])
         raise _fail(f"{where}.{key} must be a string")
     return v
 
