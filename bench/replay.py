@@ -817,8 +817,10 @@ class ReplayServer:
         finally:
             self._conns.discard(conn)
             reader.cancel()
+            # No close frame of ours. When the client closed, its close answer may sit behind
+            # frames it no longer reads, so flushing could hang: drop the connection either way.
             if not transport.is_closing():
-                transport.abort()  # never a close frame: a dropped connection, as a relay restart
+                transport.abort()
         return ws
 
     @staticmethod
@@ -872,7 +874,14 @@ class ReplayServer:
                 transport.abort()
                 return
             if drain is not None:
-                await drain()
+                if getattr(protocol, "writing_paused", True):
+                    # the client is not reading: wait for it, or for it to go away
+                    d = asyncio.ensure_future(drain())
+                    await asyncio.wait({d, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    if not d.done():
+                        d.cancel()
+                    elif d.exception() is not None:
+                        return
             else:
                 while transport.get_write_buffer_size() > _CHUNK and not transport.is_closing():
                     await asyncio.sleep(0.001)
