@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     sys.stdout.flush()
+    # The flow turns SIGTERM into SIGINT (bytewax's clean stop). A SIGINT ignored by whoever
+    # started us (`cmd &` in a script) would survive exec and make SIGTERM a no-op.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execvpe(cmd[0], cmd, env)
     return 0  # pragma: no cover
 

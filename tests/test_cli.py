@@ -207,3 +207,37 @@ def test_status_watch_refreshes(server):
         reader.join(5)
     text = "".join(out)
     assert text.count("health: ok") >= 2 and "done" in text
+
+
+@pytest.mark.e2e
+def test_run_starts_the_service_and_stops_on_sigterm(tmp_path):
+    """`tapflow run` execs the real service; SIGTERM stops it even when the caller ignored
+    SIGINT (as `cmd &` in a shell script does), since the flow turns SIGTERM into SIGINT."""
+    import signal
+    import urllib.request
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAP_")}
+    p = subprocess.Popen([sys.executable, "-m", "tapflow_cli.main", "run", "--bind", f"127.0.0.1:{port}",
+                          "--data-dir", str(tmp_path / "data"), "--outbox-only", "--log-level", "warn"],
+                         cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert json.loads(r.read()) == {"status": "ok"}
+                    break
+            except OSError:
+                assert p.poll() is None, "tapflow run exited"
+                assert time.time() < deadline, "service not healthy"
+                time.sleep(0.3)
+        r = tapflow("status", "--url", f"http://127.0.0.1:{port}", "--sample", "0.1")
+        assert r.returncode == 0 and "health: ok" in r.stdout
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) is not None
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
