@@ -29,8 +29,10 @@ Routes (one aiohttp app; extra PDS ports serve the same app, see ``pds_count``):
 
 Fault injection (tests):
 
-- ``inject=[Inject(at, kind)]`` at construction: ``"forged"`` = a copy of base frame ``at`` re-signed
-  with a wrong key, placed just before it (same rev and prevData; only the signature is wrong);
+- ``inject=[Inject(at, kind)]`` at construction: ``"forged"`` = a copy of base frame ``at`` whose
+  first create/update writes a different record (``forged: true``), signed by a wrong key, placed
+  just before it (same rev and prevData, a valid proof: only the signature is wrong;
+  ``ReplayServer.forged`` has the key and the record's CID);
   ``"garbage"`` = bytes that are not CBOR; ``"truncated"`` = the first half of a copy of base
   frame ``at``; ``"raw"`` = ``data`` as given. Every frame that decodes gets a seq of its own; the
   others carry none.
@@ -283,7 +285,7 @@ class ReplayData:
 class Inject:
     """A frame put into the stream before base frame ``at`` (``at`` = number of base frames: at the end).
 
-    kind: ``"forged"`` (base frame ``at`` re-signed by a wrong key), ``"garbage"``,
+    kind: ``"forged"`` (base frame ``at`` with one record changed, signed by a wrong key), ``"garbage"``,
     ``"truncated"`` (first half of base frame ``at``), ``"raw"`` (``data``; a seq is not added).
     """
 
@@ -292,20 +294,41 @@ class Inject:
     data: bytes = b""
 
 
-def _forge(body_bytes: bytes, curve: str, seed: bytes) -> dict:
-    """A ``#commit`` body equal to ``body_bytes`` except for a commit signed by a wrong key."""
+def _forge(body_bytes: bytes, curve: str, seed: bytes) -> tuple[dict, PrivateKey, bytes | None]:
+    """``body_bytes`` (a ``#commit`` body) with its first create/update writing a different
+    record, and the commit signed by a wrong key. The proof stays valid (the MST path is
+    re-encoded, inverting still gives ``prevData``): only the signature is wrong.
+
+    Returns (body, the wrong key, the forged record's CID or None when the commit only deletes).
+    """
+    from protocol.mst import MST
+
     body = cbrrr.decode_dag_cbor(body_bytes)
     car = read_car(body["blocks"])
     root = car.roots[0]
     commit = cbrrr.decode_dag_cbor(car.blocks[root])
+    blocks = {c: b for c, b in car.blocks.items() if c != root}
+    forged_cid = None
+    for op in body["ops"]:
+        if op["action"] in ("create", "update") and op["cid"] is not None:
+            record = cbrrr.decode_dag_cbor(blocks[op["cid"].cid_bytes])
+            record_block = cbor.encode({**record, "forged": True})
+            forged_cid = cid_for_dag_cbor(record_block)
+            tree = MST.load(dict(blocks), commit["data"].cid_bytes)
+            tree.insert(op["path"].encode(), forged_cid)
+            new_nodes: dict[bytes, bytes] = {}
+            commit["data"] = cbrrr.CID(tree.root_cid(out=new_nodes))
+            blocks.update(new_nodes)
+            blocks[forged_cid] = record_block
+            op["cid"] = cbrrr.CID(forged_cid)
+            break
     unsigned = {k: v for k, v in commit.items() if k != "sig"}
     wrong = PrivateKey.from_bytes(curve, hashlib.sha256(b"forged" + seed).digest()[:31] + b"\x01")
     block = cbor.encode({**unsigned, "sig": wrong.sign(cbor.encode(unsigned))})
     cid = cid_for_dag_cbor(block)
-    blocks = [(cid, block)] + [(c, b) for c, b in car.blocks.items() if c != root]
-    body["blocks"] = write_car([cid], blocks)
+    body["blocks"] = write_car([cid], [(cid, block)] + list(blocks.items()))
     body["commit"] = cbrrr.CID(cid)
-    return body
+    return body, wrong, forged_cid
 
 
 # ----------------------------------------------------------------------------- server
@@ -390,6 +413,8 @@ class ReplayServer:
         seqs = array("q")  # seq of each frame, -1 when it has none
         base_pos = array("Q")  # stream position of each base frame
         kinds: dict[int, str] = {}  # stream position -> inject kind
+        #: stream position of each forged frame -> (DID, the wrong key, CID of the forged record)
+        self.forged: dict[int, tuple[str, Any, str | None]] = {}
         seq = first_seq - 1
 
         def add(payload: bytes, s: int | None) -> None:
@@ -404,7 +429,9 @@ class ReplayServer:
                 if inj.kind == "forged":
                     did = data.repos[data.frame_repo[i]].did
                     f = data.frames[i]
-                    body = _forge(f[len(_COMMIT_HEADER):], data.repos[data.frame_repo[i]].curve, did.encode() + bytes(4) + i.to_bytes(4, "big"))
+                    body, wrong, rec = _forge(f[len(_COMMIT_HEADER):], data.repos[data.frame_repo[i]].curve,
+                                              did.encode() + i.to_bytes(4, "big"))
+                    self.forged[len(seqs)] = (did, wrong.public_key, cid_to_str(rec) if rec else None)
                     seq += 1
                     body["seq"] = seq
                     add(encode_frame("#commit", body), seq)

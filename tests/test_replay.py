@@ -167,24 +167,31 @@ def test_cursor_resumes_after_seq_and_future_cursor_is_an_error_frame(data):
 
 
 def test_injected_frames(data):
-    inj = [Inject(5, "forged"), Inject(8, "garbage"), Inject(12, "truncated"), Inject(150, "raw", b"\xa0")]
+    inj = [Inject(6, "forged"), Inject(8, "garbage"), Inject(12, "truncated"), Inject(150, "raw", b"\xa0")]
     with ReplayServer(data, inject=inj) as srv:
         assert srv.n_frames == 154
         frames = _read(srv, n=srv.n_frames)
         decoded = [decode_frame(x) for x in frames]
-        # forged: a copy of base frame 5 before it, same rev, signed by another key
-        forged, real = decoded[5], decoded[6]
+        # forged: a copy of base frame 6 (a create) before it, same rev, signed by another key
+        forged, real = decoded[6], decoded[7]
         assert forged.kind == real.kind == "event"
         assert forged.item.body["rev"] == real.item.body["rev"] and forged.did == real.did
-        assert forged.seq == 6 and real.seq == 7
+        assert forged.seq == 7 and real.seq == 8
         key = _key(srv, real.did)
-        verify_commit(real.item.body, key)
+        vr = verify_commit(real.item.body, key)
         with pytest.raises(BadSignature):
             verify_commit(forged.item.body, key)
+        did, wrong, forged_cid = srv.forged[6]
+        assert did == real.did and wrong != key
+        vf = verify_commit(forged.item.body, wrong)  # a valid proof: only the signer is wrong
+        assert vf.prev_data == vr.prev_data and vf.data_cid != vr.data_cid
+        changed = [(a, b) for a, b in zip(vf.ops, vr.ops) if a != b]
+        assert len(changed) == 1 and cid_to_str(changed[0][0].cid) == forged_cid
+        assert b"forged" in changed[0][0].record
         assert frames[9] == GARBAGE and decoded[9].kind == "rejected"
         assert decoded[14].kind == "rejected" and len(frames[14]) < len(frames[15])
         assert decoded[-1].kind == "rejected"
-        assert srv.injected == {5: "forged", 9: "garbage", 14: "truncated", 153: "raw"}
+        assert srv.injected == {6: "forged", 9: "garbage", 14: "truncated", 153: "raw"}
         seqs = [d.seq for d in decoded if d.kind == "event"]
         assert seqs == list(range(1, 152))
         # a cursor just before an undecodable frame replays it
