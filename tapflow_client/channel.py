@@ -232,14 +232,13 @@ class TapChannel:
                 self._ws = ws
                 try:
                     await self._flush_acks(ws)
-                    reason: BaseException
-                    async for item in self._receive(ws):
-                        if isinstance(item, BaseException):
-                            reason = item
-                            break
-                        yield item
-                    else:  # pragma: no cover - _receive always ends with a reason
-                        reason = ConnectionResetError("connection closed")
+                    reason: BaseException = ConnectionResetError("connection closed")
+                    async with _aclosing(self._receive(ws)) as items:
+                        async for item in items:
+                            if isinstance(item, BaseException):
+                                reason = item
+                                break
+                            yield item
                 finally:
                     self._ws = None
                     if not ws.closed:
