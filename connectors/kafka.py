@@ -397,7 +397,6 @@ class KafkaTarget:
         self._stop_timeout = stop_timeout
         self._stall_timeout = stall_timeout
         self._last_progress = time.monotonic()
-        self._progress_mark = 0
         self._connected_since: float | None = None  # statistics say a broker is UP, continuously since
         self._epochs = 0                    # idempotent producer epoch bumps (statistics)
         self._producer: Producer | None = None
@@ -737,6 +736,11 @@ class KafkaTarget:
             self._reset_backoff = min(30.0, self._reset_backoff * 2)
             box, self._producer = [self._producer], None
             await self._loop.run_in_executor(None, _dispose, box)
+            if self._create_topics:  # the cluster may have lost them (replaced, topics deleted)
+                try:
+                    await self._loop.run_in_executor(None, ensure_topics, self.cfg, self._setup_timeout)
+                except KafkaSetupError as e:
+                    log.warning("Kafka topics not checked (%s); producing anyway", e)
             while self._running:
                 try:
                     self._producer = self._new_producer()

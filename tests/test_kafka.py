@@ -424,7 +424,7 @@ async def test_broker_outage_waits_then_delivers(broker_factory):
     """Broker stopped: nothing is taken meanwhile; a broker back on the same port (tansu comes
     back empty, so topics are created again) gets everything that was waiting, in order."""
     broker = broker_factory("tansu")
-    await _outage(broker, recreate_topics=True, expect_before=False)
+    await _outage(broker, expect_before=False)
 
 
 @pytest.mark.kafka
@@ -432,10 +432,10 @@ async def test_broker_restart_with_data_kept(broker_factory):
     """noida with NOIDA_KEEP_DATA=1 keeps its log across a restart: after the outage the topic
     holds everything, the events produced before and during it, per DID in order."""
     broker = broker_factory("noida", NOIDA_KEEP_DATA="1")
-    await _outage(broker, recreate_topics=False, expect_before=True)
+    await _outage(broker, expect_before=True)
 
 
-async def _outage(broker, recreate_topics: bool, expect_before: bool) -> None:
+async def _outage(broker, expect_before: bool) -> None:
     cfg = cfg_for(broker.bootstrap, kafka_partitions=2)
     taken: list[bytes] = []
     # a replaced broker forgets our producer id; the watchdog notices in stall_timeout s
@@ -456,9 +456,8 @@ async def _outage(broker, recreate_topics: bool, expect_before: bool) -> None:
     assert len(taken) == 50, "nothing may be taken while the broker is down"
     assert t.stats().unacked == len(during)
 
+    # a new, empty broker (tansu) needs the topics again: the reset creates them (tansu also would, on first use)
     await asyncio.get_running_loop().run_in_executor(None, broker.start)
-    if recreate_topics:  # a new, empty broker needs the topics again
-        await asyncio.get_running_loop().run_in_executor(None, ensure_topics, cfg)
     await wait_for(lambda: len(set(taken)) == 50 + len(during), 90, "events after the outage")
     await t.stop()
     assert set(taken) == {e.key for e in before + during}
