@@ -516,3 +516,61 @@ async def test_consumer_group_reads_the_events_topic(kafka_broker):
     finally:
         c.close()
     assert sorted(got) == sorted(e.id for e in evs)
+
+
+@pytest.mark.kafka
+def test_delivery_child_kafka_only_end_to_end(kafka_broker, tmp_path):
+    """The delivery child (connectors.delivery_main) in kafka-only mode over an outbox written
+    here: every event reaches Kafka, the internal row becomes a tombstone, and every outbox key
+    is acked in the delivery database."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from store.db import _open_db
+    from store.layout import DELIVERY_CFS, FLOW_CFS, encode_outbox_row
+
+    flow = _open_db(tmp_path / "flow", FLOW_CFS, None)  # the flow process's role: primary writer
+    try:
+        ob = Outbox()
+        evs = [ob.record(f"did:plc:e{i % 7}", "create", f"r{i}") for i in range(200)]
+        evs += [ob.identity("did:plc:e3"), ob.account_deleted("did:plc:e1", ["app.bsky.feed.post/r1"])]
+        b = flow.batch()
+        for ev in evs:
+            b.put(ev.key, encode_outbox_row(ev.did, ev.flags, ev.payload), flow.handle("outbox"))
+        flow.write(b)
+        flow.db.flush()
+        prefix = f"e2e{uuid.uuid4().hex[:8]}."
+        env = dict(os.environ, TAP_DATA_DIR=str(tmp_path), TAP_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+                   TAP_KAFKA_ONLY="true", TAP_BIND=f"127.0.0.1:{free_port()}", TAP_KAFKA_TOPIC_PREFIX=prefix,
+                   TAP_KAFKA_PARTITIONS="3", TAP_METRICS_LISTEN="")
+        root = Path(__file__).resolve().parent.parent
+        child = subprocess.Popen([sys.executable, "-m", "connectors.delivery_main"], env=env, cwd=root,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            events: list = []
+            while time.monotonic() < deadline and child.poll() is None:
+                time.sleep(1)
+                admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+                if prefix + "events" in admin.list_topics(timeout=10).topics:
+                    events = read_all(kafka_broker.bootstrap, prefix + "events")
+                    if len(events) >= 201:
+                        break
+            time.sleep(1.0)  # the follower writes acks in batches
+        finally:
+            child.terminate()
+            out = child.communicate(timeout=30)[0]
+        assert len(events) == 201, out[-3000:]
+        assert {m.value() for m in events} == {e.payload for e in evs if not e.internal}
+        state = last_values(read_all(kafka_broker.bootstrap, prefix + "records"))
+        assert len(state) == 200 and state["at://did:plc:e1/app.bsky.feed.post/r1"] is None
+        delivery = _open_db(tmp_path / "delivery", DELIVERY_CFS, None)
+        try:
+            acked = set(delivery.cf("acks").keys())
+        finally:
+            delivery.close()
+        assert acked == {e.key for e in evs}, out[-3000:]
+    finally:
+        flow.close()
