@@ -593,13 +593,18 @@ class KafkaTarget:
     # -- the poll task --
 
     async def _poll_loop(self) -> None:
+        """Poll every poll_interval while reports come in; back off to 16x when they do not
+        (a trickle of events, or the broker away), and sleep until offer() when idle."""
+        interval = self._poll_interval
         while self._running:
             try:
-                self._tick()
+                served = self._tick()
             except Exception:
                 log.exception("Kafka poll tick failed")
+                served = 0
             if self._unacked or self._taken:
-                await asyncio.sleep(self._poll_interval)
+                interval = self._poll_interval if served else min(interval * 2, self._poll_interval * 16)
+                await asyncio.sleep(interval)
             else:
                 self._wake.clear()
                 try:
@@ -607,11 +612,13 @@ class KafkaTarget:
                 except asyncio.TimeoutError:
                     pass
 
-    def _tick(self) -> None:
+    def _tick(self) -> int:
+        """Serve delivery reports, produce what waits, hand taken keys over; returns events served."""
+        served = 0
         p = self._producer
         if p is not None and not self._resetting:
             before = self.taken + len(self._taken)
-            p.poll(0)
+            served = p.poll(0)
             if not self._broker_up and self.taken + len(self._taken) != before:
                 self._broker_up = True
                 log.info("Kafka: the broker acks again")
@@ -639,6 +646,7 @@ class KafkaTarget:
               and time.monotonic() - self._last_progress > self._stall_timeout):
             self._check_stall()
         self._push_metrics()
+        return served
 
     def _check_stall(self) -> None:
         """No ack for stall_timeout s while events wait. If a broker was connected all that
