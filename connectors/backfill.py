@@ -64,6 +64,7 @@ import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from prometheus_client import Counter, Gauge, Histogram
 
+from runtime.shutdown import cap_awake, check_stop
 from config import Config
 from connectors import http
 from connectors.control import DepthGauge
@@ -563,6 +564,7 @@ class _BackfillPartition(StatefulSourcePartition):
         b.start()
 
     def next_batch(self) -> Iterable:
+        check_stop()
         if self._b.cfg.outbox_only:
             return []
         return self._b.poll()
@@ -570,7 +572,7 @@ class _BackfillPartition(StatefulSourcePartition):
     def next_awake(self) -> datetime | None:
         if self._b.has_output():
             return None
-        return datetime.now(timezone.utc) + (timedelta(days=1) if self._b.cfg.outbox_only else self._idle)
+        return cap_awake(datetime.now(timezone.utc) + (timedelta(days=1) if self._b.cfg.outbox_only else self._idle))
 
     def snapshot(self) -> None:
         return None  # requests live in fetch_q

@@ -43,6 +43,7 @@ import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from prometheus_client import Counter, Gauge
 
+from runtime.shutdown import cap_awake, check_stop
 from config import Config
 from operators.items import AddRepo, RemoveRepo
 from store.db import Database, StoreError, open_delivery_db, open_flow_db
@@ -302,6 +303,7 @@ class _ControlPartition(StatefulSourcePartition):
         self._awake = datetime.now(timezone.utc)
 
     def next_batch(self) -> Iterable:
+        check_stop()
         try:
             items = self._f.poll()
         except Exception:
@@ -311,7 +313,7 @@ class _ControlPartition(StatefulSourcePartition):
         return items
 
     def next_awake(self) -> datetime | None:
-        return self._awake
+        return cap_awake(self._awake)
 
     def snapshot(self) -> None:
         return None  # the cursor lives in RocksDB meta

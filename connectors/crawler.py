@@ -46,6 +46,7 @@ from typing import Any, Iterable
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from prometheus_client import Counter
 
+from runtime.shutdown import cap_awake, check_stop
 from config import Config
 from connectors import http
 from connectors.http import LoopThread
@@ -212,13 +213,14 @@ class _CrawlerPartition(StatefulSourcePartition):
         c.start()
 
     def next_batch(self) -> Iterable[AddRepo]:
+        check_stop()
         return self._c.poll() if self._c.pending() else []
 
     def next_awake(self) -> datetime | None:
         if self._c.pending():
             return None
         idle = self._idle if self._c.enabled else timedelta(days=1)
-        return datetime.now(timezone.utc) + idle
+        return cap_awake(datetime.now(timezone.utc) + idle)
 
     def snapshot(self) -> None:
         return None  # cursors live in meta

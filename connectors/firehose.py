@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from prometheus_client import Counter, Gauge
 
+from runtime.shutdown import cap_awake, check_stop
 from config import USER_AGENT, Config
 from connectors.control import DepthGauge
 from connectors.http import LoopThread
@@ -468,6 +469,7 @@ class _FirehosePartition(StatefulSourcePartition):
             client.start()
 
     def next_batch(self) -> Iterable[Item]:
+        check_stop()
         pairs = self._c.drain(self._batch)
         items = []
         for seq, item in pairs:
@@ -482,7 +484,7 @@ class _FirehosePartition(StatefulSourcePartition):
     def next_awake(self) -> datetime | None:
         if self._c.pending():
             return None
-        return datetime.now(timezone.utc) + (timedelta(days=1) if self._off else self._idle)
+        return cap_awake(datetime.now(timezone.utc) + (timedelta(days=1) if self._off else self._idle))
 
     def snapshot(self) -> None:
         return None  # the cursor lives in RocksDB meta

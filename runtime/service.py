@@ -9,7 +9,8 @@ from pathlib import Path
 from config import Config
 from runtime.logs import safe_settings, setup_logging
 from runtime.metrics import serve_metrics
-from runtime.supervisor import DeliveryChild, sigterm_as_sigint
+from runtime.shutdown import install as install_signal_handlers
+from runtime.supervisor import DeliveryChild
 
 log = logging.getLogger("tapflow")
 
@@ -28,7 +29,7 @@ def start_service(cfg: Config) -> None:
         from config import parse_bind
 
         serve_metrics(parse_bind(cfg.metrics_listen))
-    sigterm_as_sigint()
+    install_signal_handlers()
     if _child is None:
         _child = DeliveryChild()
         _child.start()

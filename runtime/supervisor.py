@@ -89,15 +89,6 @@ class DeliveryChild:
             proc.wait()
 
 
-def sigterm_as_sigint() -> None:
-    """Bytewax stops cleanly on SIGINT; make SIGTERM (systemd, docker stop) do the same."""
-
-    def _handler(signum, frame):  # noqa: ARG001
-        os.kill(os.getpid(), signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, _handler)
-
-
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
     """In a child: ask Linux to send ``sig`` when the parent dies (no orphans after kill -9)."""
     try:

@@ -1,0 +1,55 @@
+"""The service as a process: starts with one command, stops cleanly on SIGTERM/SIGINT (also
+when SIGINT was inherited as ignored), restarts on the same data dir, refuses bad settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e_support import ROOT, make_service
+
+
+def _children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_and_restarts(tmp_path, sig):
+    svc = make_service(None, tmp_path, TAP_RELAY_URL="http://127.0.0.1:9")
+    # start like `cmd &` in a script: SIGINT ignored, inherited through exec
+    svc.proc = subprocess.Popen([sys.executable, "-m", "bytewax.run", "flows.tap"], cwd=str(ROOT), env=svc.env,
+                                stdout=open(svc.log_path, "ab"), stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    svc.wait_healthy()
+    children = _children_of(svc.proc.pid)
+    assert children, "the delivery child runs"
+    assert svc.api("POST", "/repos/add", {"dids": ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"]})[0] == 200
+    svc.proc.send_signal(sig)
+    assert svc.proc.wait(15) == 0, svc.log_tail()
+    assert "Traceback" not in svc.log_path.read_text()
+    time.sleep(0.5)
+    for c in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(c, 0)
+    svc.start()  # same data dir
+    status, info = svc.api("GET", "/info/did:plc:aaaaaaaaaaaaaaaaaaaaaaaa")
+    assert status == 200 and info["did"] == "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"
+    svc.stop()
+
+
+def test_bad_settings_fail_fast_with_every_reason(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAP_")}
+    env.update({"PYTHONPATH": str(ROOT), "TAP_DATA_DIR": str(tmp_path / "d"), "TAP_RELAY_URL": "ftp://x",
+                "TAP_RETRY_TIMEOUT": "soon", "TAP_NO_REPLAY": "true", "TAP_FULL_NETWORK": "true"})
+    out = subprocess.run([sys.executable, "-m", "bytewax.run", "flows.tap"], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "TAP_RELAY_URL='ftp://x': must start with http:// or https://" in out.stderr
+    assert "TAP_RETRY_TIMEOUT='soon'" in out.stderr
+    assert not (tmp_path / "d").exists()
