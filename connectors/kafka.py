@@ -18,7 +18,7 @@ An event is *taken* (``on_taken(key)``, on the event loop thread) only when the 
 acked every message produced for it (acks=all, idempotent producer). Until then it stays
 in the outbox, so a crash at any point loses nothing (at-least-once: after a crash or a
 producer reset a message can appear twice, never out of order relative to the ones before
-it for the same key, apart from the rare case described at ``_on_report``).
+it for the same key, apart from the rare case described at ``_message_failed``).
 
 Runnable example (a broker on 127.0.0.1:19092)::
 
@@ -49,10 +49,12 @@ callbacks on the loop thread, and then calls ``on_taken`` for finished events.
 
 Errors: librdkafka retries by itself. ``message.timeout.ms`` defaults to 0 (infinite) here,
 so while the broker is away messages wait in the producer and nothing is taken. A fatal
-producer error (idempotence state lost, e.g. the broker was replaced) or a timed-out message
-resets the producer: a new producer re-produces every unacked event in offer order. A
-message the broker refuses for good (e.g. too large) is counted, logged, and retried with
-backoff; it is never reported as taken.
+producer error (idempotence state lost), a timed-out message or any other error that is not
+about one message resets the producer: a new producer re-produces every unacked event in
+offer order. So does the stall watchdog when a connected broker acks nothing for
+``stall_timeout`` seconds (a replaced, empty cluster that does not know our producer id:
+librdkafka then bumps its epoch forever without reporting). A message the broker refuses for
+good (e.g. too large) is counted, logged, and retried with backoff; it is never taken.
 """
 
 from __future__ import annotations
@@ -79,13 +81,14 @@ from store.outbox import OutboxEvent
 log = logging.getLogger("tapflow.kafka")
 
 EVENTS = "events"
+RECORDS = "records"
 # Largest message produced, and max.message.bytes of the topics we create: a Tap event carries
 # a whole record as JSON (atproto records stay well below; the firehose frame limit is 5 MiB).
 MAX_MESSAGE_BYTES = 10 << 20
-RECORDS = "records"
 HEADER_FIELDS = ("live", "did", "collection", "action", "rev")
 
-# Our defaults; TAP_KAFKA_* settings (cfg.kafka_extra) override them, except the two below.
+# Our defaults; TAP_KAFKA_* settings (cfg.kafka_extra) override them (acks must stay "all":
+# see producer_config).
 PRODUCER_DEFAULTS: dict[str, object] = {
     "acks": "all",
     "enable.idempotence": True,
@@ -112,9 +115,12 @@ _PER_MESSAGE = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaE
                 KafkaError.INVALID_MSG_SIZE, KafkaError._INVALID_ARG, KafkaError._BAD_MSG,
                 KafkaError.INVALID_TIMESTAMP, KafkaError.RECORD_LIST_TOO_LARGE}
 _PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+_AUTH_CODES = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._SSL,
+               KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED}
 
 PRODUCED = Counter("tapflow_kafka_produced_messages", "Messages handed to the Kafka producer", ["topic"])
-ACKED = Counter("tapflow_kafka_acked_messages", "Messages acked by the Kafka broker", ["topic"])
+ACKED = Counter("tapflow_kafka_acked_messages", "Messages acked by the Kafka broker (counted when their whole "
+                "event is acked)", ["topic"])
 FAILED = Counter("tapflow_kafka_failed_messages", "Messages the producer or broker failed (retried)", ["topic"])
 BACKLOG = Gauge("tapflow_kafka_backlog_events", "Events waiting for room in the producer queue",
                 multiprocess_mode="livesum")
@@ -267,15 +273,24 @@ def ensure_topics(cfg: Config, timeout: float = 15.0) -> dict[str, str]:
     Existing topics are left alone; a records topic that is not compacted is warned about.
     """
     events, records = cfg.kafka_topic_prefix + EVENTS, cfg.kafka_topic_prefix + RECORDS
+    errors: list[KafkaError] = []
     try:
-        admin = AdminClient(_admin_config(cfg))
+        admin = AdminClient({**_admin_config(cfg), "error_cb": errors.append})
     except KafkaException as e:
         raise KafkaSetupError(f"Kafka client settings rejected (check TAP_KAFKA_*): {e.args[0]}") from e
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as e:
+        admin.poll(0)  # serve error_cb: the reason behind "transport failure"
+        errs = [x for x in (*errors, e.args[0]) if isinstance(x, KafkaError)]
+        auth = next((x for x in errs if x.code() in _AUTH_CODES), None)
+        if auth is not None:
+            raise KafkaSetupError(f"Kafka broker {cfg.kafka_bootstrap} refused the connection ({auth.name()}: "
+                                  f"{auth.str()}); check TAP_KAFKA_SECURITY_PROTOCOL, TAP_KAFKA_SASL_*, "
+                                  f"TAP_KAFKA_SSL_*") from e
+        detail = next((x.str() for x in errs if x.code() == KafkaError._TRANSPORT and "/" in x.str()), None)
         raise KafkaSetupError(f"Kafka broker {cfg.kafka_bootstrap} unreachable: no answer within {timeout:g}s "
-                              f"({e.args[0].str() if isinstance(e.args[0], KafkaError) else e})") from e
+                              f"({detail or e.args[0]})") from e
     big = str(MAX_MESSAGE_BYTES)
     wanted = {events: {"cleanup.policy": "delete", "max.message.bytes": big},
               records: {"cleanup.policy": "compact", "max.message.bytes": big}}
@@ -306,7 +321,7 @@ def ensure_topics(cfg: Config, timeout: float = 15.0) -> dict[str, str]:
                     continue
                 raise KafkaSetupError(f"Kafka broker {cfg.kafka_bootstrap} refused to create topic {name} "
                                       f"(partitions={cfg.kafka_partitions}, replication={cfg.kafka_replication}): "
-                                      f"{err.str() if isinstance(err, KafkaError) else err}") from e
+                                      f"{f'{err.name()}: {err.str()}' if isinstance(err, KafkaError) else err}") from e
             except Exception as e:  # concurrent.futures.TimeoutError
                 raise KafkaSetupError(f"Kafka broker {cfg.kafka_bootstrap}: creating topic {name} "
                                       f"did not finish within {timeout:g}s ({e!r})") from e

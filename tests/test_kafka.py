@@ -205,9 +205,19 @@ async def test_unreachable_broker_fails_start_clearly():
     port = free_port()
     t = KafkaTarget(cfg_for(f"127.0.0.1:{port}"), lambda k: None, setup_timeout=2)
     t0 = time.monotonic()
-    with pytest.raises(KafkaSetupError, match="unreachable"):
+    with pytest.raises(KafkaSetupError, match="unreachable: no answer within 2s .*Connection refused"):
         await t.start()
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.kafka
+def test_failed_authentication_is_a_clear_error(kafka_broker):
+    # tansu refuses this SASL handshake: the error names the cause, not "transport failure"
+    cfg = cfg_for(kafka_broker.bootstrap, kafka_extra=(
+        ("security.protocol", "sasl_plaintext"), ("sasl.mechanism", "PLAIN"),
+        ("sasl.username", "u"), ("sasl.password", "p")))
+    with pytest.raises(KafkaSetupError, match=r"refused the connection \(_AUTHENTICATION: .*TAP_KAFKA_SASL"):
+        ensure_topics(cfg, timeout=5)
 
 
 @pytest.mark.kafka
