@@ -876,7 +876,7 @@ class ReplayServer:
             if rate > 0:
                 allowed = int((time.monotonic() - conn.t0) * rate) - conn.sent
                 if allowed <= 0:
-                    await asyncio.sleep(max(1.0 / rate, 0.002))
+                    await asyncio.sleep(max(1.0 / rate, 0.005))
                     continue
                 end = min(end, pos + allowed)
             end = min(end, max(pos + 1, bisect.bisect_right(offs, offs[pos] + _CHUNK, pos + 1) - 1))

@@ -195,3 +195,35 @@ def test_corrupt_car_errors_and_a_429_desynchronizes_others_unaffected(data, tmp
         client.stop()
         svc.stop()
         srv.stop()
+
+
+def test_oversized_frame_is_skipped_and_the_stream_goes_on(data, tmp_path):
+    """A frame over TAP_MAX_FRAME_SIZE makes the client drop the connection; the redial reads
+    that one frame without the limit, rejects it and carries on from there."""
+    big = cbor.encode({"op": 1, "t": "#commit"}) + cbor.encode({"seq": 0, "junk": b"\x00" * 200_000})
+    srv = ReplayServer(data, inject=[Inject(40, "raw", big)], hold=True).start()
+    metrics_port = free_port()
+    svc = _service(srv, tmp_path, TAP_MAX_FRAME_SIZE="65536", TAP_METRICS_LISTEN=f"127.0.0.1:{metrics_port}").start()
+    client = start_client(svc, tmp_path, data.dids)
+    try:
+        initial = {did: srv.records_at(did, -1) for did in data.dids}
+        svc.wait_for(lambda: all(_state_from_events(client.events()).get(d) == initial[d] for d in data.dids)
+                     and all(_info(svc, d).get("state") == "active" for d in data.dids),
+                     timeout=90, what="backfill of every repo")
+        srv.release()
+        final = {did: srv.records_at(did) for did in data.dids}
+        svc.wait_for(lambda: all(_state_from_events(client.events()).get(d) == final[d] for d in data.dids),
+                     timeout=120, what="consumer state equal to every repo's final state")
+        assert svc.proc.poll() is None
+        assert all(srv.requests[("getRepo", d)] == 1 for d in data.dids)  # nothing was lost
+        big_pos = next(p for p, k in srv.injected.items() if k == "raw")
+        assert srv.connections == 2 and srv.cursors == [None, srv.seqs[big_pos - 1]]
+        lines = _log_lines(svc)
+        assert [x for x in lines if x.get("msg", "").startswith("firehose frame larger than TAP_MAX_FRAME_SIZE")]
+        text = _metrics(metrics_port)
+        # one frame, counted twice today (_on_oversized and the reject on redial; reported)
+        assert _metric(text, "tapflow_firehose_frames_rejected_total", reason="frame_too_large") >= 1
+    finally:
+        client.stop()
+        svc.stop()
+        srv.stop()
