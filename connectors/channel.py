@@ -31,7 +31,7 @@ import time
 from collections import deque
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import EofStream, WebSocketError, WSMsgType, web
 
 from config import Config
 from connectors.scheduler import Scheduler
@@ -41,6 +41,7 @@ from store.outbox import OutboxEvent
 log = logging.getLogger(__name__)
 
 _H2 = struct.Struct("!BBH")
+_H_CODE = struct.Struct("!H")
 _H3 = struct.Struct("!BBQ")
 _U64_LIMIT = 1 << 64
 WRITE_BATCH = 512  # events per socket write at most
@@ -61,8 +62,15 @@ def _field(obj: dict, name: str):
     return None
 
 
+_ACK_PREFIX = b'{"type":"ack","id":'
+
+
 def parse_client_frame(data: str | bytes) -> int | None:
     """The acked id of a client frame, ``None`` if it is not an ack; ``BadFrame`` to drop."""
+    if type(data) is bytes and data.startswith(_ACK_PREFIX) and data[-1:] == b"}":
+        digits = data[19:-1]  # the official client's exact frame: skip the JSON parser
+        if digits.isdigit() and len(digits) < 20 and (digits[:1] != b"0" or len(digits) == 1):
+            return int(digits)
     if not data:
         raise BadFrame("empty frame")
     try:
@@ -82,6 +90,10 @@ def parse_client_frame(data: str | bytes) -> int | None:
     if typ != "ack":
         return None
     return ev_id or 0
+
+
+def _control_frame(opcode_byte: int, payload: bytes) -> bytes:
+    return bytes((opcode_byte, len(payload))) + payload  # control payloads are < 126 bytes
 
 
 def text_frame_header(n: int) -> bytes:
@@ -250,7 +262,7 @@ class ChannelTarget:
     # --- connections -------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(autoping=True, compress=False)
+        ws = web.WebSocketResponse(autoping=False, compress=False, decode_text=False)
         if not ws.can_prepare(request).ok:
             # Not an upgrade: plain-text 400 like gorilla/websocket.
             return web.Response(status=400, text="Bad Request\n", headers={"Sec-WebSocket-Version": "13"})
@@ -260,23 +272,9 @@ class ChannelTarget:
         metrics().channel_clients.inc()
         log.info("websocket connected", extra={"peer": conn.peer, "clients": len(self._conns)})
         writer = asyncio.create_task(self._write_loop(conn), name="channel-writer")
-        reason = "closed"
+        reason = "stopped"
         try:
-            while not conn.closed:
-                msg = await ws.receive()
-                if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                    try:
-                        ack_id = parse_client_frame(msg.data)
-                    except BadFrame as e:
-                        reason = f"bad client frame: {e}"
-                        break
-                    if ack_id is not None and self._ack_mode:
-                        self.ack(ack_id)
-                elif msg.type is WSMsgType.ERROR:
-                    reason = f"read error: {msg.data}"
-                    break
-                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                    break
+            reason = await self._read_loop(conn, ws)
         finally:
             conn.closed = True
             writer.cancel()
@@ -288,6 +286,49 @@ class ChannelTarget:
                 conn.transport.abort()  # never a close frame from us
             log.info("websocket disconnected", extra={"peer": conn.peer, "reason": reason, "clients": len(self._conns)})
         return ws
+
+    async def _read_loop(self, conn: _Conn, ws: web.WebSocketResponse) -> str:
+        """Read client frames until the connection must go; returns why.
+
+        Reads aiohttp's frame queue directly rather than ``ws.receive()``, which answers
+        protocol errors with a close frame (the official client never reconnects after one;
+        Go Tap just drops the connection) and costs more per ack.
+        """
+        reader = ws._reader
+        assert reader is not None
+        write = conn.transport.write if conn.transport is not None else None
+        ack = self.ack if self._ack_mode else None
+        while not conn.closed:
+            try:
+                msg = await reader.read()
+            except EofStream:
+                return "closed by client"
+            except WebSocketError as e:
+                return f"protocol error: {e}"
+            except Exception as e:  # connection reset and the like
+                return f"read error: {e!r}"
+            t = msg.type
+            if t is WSMsgType.TEXT or t is WSMsgType.BINARY:
+                try:
+                    ack_id = parse_client_frame(msg.data)
+                except BadFrame as e:
+                    return f"bad client frame: {e}"
+                if ack_id is not None and ack is not None:
+                    ack(ack_id)
+            elif t is WSMsgType.PING:
+                if write is not None and not conn.transport.is_closing():
+                    write(_control_frame(0x8A, msg.data))  # pong, same payload
+            elif t is WSMsgType.CLOSE:
+                if write is not None and not conn.transport.is_closing():
+                    # echo the client's close (its own close handshake, as gorilla does)
+                    code = msg.data if isinstance(msg.data, int) and msg.data not in (1005, 1006) else 0
+                    write(_control_frame(0x88, _H_CODE.pack(code) if code else b""))
+                return "closed by client"
+            elif t is WSMsgType.PONG:
+                continue
+            else:  # CLOSING, CLOSED, ERROR
+                return f"closed ({t.name})"
+        return "closed"
 
     async def _write_loop(self, conn: _Conn) -> None:
         ready = self._ready

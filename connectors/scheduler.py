@@ -87,8 +87,16 @@ class Scheduler:
     def add(self, ev: OutboxEvent) -> None:
         """A new event of ``ev.did`` (ids of one DID must arrive in increasing order)."""
         d = self._dids.get(ev.did)
-        if d is None:
+        if d is None:  # IDLE: anything may go, and nothing waits behind it yet
             d = self._dids[ev.did] = _Did()
+            d.in_flight.add(ev.key)
+            d.state = DidState.LIVE if ev.live else DidState.HISTORICAL
+            self._send(ev)
+            return
+        if d.state is DidState.HISTORICAL and not ev.live and not d.queue:  # rule 1, nothing ahead
+            d.in_flight.add(ev.key)
+            self._send(ev)
+            return
         d.queue.append(ev)
         self._pump(ev.did, d)
 
@@ -99,7 +107,14 @@ class Scheduler:
             return False
         if ev.key in d.in_flight:
             d.in_flight.discard(ev.key)
-            if not d.in_flight:
+            if d.in_flight:
+                # Still HISTORICAL (nothing waits then: a waiting historical event would have
+                # gone, a waiting live one makes it DRAINING) or DRAINING: nothing can move.
+                return True
+            if not d.queue:
+                del self._dids[ev.did]  # IDLE: keep nothing
+                return True
+            else:
                 d.state = DidState.IDLE
         else:
             # Taken before it was sent (an ack naming an event we still hold back, e.g. one the

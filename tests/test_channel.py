@@ -56,8 +56,9 @@ class FakeFlow:
     counts them in ``count/outbox_acked/0`` (as ControlSource does).
     """
 
-    def __init__(self, data_dir: Path, shards: int = SHARDS) -> None:
+    def __init__(self, data_dir: Path, shards: int = SHARDS, *, acks_seqno: bool = False) -> None:
         self.data_dir = data_dir
+        self.acks_seqno = acks_seqno
         self.db = open_flow_db(data_dir)
         self.shards = shards
         meta = self.db.cf("meta")
@@ -105,9 +106,18 @@ class FakeFlow:
                 return 0
             self._delivery = open_delivery_db(self.data_dir, secondary=True)
         self._delivery.catch_up()
+        seqno = self._delivery.db.latest_sequence_number()
         outbox = self.db.cf("outbox")
         gone = [k for k in self._delivery.cf("acks").keys() if outbox.get(k) is not None]
-        if gone:
+        if self.acks_seqno:  # the proposed ControlSource protocol (see connectors.outbox_follower)
+            b = self.db.batch()
+            for k in gone:
+                b.delete(k, self.db.handle("outbox"))
+            self.deleted += len(gone)
+            b.put(meta_counter("outbox_acked", 0), pack_u64(self.deleted), self.db.handle("meta"))
+            b.put(b"control/acks_seqno", pack_u64(seqno), self.db.handle("meta"))
+            self.db.write(b)
+        elif gone:
             b = self.db.batch()
             for k in gone:
                 b.delete(k, self.db.handle("outbox"))
@@ -264,7 +274,8 @@ async def stack_factory(tmp_path):
 
     async def make(**kw) -> Stack:
         control = kw.pop("control", True)
-        s = await Stack(make_cfg(tmp_path, **kw), control=control).start()
+        fake = FakeFlow(tmp_path, SHARDS, acks_seqno=kw.pop("acks_seqno", False))
+        s = await Stack(make_cfg(tmp_path, **kw), control=control).start(fake)
         stacks.append(s)
         return s
 
@@ -602,8 +613,9 @@ async def test_restart_redelivers_unacked_in_order_with_barriers(stack_factory, 
     await s2.stop()
 
 
-async def test_acked_but_not_deleted_rows_are_not_redelivered(stack_factory):
-    s = await stack_factory(control=False)  # the flow never deletes: acks pile up
+@pytest.mark.parametrize("acks_seqno", [False, True])
+async def test_acked_but_not_deleted_rows_are_not_redelivered(stack_factory, acks_seqno):
+    s = await stack_factory(control=False, acks_seqno=acks_seqno)  # the flow never deletes: acks pile up
     c = await Consumer.connect(s.url)
     ids = s.fake.push(did_n(18), 3)
     await c.wait(3, 1.0)
@@ -623,8 +635,9 @@ async def test_acked_but_not_deleted_rows_are_not_redelivered(stack_factory):
     await s2.stop()
 
 
-async def test_memory_is_bounded_by_outbox_capacity(stack_factory):
-    s = await stack_factory(outbox_capacity=10)
+@pytest.mark.parametrize("acks_seqno", [False, True])
+async def test_memory_is_bounded_by_outbox_capacity(stack_factory, acks_seqno):
+    s = await stack_factory(outbox_capacity=10, acks_seqno=acks_seqno)
     ids = []
     for i in range(10):
         ids += s.fake.push(did_n(200 + i), 10)
@@ -798,3 +811,49 @@ async def test_official_client_survives_a_delivery_restart(tmp_path):
     finally:
         control.cancel()
         child.stop()
+
+
+@pytest.mark.parametrize("frame", [b'{"type":"ack","id":0}', b'{"type":"ack","id":123}', b'{"type":"ack","id":007}',
+                                   b'{"type":"ack","id":18446744073709551615}', b'{"type":"ack","id":18446744073709551616}',
+                                   b'{"type":"ack","id":1 }', b'{"type":"ack","id":-1}', b'{"type":"ack","id":1}x'])
+def test_ack_fast_path_agrees_with_the_parser(frame):
+    """The shortcut for the official client's exact frame must decide like the full parse."""
+    import connectors.channel as ch
+
+    def slow(f):
+        try:
+            return ("ok", ch.parse_client_frame(f.decode()))  # str: never the fast path
+        except BadFrame:
+            return ("drop", None)
+
+    def fast(f):
+        try:
+            return ("ok", ch.parse_client_frame(f))
+        except BadFrame:
+            return ("drop", None)
+
+    assert fast(frame) == slow(frame)
+
+
+async def test_client_close_frame_is_answered_and_events_stay(stack_factory):
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    ids = s.fake.push(did_n(19), 1, live=True)
+    await c.wait(1, 1.0)
+    await c.ws.close()  # client-initiated close handshake: must complete
+    assert c.ws.close_code == 1000
+    c2 = await Consumer.connect(s.url)
+    assert [m["id"] for m in await c2.wait(1, 1.0)] == ids  # resent to the next client
+    await c2.close()
+    await c.session.close()
+
+
+def test_event_from_row_matches_the_contract():
+    from connectors.outbox_follower import event_from_row
+    from store.outbox import OutboxEvent
+
+    for shard, i, did, flags, payload in [(0, 1, "did:plc:a", 0, b"{}"), (65535, 2**64 - 1, "did:web:x.com", 7, b""),
+                                          (3, 42, did_n(5), FLAG_LIVE, b'{"id":42}')]:
+        k, row = outbox_key(shard, i), encode_outbox_row(did, flags, payload)
+        a, b = OutboxEvent.from_row(k, row), event_from_row(k, row, shard)
+        assert a == b and hash(a) == hash(b) and b.live == a.live
