@@ -7,6 +7,7 @@ initial snapshot to the final one, cursors and faults behave as documented.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.error
 import urllib.request
@@ -70,7 +71,6 @@ def _apply(state: dict[str, str], ops) -> None:
 
 def test_did_docs_and_handles_resolve_with_the_directory(data):
     with ReplayServer(data) as srv:
-        import asyncio
 
         async def resolve_all():
             d = Directory(plc_url=srv.url, handle_resolver=XrpcHandleResolver(srv.url))
@@ -114,7 +114,7 @@ def test_frames_decode_verify_and_chain_to_the_final_state(data):
             root[repo.did] = r.data_cid
         frames = _read(srv, n=srv.n_frames)
         assert len(frames) == srv.n_frames == 150
-        seqs = []
+        seqs, actions = [], set()
         for raw in frames:
             f = decode_frame(raw)
             assert f.kind == "event" and f.type == "#commit", f
@@ -124,8 +124,9 @@ def test_frames_decode_verify_and_chain_to_the_final_state(data):
             assert vc.prev_data == root[f.did], "commit does not chain"
             root[f.did] = vc.data_cid
             _apply(state[f.did], vc.ops)
+            actions.update(o.action for o in vc.ops)
         assert seqs == list(range(1, 151))
-        assert {o.action for raw in frames for o in verify_commit(decode_frame(raw).item.body, keys[decode_frame(raw).did]).ops} == {"create", "update", "delete"}
+        assert actions == {"create", "update", "delete"}
         # the final CAR (what getRepo serves now that every frame was sent) is the chain's end
         for did in data.dids:
             status, car = _get(f"{srv.url}/xrpc/com.atproto.sync.getRepo?did={did}")
