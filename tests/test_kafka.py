@@ -217,7 +217,7 @@ def test_failed_authentication_is_a_clear_error(kafka_broker):
         ("security.protocol", "sasl_plaintext"), ("sasl.mechanism", "PLAIN"),
         ("sasl.username", "u"), ("sasl.password", "p")))
     with pytest.raises(KafkaSetupError, match=r"refused the connection \(_AUTHENTICATION: .*TAP_KAFKA_SASL"):
-        ensure_topics(cfg, timeout=5)
+        ensure_topics(cfg, timeout=3)
 
 
 @pytest.mark.kafka
@@ -361,7 +361,7 @@ async def test_full_producer_queue_keeps_a_backlog_in_order(kafka_broker):
 async def test_message_refused_for_good_is_never_taken(kafka_broker):
     cfg = cfg_for(kafka_broker.bootstrap)
     taken: list[bytes] = []
-    t = KafkaTarget(cfg, taken.append, producer_overrides={"message.max.bytes": 2000})
+    t = KafkaTarget(cfg, taken.append, producer_overrides={"message.max.bytes": 2000}, stop_timeout=1)
     await t.start()
     ob = Outbox()
     small = ob.record("did:plc:s", "create", "a")
