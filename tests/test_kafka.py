@@ -465,6 +465,7 @@ async def _outage(broker, expect_before: bool) -> None:
     await asyncio.sleep(4)
     assert len(taken) == 50, "nothing may be taken while the broker is down"
     assert t.stats().unacked == len(during)
+    assert t.resets == 0, "the stall watchdog must not fire while no broker is connected"
 
     # a new, empty broker (tansu) needs the topics again: the reset creates them (tansu also would, on first use)
     await asyncio.get_running_loop().run_in_executor(None, broker.start)
