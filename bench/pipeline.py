@@ -1,0 +1,418 @@
+"""End-to-end throughput, latency and memory of the whole service, against the replay upstream.
+
+    /root/.venvs/tapflow/bin/python -m bench.pipeline                        # everything, synthetic data
+    python -m bench.pipeline --data captured                                 # PDS-captured data (bench/capture.py)
+    python -m bench.pipeline --only backfill-channel,live --runs 3
+    python -m bench.pipeline --small 5000 --small-records 150 --huge 5 --huge-records 50000 --commits 50000
+
+Every measure starts ``python -m bytewax.run flows.tap`` with a fresh data dir against
+``bench/upstream.py`` (relay + PDS + PLC + resolveHandle on loopback, its own process), and a
+consumer process from ``bench/consumers.py``. Measures (each also prints the CPU seconds each
+process used, so you can see who was the bottleneck on this 2-core machine):
+
+- ``backfill-channel`` / ``backfill-webhook`` / ``backfill-kafka``: every repo of the data set
+  is added in one ``/repos/add`` (the firehose held); records/s from the add until the last
+  record event reached the acking ``/channel`` client / the webhook receiver / Kafka
+  (``TAP_KAFKA_ONLY``; a consumer reads ``<prefix>events`` back).
+- ``live``: after the backfill, the firehose is released at full speed; verified commits/s
+  from the release until the last live record event reached the acking client.
+- ``latency``: the same at a steady ``--rate`` (1,000) commits/s; per event, client receive
+  time minus the time the upstream wrote the frame to its socket; p50/p99/max.
+- ``rss``: peak RSS (flow + delivery child) while tracking ``--rss-repos`` (1M) repos: a
+  fully synced data set first, then 1M DIDs that stay pending (their PLC lookups hang),
+  RSS after every batch of adds; then the 1M are removed and another 1M added: memory must
+  not grow with repos ever seen.
+- ``two-procs``: whether the flow runs as 2 bytewax processes (``-i 0/1 -a ...``), and what
+  happens.
+
+Per-core limits of the same run come from ``bench/protocol.py`` (imported), printed next to each
+figure. Data sets are cached under ``$HOME/.cache/tapflow-bench``. The last line holds the figures
+as ``name=value`` pairs (best run; the table shows best and median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import Consumer, KafkaBroker, ProcWatch, Service, Upstream, hwm_mb, loadavg  # noqa: E402
+from bench.replay import DEFAULT_CACHE_DIR, ReplayData  # noqa: E402
+
+CACHE = DEFAULT_CACHE_DIR
+TARGETS = {
+    "backfill_channel_records_per_s": (">=", 50_000),
+    "backfill_kafka_records_per_s": (">=", 50_000),
+    "live_commits_per_s": (">=", 8_000),
+    "p99_ms": ("<", 50),
+    "rss_1m_repos_mb": ("<", 1000),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def summary(path: Path) -> dict:
+    """Counts the measures need, cached next to the data file: DIDs, records per repo,
+    per frame (did, rev, ops)."""
+    side = path.with_suffix(".summary.json")
+    if side.exists() and side.stat().st_mtime >= path.stat().st_mtime:
+        return json.loads(side.read_text())
+    from bench.upstream import frame_index
+    from protocol.car import read_car
+    from protocol.cbor import decode
+
+    data = ReplayData.load(path)
+    recs = []
+    for r in data.repos:
+        car = read_car(r.car0)
+        commit = decode(car.blocks[car.roots[0]])
+        # count leaves of the MST (no verification needed: the service verifies)
+        n, stack = 0, [commit["data"]]
+        while stack:
+            node = decode(car.blocks[stack.pop()])
+            if node.get("l"):
+                stack.append(node["l"])
+            for e in node["e"]:
+                n += 1
+                if e.get("t"):
+                    stack.append(e["t"])
+        recs.append(n)
+    frames = frame_index(data)
+    s = {"path": str(path), "params": {k: v for k, v in data.params.items() if k != "docs"},
+         "dids": data.dids, "records": recs, "frames": frames, "car_bytes": sum(len(r.car0) for r in data.repos)}
+    side.write_text(json.dumps(s))
+    return s
+
+
+def synthetic(args) -> Path:
+    from bench.upstream import load_mixed
+
+    t = time.time()
+    _, path = load_mixed(args.small, args.small_records, args.huge, args.huge_records, args.commits,
+                         seed=args.seed, cache_dir=CACHE, progress=log)
+    log(f"synthetic data {path.name} ready in {time.time() - t:.0f}s")
+    return path
+
+
+def captured(args) -> Path:
+    paths = sorted(CACHE.glob("captured-*.pkl"), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        raise SystemExit("no captured data: run  python -m bench.capture  first")
+    return paths[-1]
+
+
+# ----------------------------------------------------------------------------- per-core limits
+
+
+def protocol_limits(runs: int = 3) -> dict:
+    """``bench/protocol.py`` in this process (its last line), e.g. commit_verify_per_s."""
+    import bench.protocol as bp
+
+    buf = io.StringIO()
+    argv = sys.argv
+    sys.argv = ["bench/protocol.py", "--runs", str(runs)]
+    try:
+        with contextlib.redirect_stdout(buf):
+            bp.main()
+    finally:
+        sys.argv = argv
+    lines = buf.getvalue().strip().splitlines()
+    out = dict(kv.split("=") for kv in lines[-1].split())
+    res = {k: float(v) for k, v in out.items()}
+    res["_text"] = "\n".join(lines[:-1])
+    return res
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+class Profiler:
+    """py-spy record (raw collapsed stacks) of the flow and delivery processes."""
+
+    def __init__(self, out_dir: Path | None, name: str) -> None:
+        self.out_dir = out_dir
+        self.name = name
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def start(self, pids: dict[str, int]) -> None:
+        if self.out_dir is None:
+            return
+        spy = Path(sys.executable).parent / "py-spy"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for role, pid in pids.items():
+            out = self.out_dir / f"{self.name}-{role}.txt"
+            p = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+                                  "--nonblocking", "--output", str(out)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.procs.append((role, p, out))
+
+    def stop(self) -> list[Path]:
+        outs = []
+        for role, p, out in self.procs:
+            p.send_signal(2)  # py-spy writes its output on SIGINT
+        for role, p, out in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            outs.append(out)
+        return outs
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def _service_env(kind: str, extra: dict) -> dict:
+    env = {"TAP_RESYNC_PARALLELISM": "8"}
+    env.update(extra)
+    return env
+
+
+def _cpu_line(w: dict, n: int, unit: str) -> str:
+    parts = [f"{k} {v:.1f}s ({v / n * 1e6:.0f} us/{unit})" for k, v in w["cpu_s"].items() if n]
+    return ", ".join(parts) + (f"; machine busy {w['machine_busy_cores']:.2f} of {w['machine_cores']:.1f} cores, "
+                               f"others {w['other_cpu_s']:.1f}s")
+
+
+def measure_backfill(path: Path, s: dict, target: str, tmp: Path, args, broker: KafkaBroker | None = None) -> dict:
+    """Add every repo; records/s until the consumer has them all."""
+    n_records = sum(s["records"])
+    n_repos = len(s["dids"])
+    up = Upstream(path, hold=True, log_dir=tmp)
+    env = {"TAP_RESYNC_PARALLELISM": str(args.resync_parallelism)}
+    cons_args: list[str] = []
+    if target == "channel":
+        pass
+    elif target == "webhook":
+        from tests.e2e_support import free_port
+
+        port = free_port()
+        env["TAP_WEBHOOK_URL"] = f"http://127.0.0.1:{port}/hook"
+        cons_args = ["--port", str(port)]
+    elif target == "kafka":
+        prefix = f"bench{uuid.uuid4().hex[:8]}."
+        env.update(TAP_KAFKA_BOOTSTRAP=broker.bootstrap, TAP_KAFKA_ONLY="true", TAP_KAFKA_TOPIC_PREFIX=prefix)
+        cons_args = ["--bootstrap", broker.bootstrap, "--topic", prefix + "events"]
+    env.update(args.env)
+    svc = Service(up.url, tmp / f"svc-{target}", **env)
+    cons = None
+    prof = Profiler(args.profile, f"backfill-{target}") if args.profile else None
+    try:
+        if target == "webhook":
+            cons = Consumer("webhook", *cons_args, out=tmp / f"cons-{target}.json")
+        svc.start()
+        if target == "channel":
+            cons = Consumer("channel", "--url", svc.url.replace("http", "ws") + "/channel", out=tmp / "cons-channel.json")
+        elif target == "kafka":
+            cons = Consumer("kafka", *cons_args, out=tmp / "cons-kafka.json")
+        time.sleep(1.0)
+        pids = svc.pids()
+        w = ProcWatch({**pids, "upstream": up.pid, "consumer": cons.pid}).start()
+        if prof:
+            prof.start(pids)
+        load0 = loadavg()
+        t0 = time.monotonic()
+        svc.add(s["dids"])
+        ok = cons.wait(lambda st: st["records"] >= n_records, timeout=args.timeout)
+        t_end = cons.status["t_last"]
+        watch = w.stop()
+        if prof:
+            prof.stop()
+        st = cons.status
+        if not ok:
+            log(f"backfill-{target}: timeout with {st['records']}/{n_records} records; service log:\n{svc.log_tail()}")
+        elapsed = (t_end - t0) if ok else float("nan")
+        res = {"records": st["records"], "expected": n_records, "repos": n_repos, "identity": st["identity"],
+               "elapsed_s": elapsed, "records_per_s": n_records / elapsed if ok else 0.0,
+               "first_event_s": st["t_first"] - t0 if st["t_first"] else None, "ok": ok, "watch": watch,
+               "load": (load0, loadavg())}
+        log(f"backfill-{target}: {res['records_per_s']:,.0f} records/s ({n_records:,} records, {n_repos:,} repos "
+            f"in {elapsed:.1f}s; first event after {res['first_event_s'] or 0:.2f}s); "
+            f"CPU {_cpu_line(watch, n_records, 'record')}")
+        return res
+    finally:
+        if cons:
+            cons.stop()
+        svc.stop()
+        up.stop()
+        svc.cleanup()
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
+    return xs[k]
+
+
+def measure_live(path: Path, s: dict, tmp: Path, args, rate: float = 0.0) -> dict:
+    """Backfill with the firehose held, then release it (at ``rate`` frames/s, 0 = full speed)."""
+    name = "latency" if rate else "live"
+    n_records = sum(s["records"])
+    frames = s["frames"]
+    n_frames = len(frames) if not rate else min(len(frames), int(rate * args.latency_seconds))
+    n_ops = sum(f[2] for f in frames[:n_frames])
+    up = Upstream(path, hold=True, rate=rate, log_dir=tmp)
+    env = {"TAP_RESYNC_PARALLELISM": str(args.resync_parallelism), **args.env}
+    svc = Service(up.url, tmp / f"svc-{name}", **env)
+    cons = None
+    prof = Profiler(args.profile, name) if args.profile else None
+    try:
+        svc.start()
+        cons = Consumer("channel", "--url", svc.url.replace("http", "ws") + "/channel",
+                        out=tmp / f"cons-{name}.json", keep_live=bool(rate))
+        time.sleep(0.5)
+        tb = time.monotonic()
+        svc.add(s["dids"])
+        if not cons.wait(lambda st: st["records"] >= n_records, timeout=args.timeout):
+            raise RuntimeError(f"{name}: backfill incomplete: {cons.status}\n{svc.log_tail()}")
+        backfill_s = cons.status["t_last"] - tb
+        time.sleep(1.0)  # let the outbox drain and acks settle
+        pids = svc.pids()
+        w = ProcWatch({**pids, "upstream": up.pid, "consumer": cons.pid}).start()
+        if prof:
+            prof.start(pids)
+        t0 = time.monotonic()
+        up.release(n_frames)
+        ok = cons.wait(lambda st: st["live"] >= n_ops, timeout=args.timeout)
+        t_end = cons.status["t_last"]
+        watch = w.stop()
+        if prof:
+            prof.stop()
+        st = cons.status
+        if not ok:
+            log(f"{name}: timeout with {st['live']}/{n_ops} live events; service log:\n{svc.log_tail()}")
+        elapsed = (t_end - t0) if ok else float("nan")
+        res = {"commits": n_frames, "ops": n_ops, "live_events": st["live"], "elapsed_s": elapsed,
+               "commits_per_s": n_frames / elapsed if ok else 0.0, "ok": ok, "watch": watch,
+               "backfill_s": backfill_s, "backfill_records_per_s": n_records / backfill_s}
+        if rate:
+            result = cons.stop()
+            cons = None
+            sendlog = up.sendlog(-1)
+            starts = [p for _, p in sendlog]
+            times = [t for t, _ in sendlog]
+            pos_of = {(d, r): i for i, (d, r, _) in enumerate(frames[:n_frames])}
+            lat = []
+            t_first_send = times[0] if times else t0
+            for did, rev, t_recv in result["live_events"]:
+                p = pos_of.get((did, rev))
+                if p is None:
+                    continue
+                k = bisect.bisect_right(starts, p) - 1
+                if k < 0:
+                    continue
+                lat.append(((t_recv - times[k]) * 1e3, times[k] - t_first_send))
+            steady = [ms for ms, ts in lat if ts >= args.warmup]
+            all_ms = [ms for ms, _ in lat]
+            res.update(samples=len(lat), p50_ms=_percentile(steady, 50), p99_ms=_percentile(steady, 99),
+                       max_ms=max(steady) if steady else float("nan"), p99_all_ms=_percentile(all_ms, 99),
+                       sent_rate=(len(frames[:n_frames]) / (times[-1] - times[0])) if len(times) > 1 else 0.0)
+            log(f"latency at {rate:.0f}/s: p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, max "
+                f"{res['max_ms']:.1f} ms ({len(steady)} events after {args.warmup}s warm-up; p99 incl. warm-up "
+                f"{res['p99_all_ms']:.1f} ms); CPU {_cpu_line(watch, n_frames, 'commit')}")
+        else:
+            log(f"live: {res['commits_per_s']:,.0f} commits/s ({n_frames:,} commits, {n_ops:,} ops in {elapsed:.1f}s); "
+                f"CPU {_cpu_line(watch, n_frames, 'commit')}")
+        return res
+    finally:
+        if cons:
+            cons.stop()
+        svc.stop()
+        up.stop()
+        svc.cleanup()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="synthetic", help="synthetic | captured | path to a ReplayData pickle")
+    ap.add_argument("--small", type=int, default=5000, help="synthetic: small repos")
+    ap.add_argument("--small-records", type=int, default=150, help="synthetic: mean records of a small repo")
+    ap.add_argument("--huge", type=int, default=5, help="synthetic: huge repos")
+    ap.add_argument("--huge-records", type=int, default=50_000)
+    ap.add_argument("--commits", type=int, default=60_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="backfill-channel,backfill-webhook,backfill-kafka,live,latency,rss,two-procs")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--rate", type=float, default=1000.0, help="latency: commits/s")
+    ap.add_argument("--latency-seconds", type=float, default=30.0)
+    ap.add_argument("--warmup", type=float, default=3.0, help="latency: seconds left out at the start")
+    ap.add_argument("--resync-parallelism", type=int, default=8)
+    ap.add_argument("--rss-repos", type=int, default=1_000_000)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of flow + delivery into DIR")
+    ap.add_argument("--set", action="append", default=[], metavar="TAP_X=V", help="extra service setting")
+    ap.add_argument("--no-limits", action="store_true", help="skip bench/protocol.py")
+    args = ap.parse_args(argv)
+    args.env = dict(kv.split("=", 1) for kv in args.set)
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+
+    if args.data == "synthetic":
+        path = synthetic(args)
+    elif args.data == "captured":
+        path = captured(args)
+    else:
+        path = Path(args.data)
+    s = summary(path)
+    log(f"data {path.name}: {len(s['dids']):,} repos, {sum(s['records']):,} records "
+        f"(largest {max(s['records']):,}), {len(s['frames']):,} commits, {s['car_bytes'] / 1e6:.0f} MB of CARs")
+    tmp = Path(tempfile.mkdtemp(prefix="tapflow-bench-"))
+    results: dict[str, list] = {}
+    limits = {}
+    if not args.no_limits:
+        log("per-core limits (bench/protocol.py) ...")
+        limits = protocol_limits()
+        print(limits["_text"])
+    broker = None
+    try:
+        for run in range(args.runs):
+            for m in only:
+                log(f"run {run + 1}/{args.runs}: {m}")
+                try:
+                    if m.startswith("backfill-"):
+                        target = m.split("-", 1)[1]
+                        if target == "kafka" and broker is None:
+                            broker = KafkaBroker()
+                        r = measure_backfill(path, s, target, tmp, args, broker)
+                    elif m == "live":
+                        r = measure_live(path, s, tmp, args)
+                    elif m == "latency":
+                        r = measure_live(path, s, tmp, args, rate=args.rate)
+                    else:
+                        log(f"unknown measure {m}")
+                        continue
+                except Exception as e:  # report and go on with the other measures
+                    log(f"{m} failed: {e!r}")
+                    r = {"ok": False, "error": repr(e)}
+                results.setdefault(m, []).append(r)
+    finally:
+        if broker is not None:
+            broker.stop()
+    print(json.dumps({k: [{kk: vv for kk, vv in r.items() if kk != "watch"} for r in v] for k, v in results.items()},
+                     default=str))
+
+
+if __name__ == "__main__":
+    main()
