@@ -22,8 +22,13 @@ short stable label, so callers can count drops by reason and log the message.
 
 The continuity check (``prevData`` equals the stored root) needs state and is not done here.
 
-One deliberate hardening over Tap: an unknown op ``action`` is rejected even when the legacy
-escape applies (Tap would emit it).
+Deliberate hardenings over Tap:
+
+- an unknown op ``action`` is rejected even when the legacy escape applies (Tap would emit it);
+- limits (``BadOp``/``BadCar``/``BadMST``): at most ``MAX_COMMIT_OPS`` ops (the relay's and the
+  lexicon's limit), at most ``MAX_COMMIT_BLOCKS`` blocks in a ``#commit``/``#sync`` CAR, and an
+  MST at most ``MAX_MST_HEIGHT`` layers tall (a root that is a chain of empty nodes could
+  otherwise make the edits of the inversion recurse past Python's stack limit).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol
 
 from protocol import cbor, syntax
-from protocol.car import DEFAULT_MAX_CAR_SIZE, Car, CarError, read_car
+from protocol.car import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_CAR_SIZE, Car, CarError, read_car
 from protocol.cid import cid_to_str
 from protocol.mst import (
     MST,
@@ -68,7 +73,18 @@ __all__ = [
     "parse_sync",
     "verify_sync",
     "verify_repo",
+    "MAX_COMMIT_OPS",
+    "MAX_COMMIT_BLOCKS",
+    "MAX_MST_HEIGHT",
 ]
+
+#: Ops in one ``#commit`` (``com.atproto.sync.subscribeRepos#commit`` ops maxLength; relays enforce it).
+MAX_COMMIT_OPS = 200
+#: Blocks in one ``#commit``/``#sync`` CAR: 200 records plus their MST proof fit many times over;
+#: bounds what a frame can cost (hashing) before it is refused.
+MAX_COMMIT_BLOCKS = 10_000
+#: MST layers: a key's height is at most 128 (2-bit groups of a 256-bit hash).
+MAX_MST_HEIGHT = 128
 
 _CBOR_CID_PREFIX = b"\x01\x71\x12\x20"
 _RAW_CID_PREFIX = b"\x01\x55\x12\x20"
@@ -317,11 +333,11 @@ def _str(cid: bytes | None) -> str:
         return cid.hex()
 
 
-def _read_car(blocks: Any, max_size: int) -> Car:
+def _read_car(blocks: Any, max_size: int, max_blocks: int = DEFAULT_MAX_BLOCKS) -> Car:
     if not isinstance(blocks, (bytes, bytearray, memoryview)):
         raise BadCar("blocks is not a byte string")
     try:
-        car = read_car(blocks, max_size=max_size)
+        car = read_car(blocks, max_size=max_size, max_blocks=max_blocks)
     except CarError as e:
         raise BadCar(f"bad CAR: {e}") from None
     return car
@@ -371,11 +387,15 @@ def parse_signed_commit(car: Car) -> SignedCommit:
 
 def _load_mst(car: Car, data_cid: bytes) -> MST:
     try:
-        return MST.load(car.blocks, data_cid)
+        tree = MST.load(car.blocks, data_cid)
     except MSTPartialError as e:
         raise ProofIncomplete(f"MST root not in CAR: {e}") from None
     except MSTError as e:
         raise BadMST(str(e)) from None
+    root = tree.root
+    if root.__class__ is not bytes and root.height > MAX_MST_HEIGHT:
+        raise BadMST(f"MST is {root.height} layers tall, more than {MAX_MST_HEIGHT}")
+    return tree
 
 
 # ----------------------------------------------------------------------------- #commit
@@ -405,9 +425,11 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
     raw_ops = evt.get("ops")
     if type(raw_ops) is not list:
         raise BadSyntax("ops is not a list")
+    if len(raw_ops) > MAX_COMMIT_OPS:
+        raise BadOp(f"{len(raw_ops)} ops, more than {MAX_COMMIT_OPS}")
 
     # 2-3. CAR and commit object
-    car = _read_car(evt.get("blocks"), max_car_size)
+    car = _read_car(evt.get("blocks"), max_car_size, MAX_COMMIT_BLOCKS)
     commit = parse_signed_commit(car)
 
     # 4. the commit is the event's (checked before the signature so the reason is precise)
@@ -508,7 +530,7 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
 
 def parse_sync(blocks: bytes, *, max_car_size: int = DEFAULT_MAX_CAR_SIZE) -> SignedCommit:
     """Parse a ``#sync`` event's ``blocks``: the commit, whose ``did`` says whose key to fetch."""
-    return parse_signed_commit(_read_car(blocks, max_car_size))
+    return parse_signed_commit(_read_car(blocks, max_car_size, MAX_COMMIT_BLOCKS))
 
 
 def verify_sync(sync: SignedCommit | bytes, key: SignatureKey, *,
@@ -528,7 +550,8 @@ def verify_sync(sync: SignedCommit | bytes, key: SignatureKey, *,
 
 
 def verify_repo(car_bytes: bytes, key: SignatureKey, expected_did: str | None = None, *,
-                allow_partial: bool = True, max_car_size: int = DEFAULT_MAX_CAR_SIZE) -> VerifiedRepo:
+                allow_partial: bool = True, max_car_size: int = DEFAULT_MAX_CAR_SIZE,
+                max_blocks: int = DEFAULT_MAX_BLOCKS) -> VerifiedRepo:
     """Verify a ``getRepo`` CAR (§9.2) and check the MST structure; records come from ``records()``.
 
     ``expected_did``: when given, the commit's DID must equal it (Tap does not check this; a
@@ -537,7 +560,7 @@ def verify_repo(car_bytes: bytes, key: SignatureKey, expected_did: str | None = 
     them an error. The whole MST is walked and checked before this returns, so a repo that is
     returned is valid; ``records()`` only splits paths and looks up blocks.
     """
-    car = _read_car(car_bytes, max_car_size)
+    car = _read_car(car_bytes, max_car_size, max_blocks)
     commit = parse_signed_commit(car)
     if expected_did is not None and commit.did != expected_did:
         raise CommitMismatch(f"repo commit is for {commit.did}, expected {expected_did}")
