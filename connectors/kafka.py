@@ -351,10 +351,10 @@ class _Pending:
 
     __slots__ = ("t", "ev", "msgs", "n", "nrec", "left", "sent", "dead", "backoff")
 
-    def __init__(self, t: "KafkaTarget", ev: OutboxEvent, msgs: list[Msg] | None, n: int, nrec: int):
+    def __init__(self, t: "KafkaTarget", ev: OutboxEvent, n: int, nrec: int):
         self.t = t
         self.ev = ev
-        self.msgs = msgs     # kept only while some are not handed to the producer (backlog)
+        self.msgs = None     # set only while some are not handed to the producer (backlog)
         self.n = n           # messages of this event
         self.nrec = nrec     # of which to the records topic
         self.left = n        # not acked yet
@@ -499,18 +499,45 @@ class KafkaTarget:
             self._taken.append(key)
             self._wake.set()
             return
-        pend = _Pending(self, ev, msgs, n, n - 1 if msgs[0][0] is self.events_topic else n)
-        if not self._unacked:
+        nrec = n - 1 if msgs[0][0] is self.events_topic else n
+        pend = _Pending(self, ev, n, nrec)
+        unacked = self._unacked
+        if not unacked:
             self._last_progress = time.monotonic()
-        self._unacked[key] = pend
+        unacked[key] = pend
         if self._backlog or self._resetting:
+            pend.msgs = msgs
             self._backlog.append(pend)
-        elif not self._send(pend):
-            self._backlog.append(pend)
-            self._wake.set()
+            return
+        # the common case, inline: hand all messages over (_send does the same, resumable)
+        produce = self._producer.produce
+        dr = pend.dr
+        i = 0
+        try:
+            for topic, mkey, value, headers in msgs:
+                if headers is None:
+                    produce(topic, value, mkey, on_delivery=dr)
+                else:
+                    produce(topic, value, mkey, headers=headers, on_delivery=dr)
+                i += 1
+        except (BufferError, KafkaException):
+            pend.msgs = msgs
+            pend.sent = i
+            c = self._produced
+            c[0] += min(i, n - nrec)
+            c[1] += max(0, i - (n - nrec))
+            if not self._send(pend):  # raises nothing; queue full: wait in the backlog
+                self._backlog.append(pend)
+                self._wake.set()
+            return
+        pend.sent = n
+        c = self._produced
+        c[0] += n - nrec
+        c[1] += nrec
 
     def _send(self, pend: _Pending) -> bool:
-        """Hand pend's remaining messages to the producer; False when its queue is full."""
+        """Hand pend's remaining messages to the producer; False when its queue is full.
+        A message the producer refuses at once (KafkaException) goes to ``_message_failed``."""
         msgs = pend.msgs
         if msgs is None:
             msgs = pend.msgs = build_messages(pend.ev, self.events_topic, self.records_topic)
@@ -745,7 +772,7 @@ class KafkaTarget:
         fresh: dict[bytes, _Pending] = {}
         for key, old in self._unacked.items():
             old.dead = True
-            fresh[key] = _Pending(self, old.ev, None, old.n, old.nrec)
+            fresh[key] = _Pending(self, old.ev, old.n, old.nrec)
         self._unacked = fresh
         self._backlog = deque(fresh.values())
         self._retry.clear()
