@@ -338,3 +338,35 @@ async def test_official_client_wrong_password_exits_with_401(api):
                                             "TAP_ADD_REPOS": "0"})
     assert code == 1, (out, err)
     assert "401" in err
+
+
+@pytest.mark.e2e
+async def test_delivery_child_metrics_logs_and_clean_stop(tmp_path):
+    """The real child: /metrics on TAP_METRICS_LISTEN when run alone, JSON log lines, and a
+    clean exit on SIGTERM with the taken events flushed to ``acks``."""
+    from tests.test_channel import Child, FakeFlow, _free_port
+
+    data = tmp_path / "data"
+    fake = FakeFlow(data)
+    mport = _free_port()
+    child = await Child(data, _free_port(), TAP_DISABLE_ACKS="true", TAP_METRICS_LISTEN=f"127.0.0.1:{mport}").ready()
+    c = await Consumer.connect(child.url)
+    ids = fake.push(did_n(1), 3)
+    assert [m["id"] for m in await c.wait(3, 5.0)] == ids
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{mport}/metrics") as r:
+            text = await r.text()
+    assert r.status == 200
+    assert "tap_events_delivered_total 3.0" in text
+    assert "tap_channel_clients 1.0" in text
+    code = await asyncio.to_thread(child.stop)
+    assert code == 0
+    await asyncio.wait_for(c._task, 5)
+    assert c.ws.close_code in (None, 1006)  # no close frame on shutdown
+    await c.close()
+    lines = Path(child.log.name).read_text().splitlines()
+    logs = [orjson.loads(line) for line in lines if line.startswith("{")]
+    assert logs and all("level" in x and "msg" in x for x in logs)
+    assert any(x["msg"] == "delivery stopped" for x in logs)
+    fake.apply_acks()  # the acks written before exit reach the flow
+    assert fake.rows() == 0

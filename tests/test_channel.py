@@ -757,10 +757,13 @@ async def test_official_client_redelivery_with_fail_first(tmp_path):
         ids = fake.push(d1, 1, identity=True) + fake.push(d1, 3) + fake.push(d1, 1, live=True) + fake.push(d1, 2)
         ids += fake.push(d2, 1, live=True) + fake.push(d2, 1, live=True)
         out = tmp_path / "client.out"
-        proc = _client(child.url, out, TAP_FAIL_FIRST="1", TAP_COUNT_UNIQUE="1", MAX_EVENTS=str(len(ids)))
+        proc = _client(child.url, out, TAP_FAIL_FIRST="1", TAP_COUNT_UNIQUE="1", MAX_EVENTS=str(len(ids)),
+                       TAP_HEARTBEAT_MS="300")  # pings every 300 ms: a missing pong would reconnect
         code = await asyncio.to_thread(proc.wait, 60)
         evs = _events(out)
-        assert code == 0, Path(str(out) + ".err").read_text()
+        err = Path(str(out) + ".err").read_text()
+        assert code == 0, err
+        assert "reconnect" not in err, err
         assert {e["id"] for e in evs} == set(ids)
         # each id failed once and was redelivered (the client exits after handling the last one)
         assert {e["id"] for e in evs if e["_delivery"] == 1} == set(ids)
