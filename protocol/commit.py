@@ -25,6 +25,9 @@ The continuity check (``prevData`` equals the stored root) needs state and is no
 Deliberate hardenings over Tap:
 
 - an unknown op ``action`` is rejected even when the legacy escape applies (Tap would emit it);
+- the legacy escape (step 8) applies only to legacy events, those without ``prevData``. A Sync 1.1
+  event (with ``prevData``) whose update or delete lacks ``prev`` is ``BadOp``: Tap accepts it
+  uninverted, so an op added to a genuine signed commit (say, a delete of any record) would pass;
 - limits (``BadOp``/``BadCar``/``BadMST``): at most ``MAX_COMMIT_OPS`` ops (the relay's and the
   lexicon's limit), at most ``MAX_COMMIT_BLOCKS`` blocks in a ``#commit``/``#sync`` CAR, and an
   MST at most ``MAX_MST_HEIGHT`` layers tall (a root that is a chain of empty nodes could
@@ -490,8 +493,11 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
         ops.append(CommitOp(action, parts[0], parts[1], cid, prev, record))
         keys.append(key)
 
-    # 8. legacy escape: ops without prev cannot be inverted
+    # 8. legacy escape: ops without prev cannot be inverted (legacy events only, see module doc)
     if legacy:
+        if prev_data is not None:
+            op = next(o for o in ops if o.action != "create" and o.prev is None)
+            raise BadOp(f"{op.action} of {op.collection}/{op.rkey} has no prev in an event with prevData")
         return VerifiedCommit(did, rev, commit.data_cid, prev_data, commit.commit_cid, ops, False)
 
     # 9. op shapes, duplicates

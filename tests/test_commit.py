@@ -499,8 +499,10 @@ def test_legacy_ops_skip_inversion(sim_events):
     legacy.pop("prevData")
     vc = verify_commit(legacy, key)
     assert not vc.inverted and vc.prev_data is None
-    # even a wrong prevData is not checked then (no inversion possible)
-    assert not verify_commit({**legacy, "prevData": cid_for_dag_cbor(b"\xa0")}, key).inverted
+    # with prevData (a Sync 1.1 event) an op without prev is refused, not waved through: Tap
+    # would accept ops added to a genuine commit that way (tests/test_forgeries.py)
+    with pytest.raises(BadOp, match="no prev in an event with prevData"):
+        verify_commit({**legacy, "prevData": body["prevData"]}, key)
     # but the MST value check still applies
     with pytest.raises(OpMismatch):
         verify_commit({**legacy, "ops": [{**legacy["ops"][0], "cid": cid_for_dag_cbor(b"\xa0")}]}, key)
