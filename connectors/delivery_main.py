@@ -55,6 +55,34 @@ def target_factories(cfg: Config) -> list:
     return factories
 
 
+def clean_stale_secondaries(data_dir: str) -> int:
+    """Remove ``<data_dir>/secondary/<db>-<pid>`` dirs of processes that are gone.
+
+    Every process that follows a database as a RocksDB secondary gets such a dir (its own
+    MANIFEST copy and logs); restarts would otherwise pile them up.
+    """
+    import shutil
+
+    root = Path(data_dir) / "secondary"
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for d in root.iterdir():
+        name, _, pid = d.name.rpartition("-")
+        if not name or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, someone else's
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 async def _wait_for_flow_db(cfg: Config, stop: asyncio.Event):
     from store.db import StoreError, open_flow_db
 
@@ -110,6 +138,8 @@ async def serve(cfg: Config, stop: asyncio.Event | None = None, *, started: asyn
     from store.db import open_delivery_db
 
     stop = stop or asyncio.Event()
+    if clean_stale_secondaries(cfg.data_dir):
+        log.info("removed secondary dirs of exited processes")
     delivery = open_delivery_db(cfg.data_dir)
     flow = await _wait_for_flow_db(cfg, stop)
     if flow is None:
@@ -219,8 +249,11 @@ def main() -> int:
 
     try:
         asyncio.run(run())
-    except OSError as e:
+    except OSError as e:  # e.g. TAP_BIND in use
         log.error("delivery failed to start", extra={"error": str(e)})
+        return 1
+    except Exception:
+        log.exception("delivery failed")
         return 1
     finally:
         from store.db import close_all

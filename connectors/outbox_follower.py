@@ -40,7 +40,7 @@ from rocksdict import ReadOptions
 
 from config import Config
 from connectors.targets import AckTracker, DeliveryTarget, TakenCallback, metrics
-from store.db import Database, StoreError
+from store.db import Database
 from store.layout import meta_counter, shard_prefix, unpack_i64, unpack_u64
 from store.outbox import OutboxEvent
 
@@ -150,8 +150,8 @@ class OutboxFollower:
         while not self._stopping:
             try:
                 n = self.step()
-            except StoreError:
-                log.exception("outbox follower: store error; retrying")
+            except Exception:  # StoreError, or RocksDB's own errors from catch-up and reads
+                log.exception("outbox follower step failed; retrying in 0.5 s")
                 n = 0
                 idle = 0.5
             if n:

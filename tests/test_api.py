@@ -370,3 +370,15 @@ async def test_delivery_child_metrics_logs_and_clean_stop(tmp_path):
     assert any(x["msg"] == "delivery stopped" for x in logs)
     fake.apply_acks()  # the acks written before exit reach the flow
     assert fake.rows() == 0
+
+
+def test_clean_stale_secondaries(tmp_path):
+    from connectors.delivery_main import clean_stale_secondaries
+
+    sec = tmp_path / "secondary"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name in (f"flow-{dead.pid}", f"flow-{os.getpid()}", f"delivery-{os.getppid()}", "other"):
+        (sec / name).mkdir(parents=True)
+    assert clean_stale_secondaries(str(tmp_path)) == 1
+    assert sorted(p.name for p in sec.iterdir()) == sorted([f"flow-{os.getpid()}", f"delivery-{os.getppid()}", "other"])
