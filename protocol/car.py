@@ -18,6 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from hashlib import sha256
 
+try:  # the non-OpenSSL sha256: cheaper per call for short inputs
+    from _sha256 import sha256 as _sha256_small
+except ImportError:  # Python >= 3.12 names it _sha2
+    try:
+        from _sha2 import sha256 as _sha256_small  # type: ignore[no-redef]
+    except ImportError:  # pragma: no cover
+        _sha256_small = sha256
+
 import cbrrr
 
 __all__ = [
@@ -49,6 +57,7 @@ MAX_SECTION_SIZE = 32 << 20
 _PFX_DAG_CBOR = b"\x01\x71\x12\x20"
 _PFX_RAW = b"\x01\x55\x12\x20"
 _CID_LEN = 36
+_SMALL_SECTION = _CID_LEN + 120
 
 
 class CarError(ValueError):
@@ -127,8 +136,16 @@ def _read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int
             raise CarBadVarint("varint longer than 9 bytes")
 
 
+_ONE_ROOT_HEAD = b"\xa2\x65roots\x81\xd8\x2a\x58\x25\x00"  # {"roots": [link (37 bytes)],
+_ONE_ROOT_TAIL = b"\x67version\x01"  # "version": 1}: the canonical one-root header
+
+
 def _decode_header(hb: bytes) -> list[bytes]:
     """Decode the header section and return its roots as binary CIDs."""
+    if len(hb) == 58 and hb.startswith(_ONE_ROOT_HEAD) and hb.endswith(_ONE_ROOT_TAIL):
+        c = hb[13:49]  # every atproto CAR: one root, canonical encoding; no decoder needed
+        if c.startswith((_PFX_DAG_CBOR, _PFX_RAW)):
+            return [c]
     try:
         header = cbrrr.decode_dag_cbor(hb)
     except Exception as e:  # cbrrr raises its own error types and ValueError
@@ -181,40 +198,40 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
     pos += hlen
 
     blocks: dict[bytes, bytes] = {}
-    pfx_cbor = _PFX_DAG_CBOR
-    pfx_raw = _PFX_RAW
+    pfxs = (_PFX_DAG_CBOR, _PFX_RAW)
+    small = _sha256_small
+    cid_len = _CID_LEN
     left = max_blocks
     while pos < end:
         # Section length: one byte for tiny sections, two bytes for most blocks.
-        b = data[pos]
-        if b < 0x80:
-            slen = b
+        slen = data[pos]
+        if slen < 0x80:
             pos += 1
         elif pos + 1 < end and data[pos + 1] < 0x80:
-            slen = (b & 0x7F) | (data[pos + 1] << 7)
+            slen = (slen & 0x7F) | (data[pos + 1] << 7)
             pos += 2
         else:
             slen, pos = _read_varint(data, pos, end)
-        if slen == 0:
-            # go-car reads an empty section as io.EOF, so Go stops there and ignores the rest.
-            break
-        if slen > MAX_SECTION_SIZE:
-            raise CarTooLarge(f"CAR section of {slen} bytes")
-        if left <= 0:
-            raise CarTooLarge(f"CAR has more than {max_blocks} blocks")
-        left -= 1
         send = pos + slen
-        if send > end:
-            raise CarTruncated("CAR ends inside a block")
-        if slen < _CID_LEN:
-            raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
-        body_at = pos + _CID_LEN
-        cid = data[pos:body_at]
-        pfx = cid[:4]
-        if pfx != pfx_cbor and pfx != pfx_raw:
-            raise CarBadCID(f"unsupported block CID prefix {pfx.hex()}")
-        body = data[body_at:send]
-        if sha256(body).digest() != cid[4:]:
+        left -= 1
+        if slen <= cid_len or send > end or slen > MAX_SECTION_SIZE or left < 0:
+            if slen == 0:
+                # go-car reads an empty section as io.EOF, so Go stops there and ignores the rest.
+                break
+            if slen > MAX_SECTION_SIZE:
+                raise CarTooLarge(f"CAR section of {slen} bytes")
+            if left < 0:
+                raise CarTooLarge(f"CAR has more than {max_blocks} blocks")
+            if send > end:
+                raise CarTruncated("CAR ends inside a block")
+            if slen < cid_len:
+                raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
+        cid = data[pos:pos + cid_len]
+        if not cid.startswith(pfxs):
+            raise CarBadCID(f"unsupported block CID prefix {cid[:4].hex()}")
+        body = data[pos + cid_len:send]
+        # the non-OpenSSL hash costs less below two SHA-256 blocks (about 120 bytes of input)
+        if not cid.endswith((small if slen < _SMALL_SECTION else sha256)(body).digest()):
             raise CarHashMismatch(f"block hash does not match its CID at offset {pos}")
         blocks[cid] = body
         pos = send

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
+from operator import add, itemgetter, lt, methodcaller
 from typing import Callable, Iterable, Iterator, Protocol
 
 import cbrrr
@@ -64,6 +65,7 @@ except ImportError:  # Python >= 3.12 names it _sha2
         _sha256_small = hashlib.sha256
 
 _sha256 = hashlib.sha256
+_SMALL = 120  # below this (two SHA-256 blocks) the non-OpenSSL hash is cheaper, above it OpenSSL's
 
 __all__ = [
     "MAX_KEY_BYTES",
@@ -180,10 +182,22 @@ def _check_value(val: bytes) -> None:
 # ----------------------------------------------------------------------------- nodes
 
 _LINK_HDR = b"\xd8\x2a\x58\x25\x00"  # tag 42, byte string of 37: the encoding of a link to a CID
+_dec = libipld.decode_dag_cbor
+_enc = libipld.encode_dag_cbor
+_get_v = itemgetter("v")
+_get_p = itemgetter("p")
+_get_k = itemgetter("k")
+_INT_ONLY = {int}
 
 
 class Node:
     """One MST node; see the module docstring for ``keys``, ``vals`` and ``subs``. Immutable.
+
+    A decoded node is lazy: ``keys`` is always there, but ``vals`` and ``subs`` stay None until
+    something needs them whole (:func:`_full`); until then values and subtree links are read from
+    ``ents``/``lcid``, and the one child loaded so far (or replaced, in an edited copy) is ``kid``
+    = ``(index, child)``. A proof walk touches one child per node, so most nodes never build the
+    lists. ``full()`` fills them in.
 
     Encoding state, so that an edited node is re-encoded with as little Python as possible:
 
@@ -191,32 +205,42 @@ class Node:
       decoder or the last encode), correct except for the subtrees listed in ``stale``;
     - ``block``: the encoded bytes matching ``ents``/``lcid``. A copy whose only change is a
       subtree link (every node on the path above an edit) is encoded by swapping the 36 CID
-      bytes in place, which is the canonical encoding because links have a fixed length;
-    - neither: a node built from scratch (split, merge, build), encoded entry by entry.
+      bytes in place, which is what a fresh encoding gives when the node is canonical (maximal
+      prefixes, ``canonical``) with exactly the schema's fields (``plain``): links have a fixed
+      length;
+    - ``exact``: whether libipld re-encodes ``ents``/``lcid`` to exactly ``block`` (None: not
+      checked yet; checked by one round trip when an entry of the node changes);
+    - neither ``ents`` nor ``block``: a node built from scratch (split, merge, build), encoded
+      entry by entry.
     """
 
-    __slots__ = ("height", "keys", "vals", "subs", "cid", "block", "ents", "lcid", "stale", "canonical")
+    __slots__ = ("height", "keys", "vals", "subs", "cid", "block", "ents", "lcid", "stale", "canonical",
+                 "plain", "exact", "kid")
 
-    def __init__(self, height: int, keys: list, vals: list, subs: list, cid: bytes | None = None,
+    def __init__(self, height: int, keys: list, vals: list | None, subs: list | None, cid: bytes | None = None,
                  block: bytes | None = None, ents: list | None = None, lcid: bytes | None = None,
-                 stale: tuple = (), canonical: bool = True) -> None:
+                 stale: tuple = (), canonical: bool = True, plain: bool = True, exact: bool | None = True,
+                 kid: tuple | None = None) -> None:
         self.height = height
         self.keys = keys
-        self.vals = vals
-        self.subs = subs
+        self.vals = vals  # None: read from ents (lazy decoded node)
+        self.subs = subs  # None: read from lcid/ents, with ``kid`` overriding one index
         self.cid = cid  # None until computed; set for loaded nodes
         self.block = block
         self.ents = ents
         self.lcid = lcid
         self.stale = stale  # indices into subs whose link differs from ents/lcid/block
         self.canonical = canonical  # False when the decoded block's prefix compression was not maximal
+        self.plain = plain  # False when the decoded block had fields beyond the schema's
+        self.exact = exact
+        self.kid = kid
 
     def full(self) -> "Node":
-        """This node with ``keys``/``vals``/``subs`` (always filled in; kept for API stability)."""
-        return self
+        """This node with ``keys``/``vals``/``subs`` filled in (subtrees as CIDs unless loaded)."""
+        return _full(self)
 
     def is_empty(self) -> bool:
-        return not self.keys and self.subs[0] is None
+        return not self.keys and _ref(self, 0) is None
 
     def __repr__(self) -> str:
         return f"Node(h={self.height}, keys={len(self.keys)}, cid={'set' if self.cid else 'dirty'})"
@@ -225,74 +249,59 @@ class Node:
 def _decode_node(cid: bytes, block: bytes, height: int) -> Node:
     """Parse a node block. ``height`` is the layer the parent implies (-1 at the root: derive it).
 
-    This is the hot path of every verification, so all checks share one loop over the entries.
+    The hot path of every verification: only the keys are rebuilt here (they are needed to find
+    anything), with the checks that the rebuilt keys depend on (prefix lengths) and the two
+    flags the encoder needs; values and subtree links stay in the decoded entries until used.
+    Links are checked when followed (:func:`_load`) and in full by ``verify``.
     """
     try:
-        d = libipld.decode_dag_cbor(block)
+        d = _dec(block)
     except Exception as e:
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not DAG-CBOR: {e}") from None
     try:
         ents = d["e"]
-        left = d.get("l")
-        vals = [e["v"] for e in ents]
         try:
-            ts = [e["t"] for e in ents]
-            exact = len(d) == 2
+            left = d["l"]
+            plain = len(d) == 2
         except KeyError:  # tolerated (read as null), but then never re-encoded from this form
-            ts = [e.get("t") for e in ents]
-            exact = False
+            left = None
+            plain = False
         keys: list = []
+        append = keys.append
         prev = b""
         canonical = True
         for e in ents:
-            k = e["k"]
             p = e["p"]
-            if type(k) is not bytes or type(p) is not int or len(e) != 4:
-                if type(k) is not bytes or type(p) is not int:
-                    raise MSTBadNode(f"MST node {_cid_str(cid)}: entry key or prefix of the wrong type")
-                exact = False
-            if p:
-                if p > len(prev) or p < 0:
-                    raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
-                if not k:
-                    exact = False
-                elif p < len(prev) and prev[p] == k[0]:
-                    canonical = False
-                elif not 32 <= k[0] < 127:
-                    exact = False  # a suffix the libipld encoder might take for a CID
-                prev = prev[:p] + k
-            else:
-                if not k:
-                    exact = False
-                elif not 32 <= k[0] < 127:
-                    exact = False
-                elif prev and prev[0] == k[0]:
-                    canonical = False
-                prev = k
-            keys.append(prev)
+            k = e["k"]
+            if prev[p:p + 1] == k[:1] and k:  # the suffix repeats a byte the prefix could have covered
+                canonical = False
+            prev = prev[:p] + k  # TypeError unless k is bytes
+            append(prev)
+        if ents.__class__ is not list:
+            raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
+        # Each prefix length must be an int (not a bool) within the previous key: exactly when
+        # every rebuilt key is p + len(k) bytes long (a p too long or negative makes it shorter
+        # or longer). Checked in C over the whole node rather than entry by entry.
+        if keys:
+            ps = list(map(_get_p, ents))
+            if (set(map(type, ps)) != _INT_ONLY
+                    or list(map(len, keys)) != list(map(add, ps, map(len, map(_get_k, ents))))):
+                raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix lengths that do not fit the keys")
     except (KeyError, TypeError, AttributeError):
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not a node map with well-formed entries") from None
-    if type(ents) is not list:
-        raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
-    has_subs = left is not None or ts.count(None) != len(ts)
-    if has_subs:
-        for t in ts:
-            if t is not None and (type(t) is not bytes or len(t) != 36 or t[:4] != _CBOR_PREFIX):
-                raise MSTBadNode(f"MST node {_cid_str(cid)}: 't' is not a node link")
-        if left is not None and (type(left) is not bytes or len(left) != 36 or left[:4] != _CBOR_PREFIX):
-            raise MSTBadNode(f"MST node {_cid_str(cid)}: 'l' is not a node link")
-        if height == 0:
+    # exactly {"e", "l"} and entries of four fields (k and p were read above; a missing v is
+    # reported when read, a missing t reads as null: either makes an entry shorter)
+    if plain and sum(map(len, ents)) != 4 * len(ents):
+        plain = False
+    if height <= 0:
+        if height < 0:  # the root: its keys say its layer
+            height = key_height(keys[0]) if keys else (0 if left is None else -1)
+        if height == 0 and (left is not None or any(e.get("t") is not None for e in ents)):
+            for t in [left] + [e.get("t") for e in ents]:
+                if t is not None and (t.__class__ is not bytes or len(t) != 36 or not t.startswith(_CBOR_PREFIX)):
+                    raise MSTBadNode(f"MST node {_cid_str(cid)}: subtree link is not a node CID")
             raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
-    if height < 0 and keys:
-        height = key_height(keys[0])
-        if height == 0 and has_subs:
-            raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
-    ts.insert(0, left)
-    # Keep the decoded form for cheap re-encoding only when re-encoding it is exact: canonical
-    # prefixes, exactly the two node fields and four entry fields, printable key suffixes.
-    if exact and canonical:
-        return Node(height, keys, vals, ts, cid, block, ents, left, (), True)
-    return Node(height, keys, vals, ts, cid, None, None, None, (), canonical)
+    return Node(height, keys, None, None, cid, block, ents, left, (), canonical, plain, None)
 
 
 def _cid_str(cid: bytes | None) -> str:
@@ -304,54 +313,201 @@ def _cid_str(cid: bytes | None) -> str:
         return repr(cid)[:100]
 
 
+def _ref(node: Node, i: int):
+    """Subtree ``i`` of ``node`` as it stands: None, a CID (not loaded) or a Node."""
+    subs = node.subs
+    if subs is not None:
+        return subs[i]
+    kid = node.kid
+    if kid is not None and kid[0] == i:
+        return kid[1]
+    if i == 0:
+        return node.lcid
+    return node.ents[i - 1].get("t")
+
+
+def _vals(node: Node) -> list:
+    vals = node.vals
+    if vals is None:
+        try:
+            vals = node.vals = list(map(_get_v, node.ents))
+        except KeyError:
+            raise MSTBadNode(f"MST node {_cid_str(node.cid)} has an entry without a value") from None
+    return vals
+
+
+def _subs(node: Node) -> list:
+    subs = node.subs
+    if subs is None:
+        subs = [e.get("t") for e in node.ents]
+        subs.insert(0, node.lcid)
+        kid = node.kid
+        if kid is not None:
+            subs[kid[0]] = kid[1]
+            node.kid = None
+        node.subs = subs
+    return subs
+
+
+def _full(node: Node) -> Node:
+    if node.vals is None:
+        _vals(node)
+    if node.subs is None:
+        _subs(node)
+    return node
+
+
+def _load(ref, height: int, store: BlockSource) -> Node:
+    """Decode the node a subtree link points at; MSTBadNode for a link that is not a node CID."""
+    if ref.__class__ is not bytes or len(ref) != 36 or not ref.startswith(_CBOR_PREFIX):
+        raise MSTBadNode(f"MST subtree link {ref!r:.80} is not a node CID")
+    block = store.get(ref)
+    if block is None:
+        raise MSTPartialError(f"MST node {_cid_str(ref)} missing")
+    return _decode_node(ref, block, height)
+
+
+def _child(node: Node, i: int, store: BlockSource) -> Node | None:
+    """Subtree ``i`` loaded (memoized on ``node``), or None when there is none.
+
+    MSTPartialError if its block is missing, MSTBadNode if the link is not a node CID.
+    """
+    subs = node.subs
+    if subs is None:
+        kid = node.kid
+        if kid is None:
+            ref = node.lcid if i == 0 else node.ents[i - 1].get("t")
+            if ref is None:
+                return None
+            if ref.__class__ is not bytes or len(ref) != 36 or not ref.startswith(_CBOR_PREFIX):
+                raise MSTBadNode(f"MST subtree link {ref!r:.80} is not a node CID")
+            block = store.get(ref)
+            if block is None:
+                raise MSTPartialError(f"MST node {_cid_str(ref)} missing")
+            child = _decode_node(ref, block, node.height - 1)
+            node.kid = (i, child)
+            return child
+        if kid[0] == i:
+            return kid[1]
+        subs = _subs(node)
+    sub = subs[i]
+    if sub is None or sub.__class__ is Node:
+        return sub
+    child = _load(sub, node.height - 1, store)
+    subs[i] = child
+    return child
+
+
 def _sub_cid(s, out: dict | None):
-    if s is None or type(s) is bytes:
+    if s is None or s.__class__ is bytes:
         return s
     c = s.cid
     return c if c is not None else _encode_node(s, out)
 
 
+def _exact(node: Node) -> bool:
+    """True when libipld re-encodes ``ents``/``lcid`` to exactly ``block`` (checked once)."""
+    x = node.exact
+    if x is None:
+        block = node.block
+        x = (node.canonical and node.plain and block is not None
+             and _enc({"e": node.ents, "l": node.lcid}) == block)
+        node.exact = x
+    return x
+
+
 def _encode_node(node: Node, out: dict | None) -> bytes:
     """Encode ``node`` (children first), cache its CID and return it; blocks go to ``out``."""
+    kid = node.kid
+    if kid is not None and node.subs is None and node.canonical and node.plain and len(node.stale) == 1:
+        # The common case, every node above an edit: a decoded node with one subtree replaced.
+        block = node.block
+        child = kid[1]
+        i = kid[0]
+        if block is not None and child is not None and node.stale[0] == i:
+            c = child.cid
+            if c is None:
+                c = _encode_node(child, out)
+            ents = node.ents
+            old = node.lcid if i == 0 else ents[i - 1].get("t")
+            if old is not None:
+                if c != old:
+                    needle = _LINK_HDR + old
+                    if block.count(needle) != 1:
+                        return _encode_general(node, out)
+                    block = block.replace(needle, _LINK_HDR + c)
+                    if i == 0:
+                        node.lcid = c
+                    else:
+                        ents = ents[:]
+                        e = ents[i - 1]
+                        ents[i - 1] = {"k": e.get("k"), "p": e.get("p"), "t": c, "v": e.get("v")}
+                        node.ents = ents
+                    node.block = block
+                cid = _CBOR_PREFIX + (_sha256(block) if len(block) >= _SMALL else _sha256_small(block)).digest()
+                node.cid = cid
+                node.stale = ()
+                if out is not None:
+                    out[cid] = block
+                return cid
+    return _encode_general(node, out)
+
+
+def _encode_general(node: Node, out: dict | None) -> bytes:
     ents = node.ents
+    block = None
     if ents is not None:
-        subs = node.subs
         lcid = node.lcid
         block = node.block
+        exact = node.exact
         changes = None
         for j in node.stale:
-            c = _sub_cid(subs[j], out)
-            old = lcid if j == 0 else ents[j - 1]["t"]
+            c = _sub_cid(_ref(node, j), out)
+            old = lcid if j == 0 else ents[j - 1].get("t")
             if c != old:
                 if changes is None:
                     changes = []
                 changes.append((j, old, c))
         if changes is not None:
+            if block is not None and node.canonical and node.plain:
+                for j, old, c in changes:  # swap the link bytes: same length, same position
+                    if old is None or c is None:
+                        block = None
+                        break
+                    needle = _LINK_HDR + old
+                    if block.count(needle) != 1:
+                        block = None
+                        break
+                    block = block.replace(needle, _LINK_HDR + c)
+            else:
+                block = None
+            if block is None and exact is None:
+                exact = _exact(node)  # judged on the unchanged node, before ents is replaced
             ents = ents[:]
             for j, old, c in changes:
                 if j == 0:
                     lcid = c
                 else:
                     e = ents[j - 1]
-                    ents[j - 1] = {"k": e["k"], "p": e["p"], "t": c, "v": e["v"]}
-                if block is not None:
-                    needle = _LINK_HDR + old if old is not None else None
-                    if c is None or needle is None or block.count(needle) != 1:
-                        block = None
-                    else:
-                        block = block.replace(needle, _LINK_HDR + c)
+                    ents[j - 1] = {"k": e.get("k"), "p": e.get("p"), "t": c, "v": e.get("v")}
         if block is None:
-            block = libipld.encode_dag_cbor({"e": ents, "l": lcid})
-    else:
-        block, ents, lcid = _encode_fresh(node, out)
-        if ents is None:
-            node.block = None
-    cid = _CBOR_PREFIX + (_sha256(block) if len(block) > 200 else _sha256_small(block)).digest()
+            if exact is None:
+                exact = _exact(node)
+            if exact:
+                block = _enc({"e": ents, "l": lcid})
+                node.canonical = node.plain = True
+            else:
+                ents = None
+    if block is None:
+        block, ents, lcid = _encode_fresh(_full(node), out)
+        exact = ents is not None
+        node.canonical = node.plain = True
+    cid = _CBOR_PREFIX + (_sha256(block) if len(block) >= _SMALL else _sha256_small(block)).digest()
     node.cid = cid
-    if ents is not None:
-        node.block = block
-        node.ents = ents
-        node.lcid = lcid
+    node.block = block
+    node.ents = ents
+    node.lcid = lcid
+    node.exact = exact
     node.stale = ()
     if out is not None:
         out[cid] = block
@@ -376,13 +532,13 @@ def _encode_fresh(node: Node, out: dict | None) -> tuple[bytes, list | None, byt
         prev = k
     lcid = sub_cids[0]
     if safe:
-        return libipld.encode_dag_cbor({"e": ents, "l": lcid}), ents, lcid
+        return _enc({"e": ents, "l": lcid}), ents, lcid
     return _encode_exact(ents, lcid), None, lcid
 
 
 def _encode_all(node: Node, out: dict) -> None:
     """Encode ``node`` and everything under it (all loaded) into ``out``, ignoring cached CIDs."""
-    for s in node.subs:
+    for s in _full(node).subs:
         if s is not None:
             _encode_all(s, out)
     node.cid = None
@@ -429,7 +585,7 @@ class MST:
         if block is None:
             raise MSTPartialError(f"MST root block {_cid_str(root_cid)} missing")
         root = _decode_node(root_cid, block, -1)
-        if not root.keys and root.subs[0] is not None:
+        if root.height < 0:  # no keys, only a left subtree
             root.height = _height_below(root, store)
         return cls(root, store)
 
@@ -462,7 +618,7 @@ class MST:
         New node blocks are written into ``out`` when given (the blocks of a commit diff).
         """
         root = self.root
-        if type(root) is bytes:
+        if root.__class__ is bytes:
             return root
         if root.cid is not None:
             return root.cid
@@ -477,7 +633,7 @@ class MST:
         stack = [root]
         while stack:
             node = stack.pop()
-            for i, sub in enumerate(node.subs):
+            for i, sub in enumerate(_full(node).subs):
                 if sub is not None:
                     stack.append(_child(node, i, store))
         # children before parents: encode bottom-up through the recursive encoder
@@ -486,7 +642,7 @@ class MST:
 
     def is_partial(self) -> bool:
         """True when some node is not available (walks and loads the whole tree)."""
-        if type(self.root) is bytes:
+        if self.root.__class__ is bytes:
             return True
         missing = []
         for _ in self._iter(lambda cid: missing.append(cid)):
@@ -501,18 +657,20 @@ class MST:
             raise MSTPartialError("MST root height unknown (its only subtree is missing)")
         h = key_height(key)
         store = self.store
-        while True:
+        while node is not None:
             if h > node.height:
                 return None
             keys = node.keys
             i = bisect_left(keys, key)
             if h == node.height:
                 if i < len(keys) and keys[i] == key:
-                    return node.vals[i]
-                return None
-            if node.subs[i] is None:
+                    vals = node.vals
+                    if vals is not None:
+                        return vals[i]
+                    return _vals(node)[i]
                 return None
             node = _child(node, i, store)
+        return None
 
     def walk(self, on_missing: Callable[[bytes], None] | None = None) -> Iterator[tuple[bytes, bytes]]:
         """All (key, value CID) pairs in key order.
@@ -525,13 +683,13 @@ class MST:
     def _iter(self, on_missing):
         root = self.root
         store = self.store
-        if type(root) is bytes:
+        if root.__class__ is bytes:
             if on_missing is None:
                 raise MSTPartialError(f"MST root {_cid_str(root)} not available")
             on_missing(root)
             return
         # explicit stack of (node, next index); avoids nested generators
-        stack = [(root, 0)]
+        stack = [(_full(root), 0)]
         while stack:
             node, i = stack.pop()
             keys = node.keys
@@ -540,19 +698,17 @@ class MST:
             while i <= len(keys):
                 sub = node.subs[i]
                 if sub is not None:
-                    if type(sub) is bytes:
-                        block = store.get(sub)
-                        if block is None:
+                    if sub.__class__ is not Node:
+                        try:
+                            sub = _child(node, i, store)
+                        except MSTPartialError:
                             if on_missing is None:
-                                raise MSTPartialError(f"MST node {_cid_str(sub)} missing")
+                                raise
                             on_missing(sub)
                             sub = None
-                        else:
-                            sub = _decode_node(sub, block, node.height - 1)
-                            node.subs[i] = sub
                     if sub is not None:
                         stack.append((node, i + 1))
-                        stack.append((sub, 0))
+                        stack.append((_full(sub), 0))
                         break
                 if i < len(keys):
                     yield keys[i], node.vals[i]
@@ -566,19 +722,19 @@ class MST:
 
         Checks: every key on the layer of its height, subtrees exactly one layer down and none
         under layer 0, keys strictly increasing across the tree, canonical (maximal) prefix
-        compression, no empty node below the root, a root that is not a bare pointer.
-        Missing nodes raise MSTPartialError unless ``allow_partial`` (then they are skipped; see
-        ``verify_counted`` for the count).
+        compression, no empty node below the root, a root that is not a bare pointer, links and
+        values that are CIDs. Missing nodes raise MSTPartialError unless ``allow_partial`` (then
+        they are skipped; see ``verify_counted`` for the count).
         """
         return self.verify_counted(allow_partial)[0]
 
     def verify_counted(self, allow_partial: bool = False) -> tuple[list[tuple[bytes, bytes]], int]:
         """Like ``verify``; also returns how many subtrees were missing."""
         root = self.root
-        if type(root) is bytes:
+        if root.__class__ is bytes:
             raise MSTPartialError(f"MST root {_cid_str(root)} not available")
         if not root.keys:
-            if root.subs[0] is not None:
+            if _ref(root, 0) is not None:
                 raise MSTEmptyNodeError("MST root is only a pointer to a subtree")
             return [], 0
         if root.height != key_height(root.keys[0]):
@@ -630,14 +786,16 @@ class MST:
         new, prev = _remove(root, key, key_height(key), store)
         if prev is None:
             return None
-        while not new.keys and new.subs[0] is not None:
-            sub = new.subs[0]
-            if type(sub) is bytes:
-                block = store.get(sub)
-                if block is None:
+        while not new.keys:
+            sub = _ref(new, 0)
+            if sub is None:
+                break
+            if sub.__class__ is not Node:
+                try:
+                    sub = _child(new, 0, store)
+                except MSTPartialError:
                     self.root = sub  # stub root
                     return prev
-                sub = _decode_node(sub, block, new.height - 1)
             new = sub
         if new.is_empty():
             new = Node(0, [], [], [None])
@@ -646,7 +804,7 @@ class MST:
 
     def _root_node(self) -> Node:
         root = self.root
-        if type(root) is bytes:
+        if root.__class__ is bytes:
             raise MSTPartialError(f"MST root {_cid_str(root)} is a stub (not available)")
         return root
 
@@ -654,36 +812,16 @@ class MST:
 # ----------------------------------------------------------------------------- internals
 
 
-def _child(node: Node, i: int, store: BlockSource) -> Node:
-    """Load subtree ``i`` of ``node`` (memoized in place); MSTPartialError if its block is missing."""
-    sub = node.subs[i]
-    if type(sub) is not bytes:
-        return sub
-    block = store.get(sub)
-    if block is None:
-        raise MSTPartialError(f"MST node {_cid_str(sub)} missing")
-    child = _decode_node(sub, block, node.height - 1)
-    node.subs[i] = child
-    return child
-
-
-def _resolve(ref, height: int, store: BlockSource) -> Node:
-    if type(ref) is not bytes:
-        return ref
-    block = store.get(ref)
-    if block is None:
-        raise MSTPartialError(f"MST node {_cid_str(ref)} missing")
-    return _decode_node(ref, block, height)
-
-
 def _height_below(node: Node, store: BlockSource) -> int:
     """Height of a keyless root from the first node below it with keys (-1 if that is missing)."""
     depth = 0
     while not node.keys:
-        sub = node.subs[0]
+        sub = _ref(node, 0)
         if sub is None:
             return 0
-        if type(sub) is bytes:
+        if sub.__class__ is not Node:
+            if sub.__class__ is not bytes:
+                raise MSTBadNode("MST subtree link is not a node CID")
             block = store.get(sub)
             if block is None:
                 return -1
@@ -714,14 +852,16 @@ def _split(node: Node, key: bytes, store: BlockSource) -> tuple[Node | None, Nod
     keys = node.keys
     i = bisect_left(keys, key)
     n = len(keys)
-    if node.subs[i] is None:
+    child = _child(node, i, store)
+    if child is None:
         cl = cr = None
     else:
-        cl, cr = _split(_child(node, i, store), key, store)
+        cl, cr = _split(child, key, store)
     if i == 0 and cl is None:
         return None, node
     if i == n and cr is None:
         return node, None
+    _full(node)
     left = Node(node.height, keys[:i], node.vals[:i], node.subs[:i] + [cl])
     right = Node(node.height, keys[i:], node.vals[i:], [cr] + node.subs[i + 1:])
     return left, right
@@ -737,14 +877,22 @@ def _chain(key: bytes, val: bytes, h: int, layer: int) -> Node:
 
 def _relink(node: Node, i: int, child) -> Node:
     """``node`` with subtree ``i`` replaced (the copy every node above an edit gets)."""
-    subs = node.subs[:]
-    subs[i] = child
-    if node.ents is None:
+    if node.ents is None:  # built from scratch: plain lists
+        subs = _full(node).subs[:]
+        subs[i] = child
         return Node(node.height, node.keys, node.vals, subs)
     stale = node.stale
     if i not in stale:
         stale = stale + (i,)
-    return Node(node.height, node.keys, node.vals, subs, None, node.block, node.ents, node.lcid, stale)
+    if node.subs is None:
+        kid = node.kid
+        if kid is None or kid[0] == i:  # the usual case: one path through a decoded node
+            return Node(node.height, node.keys, node.vals, None, None, node.block, node.ents, node.lcid, stale,
+                        node.canonical, node.plain, node.exact, (i, child))
+    subs = _subs(node)[:]
+    subs[i] = child
+    return Node(node.height, node.keys, node.vals, subs, None, node.block, node.ents, node.lcid, stale,
+                node.canonical, node.plain, node.exact)
 
 
 def _printable(suffix: bytes) -> bool:
@@ -755,15 +903,18 @@ def _insert(node: Node, key: bytes, val: bytes, h: int, store: BlockSource) -> t
     keys = node.keys
     i = bisect_left(keys, key)
     if h < node.height:  # the key lives further down, in subtree i
-        if node.subs[i] is None:
-            return _relink(node, i, _chain(key, val, h, node.height - 1)), None
         old = _child(node, i, store)
+        if old is None:
+            return _relink(node, i, _chain(key, val, h, node.height - 1)), None
         child, prev = _insert(old, key, val, h, store)
         if child is old:
             return node, prev
         return _relink(node, i, child), prev
     n = len(keys)
+    _full(node)
     ents = node.ents
+    if ents is not None and not _exact(node):
+        ents = None
     if i < n and keys[i] == key:  # update in place
         prev = node.vals[i]
         if prev == val:
@@ -774,13 +925,14 @@ def _insert(node: Node, key: bytes, val: bytes, h: int, store: BlockSource) -> t
             return Node(node.height, keys, vals, node.subs), prev
         ents = ents[:]
         e = ents[i]
-        ents[i] = {"k": e["k"], "p": e["p"], "t": e["t"], "v": val}
+        ents[i] = {"k": e.get("k"), "p": e.get("p"), "t": e.get("t"), "v": val}
         return Node(node.height, keys, vals, node.subs, None, None, ents, node.lcid, node.stale), prev
     # a new key on this layer: the subtree it falls into is split around it
-    if node.subs[i] is None:
+    child = _child(node, i, store)
+    if child is None:
         left = right = None
     else:
-        left, right = _split(_child(node, i, store), key, store)
+        left, right = _split(child, key, store)
     nkeys = keys[:i]
     nkeys.append(key)
     nkeys += keys[i:]
@@ -800,7 +952,7 @@ def _insert(node: Node, key: bytes, val: bytes, h: int, store: BlockSource) -> t
             nxt = keys[i]
             q = common_prefix_len(key, nxt)
             e = ents[i]
-            new_ents.append({"k": nxt[q:], "p": q, "t": e["t"], "v": e["v"]})
+            new_ents.append({"k": nxt[q:], "p": q, "t": e.get("t"), "v": e.get("v")})
             new_ents += ents[i + 1:]
             ok = ok and _printable(nxt[q:])
         if ok:
@@ -815,9 +967,9 @@ def _remove(node: Node, key: bytes, h: int, store: BlockSource) -> tuple[Node, b
     keys = node.keys
     i = bisect_left(keys, key)
     if h < node.height:
-        if node.subs[i] is None:
-            return node, None
         old = _child(node, i, store)
+        if old is None:
+            return node, None
         child, prev = _remove(old, key, h, store)
         if prev is None:
             return node, None
@@ -825,6 +977,7 @@ def _remove(node: Node, key: bytes, h: int, store: BlockSource) -> tuple[Node, b
     n = len(keys)
     if i >= n or keys[i] != key:
         return node, None
+    _full(node)
     prev = node.vals[i]
     subs = node.subs
     merged = _merge(subs[i], subs[i + 1], node.height - 1, store)
@@ -834,14 +987,14 @@ def _remove(node: Node, key: bytes, h: int, store: BlockSource) -> tuple[Node, b
     nsubs.append(merged)
     nsubs += subs[i + 2:]
     ents = node.ents
-    if ents is not None:
+    if ents is not None and _exact(node):
         new_ents = ents[:i]
         ok = True
         if i + 1 < n:
             nxt = keys[i + 1]
             q = common_prefix_len(keys[i - 1], nxt) if i else 0
             e = ents[i + 1]
-            new_ents.append({"k": nxt[q:], "p": q, "t": e["t"], "v": e["v"]})
+            new_ents.append({"k": nxt[q:], "p": q, "t": e.get("t"), "v": e.get("v")})
             new_ents += ents[i + 2:]
             ok = _printable(nxt[q:])
         if ok:
@@ -850,14 +1003,20 @@ def _remove(node: Node, key: bytes, h: int, store: BlockSource) -> tuple[Node, b
     return Node(node.height, nkeys, nvals, nsubs), prev
 
 
+def _resolve(ref, height: int, store: BlockSource) -> Node:
+    if ref.__class__ is Node:
+        return ref
+    return _load(ref, height, store)
+
+
 def _merge(a, b, height: int, store: BlockSource):
     """Join two adjacent subtrees (left one entirely below the right one)."""
     if a is None:
         return b
     if b is None:
         return a
-    a = _resolve(a, height, store)
-    b = _resolve(b, height, store)
+    a = _full(_resolve(a, height, store))
+    b = _full(_resolve(b, height, store))
     mid = _merge(a.subs[-1], b.subs[0], height - 1, store)
     subs = a.subs[:-1]
     subs.append(mid)
@@ -873,40 +1032,30 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
     check touches every node once and should not keep the decoded tree alive.
     """
     keys = node.keys
-    vals = node.vals
-    subs = node.subs
+    vals = _vals(node)
+    subs = _subs(node)
     if not is_root and not keys and subs[0] is None:
         raise MSTEmptyNodeError(f"empty MST node {_cid_str(node.cid)}")
     if not node.canonical:
         raise MSTPrefixError(f"MST node {_cid_str(node.cid)} has non-maximal prefix compression")
     if height < 0:
         raise MSTHeightError(f"MST node {_cid_str(node.cid)} is below layer 0")
-    last = state[1]
-    sha = _sha256_small
-    pc = _CBOR_PREFIX
-    pr = _RAW_PREFIX
-    if height == 0:  # a leaf (three nodes in four): no subtrees to visit
+    if height == 0:  # a leaf: no subtrees to visit
         if subs.count(None) != len(subs):
             raise MSTHeightError(f"MST node {_cid_str(node.cid)} on layer 0 has subtrees")
-        for k, v in zip(keys, vals):
-            if sha(k).digest()[0] < 64:
-                raise MSTHeightError(f"MST key {k!r:.80} (height {key_height(k)}) on layer 0")
-            if k <= last:
-                raise MSTOrderError(f"MST key {k!r:.80} out of order (after {last!r:.80})")
-            if type(v) is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
-                raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
-            last = k
-        out += zip(keys, vals)
-        state[1] = last
+        _check_leaf_entries(node.cid, keys, vals, out, state)
         return
     for k in keys:
         if key_height(k) != height:
             raise MSTHeightError(f"MST key {k!r:.80} (height {key_height(k)}) on layer {height}")
     n = len(keys)
+    pc = _CBOR_PREFIX
     for i in range(n + 1):
         sub = subs[i]
         if sub is not None:
-            if type(sub) is bytes:
+            if sub.__class__ is not Node:
+                if sub.__class__ is not bytes or len(sub) != 36 or not sub.startswith(pc):
+                    raise MSTBadNode(f"MST node {_cid_str(node.cid)}: subtree link is not a node CID")
                 block = store.get(sub)
                 if block is None:
                     if not allow_partial:
@@ -927,62 +1076,78 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
             v = vals[i]
             if k <= state[1]:
                 raise MSTOrderError(f"MST key {k!r:.80} out of order (after {state[1]!r:.80})")
-            if type(v) is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
+            if v.__class__ is not bytes or len(v) != 36 or not v.startswith(_CID_PREFIXES):
                 raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
             state[1] = k
             out.append((k, v))
 
 
+_CID_PREFIXES = (_CBOR_PREFIX, _RAW_PREFIX)
+_is_cid_like = methodcaller("startswith", _CID_PREFIXES)
+_digest = methodcaller("digest")
+_get_t = methodcaller("get", "t")
+_LEAF_MIN_DIGEST = b"\x40"  # a height-0 key's sha256 starts with a byte >= 0x40
+
+
+def _check_leaf_entries(cid: bytes | None, keys: list, vals: list, out: list, state: list) -> None:
+    """Order, layer-0 heights and value CIDs of a leaf's entries, mostly in C; then emit them."""
+    if not keys:
+        raise MSTEmptyNodeError(f"empty MST node {_cid_str(cid)}")
+    last = state[1]
+    try:
+        ok = (keys[0] > last and all(map(lt, keys, keys[1:]))
+              and min(map(_digest, map(_sha256_small, keys))) >= _LEAF_MIN_DIGEST
+              and set(map(len, vals)) == _LEN36 and all(map(_is_cid_like, vals)))
+    except (TypeError, AttributeError):
+        ok = False
+    if not ok:  # find the first offender, in entry order, for a precise error
+        for k, v in zip(keys, vals):
+            if k <= last:
+                raise MSTOrderError(f"MST key {k!r:.80} out of order (after {last!r:.80})")
+            if key_height(k):
+                raise MSTHeightError(f"MST key {k!r:.80} (height {key_height(k)}) on layer 0")
+            if v.__class__ is not bytes or len(v) != 36 or not v.startswith(_CID_PREFIXES):
+                raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
+            last = k
+        raise MSTBadNode(f"MST node {_cid_str(cid)} has malformed entries")  # pragma: no cover
+    out += zip(keys, vals)
+    state[1] = keys[-1]
+
+
+_LEN36 = {36}
+
+
 def _verify_leaf_block(cid: bytes, block: bytes, out: list, state: list) -> None:
     """``_decode_node`` + ``_verify_node`` for a layer-0 node, fused (the bulk of a full-repo check)."""
     try:
-        d = libipld.decode_dag_cbor(block)
+        d = _dec(block)
     except Exception as e:
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not DAG-CBOR: {e}") from None
     try:
         ents = d["e"]
-        if type(ents) is not list:
+        if ents.__class__ is not list:
             raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
-        if not ents:
-            raise MSTEmptyNodeError(f"empty MST node {_cid_str(cid)}")
         if d.get("l") is not None:
             raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
-        last = state[1]
+        keys = []
         prev = b""
-        sha = _sha256_small
-        pc = _CBOR_PREFIX
-        pr = _RAW_PREFIX
         for e in ents:
-            k = e["k"]
             p = e["p"]
-            v = e["v"]
-            if type(k) is not bytes or type(p) is not int:
-                raise MSTBadNode(f"MST node {_cid_str(cid)}: entry key or prefix of the wrong type")
-            if p:
-                if p > len(prev) or p < 0:
-                    raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
-                if p < len(prev) and k and prev[p] == k[0]:
-                    raise MSTPrefixError(f"MST node {_cid_str(cid)} has non-maximal prefix compression")
-                key = prev[:p] + k
-            else:
-                if prev and k and prev[0] == k[0]:
-                    raise MSTPrefixError(f"MST node {_cid_str(cid)} has non-maximal prefix compression")
-                key = k
-            if e.get("t") is not None:
-                raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
-            if key <= last:
-                raise MSTOrderError(f"MST key {key!r:.80} out of order (after {last!r:.80})")
-            if sha(key).digest()[0] < 64:
-                raise MSTHeightError(f"MST key {key!r:.80} (height {key_height(key)}) on layer 0")
-            if type(v) is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
-                raise MSTBadNode(f"MST value for {key!r:.80} is not a CID")
-            out.append((key, v))
-            prev = last = key
+            k = e["k"]
+            if p.__class__ is not int or p > len(prev) or p < 0:
+                if p.__class__ is not int:
+                    raise MSTBadNode(f"MST node {_cid_str(cid)}: entry key or prefix of the wrong type")
+                raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
+            if prev[p:p + 1] == k[:1] and k:
+                raise MSTPrefixError(f"MST node {_cid_str(cid)} has non-maximal prefix compression")
+            prev = prev[:p] + k
+            keys.append(prev)
+        vals = list(map(_get_v, ents))
+        if list(map(_get_t, ents)).count(None) != len(ents):
+            raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
     except (KeyError, TypeError, AttributeError):
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not a node map with well-formed entries") from None
-    state[1] = last
-
-
+    _check_leaf_entries(cid, keys, vals, out, state)
 # ----------------------------------------------------------------------------- inversion
 
 
@@ -998,6 +1163,13 @@ def invert_ops(tree: MST, ops: Iterable[tuple[bytes, bytes | None, bytes | None]
     Raises MSTInversionError when the tree contradicts an op, MSTPartialError when the proof
     lacks a node the inversion needs (some real PDS proofs do; those repos must resync).
     """
+    ops = list(ops)
+    if len(ops) == 1:  # most commits: no copy of the path, see _invert_one
+        key, value, prev = ops[0]
+        cid = _invert_one(tree, key, value, prev)
+        if cid is not None:
+            tree.root = cid  # the tree is now known by its root CID only (a stub)
+            return cid
     ordered = sorted(ops, key=lambda op: (op[1] is not None, op[0]))
     for key, value, prev in ordered:
         if value is not None and prev is None:  # create
@@ -1015,3 +1187,81 @@ def invert_ops(tree: MST, ops: Iterable[tuple[bytes, bytes | None, bytes | None]
         else:
             raise MSTInversionError(f"operation on {key!r:.80} is neither create, update nor delete")
     return tree.root_cid()
+
+
+def _invert_one(tree: MST, key: bytes, value: bytes | None, prev: bytes | None) -> bytes | None:
+    """The inverse of one op as a root CID, without building the edited tree.
+
+    Walks down to the node on the key's layer, lets ``_remove``/``_insert`` edit that one node
+    (with any splits or merges below it), encodes it, and walks back up writing each new child
+    CID into its parent's block in place (the same link swap ``_encode_node`` does; a node that
+    gains or loses a link is re-encoded the general way). Returns None whenever the case is not
+    the plain one (an op the tree contradicts, a missing node, a path through nodes not yet
+    encoded, a root that would be trimmed or grown): the general path then redoes the op and
+    reports any error, so the outcome is always the general path's.
+    """
+    root = tree.root
+    if root.__class__ is not Node or root.cid is None or not root.keys:
+        return None
+    if value is not None:
+        if prev is None:
+            remove = True
+        elif prev != value:
+            remove = False
+        else:
+            return None
+    elif prev is not None:
+        remove = False
+    else:
+        return None
+    try:
+        _check_key(key)
+        if not remove:
+            _check_value(prev)
+        h = key_height(key)
+        store = tree.store
+        node = root
+        path = []
+        while node.height > h:
+            i = bisect_left(node.keys, key)
+            child = _child(node, i, store)
+            if child is None or child.cid is None:
+                return None
+            path.append((node, i, child.cid))
+            node = child
+        if node.height != h:
+            return None
+        if remove:
+            new, old = _remove(node, key, h, store)
+            if old is None or old != value:
+                return None
+            if new.is_empty():
+                if not path:
+                    return None
+                c = None
+            elif not path and not new.keys:
+                return None  # the root would be trimmed
+            else:
+                c = _encode_node(new, None)
+        else:
+            new, old = _insert(node, key, prev, h, store)
+            if old != value:
+                return None
+            c = _encode_node(new, None)
+        for parent, i, link in reversed(path):
+            if c is not None and parent.canonical and parent.plain and parent.cid is not None:
+                block = parent.block
+                needle = _LINK_HDR + link
+                if block.count(needle) == 1:
+                    block = block.replace(needle, _LINK_HDR + c)
+                    c = _CBOR_PREFIX + (_sha256(block) if len(block) >= _SMALL else _sha256_small(block)).digest()
+                    continue
+            # a link that appears or goes away, or a node that cannot be patched
+            if parent.ents is not None:
+                _subs(parent)
+            if c is None and not parent.keys and _subs(parent).count(None) == len(parent.subs) - 1:
+                return None  # the parent would become empty too
+            c = _encode_node(_relink(parent, i, c), None)
+        return c
+    except MSTError:
+        return None
