@@ -199,7 +199,9 @@ class OutboxFollower:
         if room <= 0:
             self._more = True
             return 0
-        counts = [_counter(v) for v in self._meta.get(self._counter_keys)]
+        # A shard without a counter has never had a row (RepoLogic writes both in one batch);
+        # should that ever not hold, the bounded scan every second still finds the rows.
+        counts = [_counter(v) or 0 for v in self._meta.get(self._counter_keys)]
         shared_it = None
         total = 0
         self._more = False
@@ -211,13 +213,13 @@ class OutboxFollower:
                 self._more = True
                 break
             c = counts[s]
-            if s in self._scan or c is None or self._seen[s] is None:
+            if s in self._scan or self._seen[s] is None:
                 ro = ReadOptions()
                 ro.set_iterate_upper_bound(self._bounds[s])
                 n, at_end = self._read_shard(s, self._outbox.iter(ro), room)
                 if at_end:
                     self._scan.discard(s)
-                    self._seen[s] = c  # None (no counter yet) keeps this shard on bounded scans
+                    self._seen[s] = c
                 else:
                     self._more = True
             else:
