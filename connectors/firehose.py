@@ -349,8 +349,7 @@ class FirehoseClient:
                 failures = 0
 
     def _on_oversized(self) -> None:
-        REJECTED.labels("frame_too_large").inc()
-        self.stats["rejected"] += 1
+        # not counted here: the redial reads the frame again and ``_handle`` rejects (and counts) it
         _log.error("firehose frame larger than TAP_MAX_FRAME_SIZE; redialling to skip it",
                    extra={"url": self.url, "max_frame_size": self.cfg.max_frame_size, "after_seq": self.received_seq})
         self._skip_oversized = True
