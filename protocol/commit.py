@@ -40,6 +40,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol
 
+import cbrrr
+import libipld
+
 from protocol import cbor, syntax
 from protocol.car import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_CAR_SIZE, Car, CarError, read_car
 from protocol.cid import cid_to_str
@@ -57,6 +60,7 @@ __all__ = [
     "BadCar",
     "BadCommit",
     "BadSignature",
+    "HighSSignature",
     "CommitMismatch",
     "BadOp",
     "OpMismatch",
@@ -91,6 +95,10 @@ MAX_MST_HEIGHT = 128
 
 _CBOR_CID_PREFIX = b"\x01\x71\x12\x20"
 _RAW_CID_PREFIX = b"\x01\x55\x12\x20"
+_CID_PREFIXES = (_CBOR_CID_PREFIX, _RAW_CID_PREFIX)
+_decode = libipld.decode_dag_cbor  # links as binary CIDs; typed fields are checked one by one
+_encode = cbrrr.encode_dag_cbor  # canonical, links as links (``_link``)
+_link = cbrrr.CID
 
 
 # ----------------------------------------------------------------------------- errors
@@ -124,6 +132,18 @@ class BadSignature(VerificationError):
     """The commit signature does not verify with the given key (including high-S and DER forms)."""
 
     reason = "bad_signature"
+
+
+class HighSSignature(BadSignature):
+    """A signature whose S is in the upper half of the curve order: atproto requires low-S.
+
+    Told apart from other bad signatures (a distinct reason) because real, old repos have them
+    (P-256 keys of early PDSes signed without normalizing S). Still rejected: a high-S signature
+    is the malleated twin of a low-S one. ``PublicKey.verify_lenient`` can tell whether it would
+    otherwise verify; that is a diagnostic, never the verification.
+    """
+
+    reason = "high_s_signature"
 
 
 class CommitMismatch(VerificationError):
@@ -200,6 +220,7 @@ class SignedCommit:
     unsigned: bytes  # canonical DAG-CBOR of the commit without ``sig``: the signature input
     commit_cid: bytes
     car: Car
+    version: int = 3  # 2 only for a legacy commit accepted by ``parse_signed_commit(allow_v2=True)``
 
     def check_signature(self, key: SignatureKey) -> None:
         try:
@@ -207,7 +228,33 @@ class SignedCommit:
         except Exception as e:  # a key object may raise on malformed input; treat as bad
             raise BadSignature(f"signature check failed for {self.did}: {e}") from None
         if not ok:
+            if _is_high_s(key, self.unsigned, self.sig):
+                raise HighSSignature(f"high-S signature for {self.did}: it verifies only with S moved to the "
+                                     "lower half of the curve order, and atproto requires low-S")
             raise BadSignature(f"commit signature does not verify for {self.did}")
+
+
+# curve orders (secp256k1, P-256), to tell a high-S signature apart
+_CURVE_ORDER = {
+    "k256": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+    "p256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+}
+
+
+def _is_high_s(key: Any, data: bytes, sig: bytes) -> bool:
+    """True when ``sig`` (which failed) is a 64-byte ``r || s`` with S in (n/2, n) whose low-S
+    twin ``r || n - s`` verifies: a valid signature that only breaks the low-S rule. A random bad
+    signature has a high S half of the time; it is not reported as high-S."""
+    n = _CURVE_ORDER.get(getattr(key, "curve", None))
+    if n is None or type(sig) is not bytes or len(sig) != 64:
+        return False
+    s = int.from_bytes(sig[32:], "big")
+    if not n >> 1 < s < n:
+        return False
+    try:
+        return key.verify(data, sig[:32] + (n - s).to_bytes(32, "big")) is True
+    except Exception:
+        return False
 
 
 @dataclass(slots=True)
@@ -262,6 +309,7 @@ class VerifiedRepo:
     missing_nodes: int = 0
     invalid_paths: int = 0
     missing_blocks: int = 0
+    version: int = 3  # the commit's: 2 for a legacy repo (then ``rev`` may be "")
 
     @property
     def record_count(self) -> int:
@@ -324,7 +372,20 @@ def _split_key(key: bytes) -> tuple[str, str] | None:
 
 
 def _is_cid(x: Any) -> bool:
-    return type(x) is bytes and len(x) == 36 and (x[:4] == _CBOR_CID_PREFIX or x[:4] == _RAW_CID_PREFIX)
+    return type(x) is bytes and len(x) == 36 and x.startswith(_CID_PREFIXES)
+
+
+def _split_path(path: str) -> tuple[str, str] | None:
+    """``_split_key`` of a path given as a string (an op's)."""
+    coll, sep, rkey = path.partition("/")
+    if not sep or not path.isascii():
+        return None
+    ok = _COLLECTION_OK.get(coll)
+    if ok is None:
+        ok = _collection_ok(coll)
+    if not ok or not (0 < len(rkey) <= 512) or rkey.strip(_RKEY_CHARS) or rkey == "." or rkey == "..":
+        return None
+    return coll, rkey
 
 
 def _str(cid: bytes | None) -> str:
@@ -346,46 +407,59 @@ def _read_car(blocks: Any, max_size: int, max_blocks: int = DEFAULT_MAX_BLOCKS) 
     return car
 
 
-def parse_signed_commit(car: Car) -> SignedCommit:
-    """Parse and check the commit block (first root) of a verified CAR; no signature check."""
+def parse_signed_commit(car: Car, *, allow_v2: bool = False) -> SignedCommit:
+    """Parse and check the commit block (first root) of a verified CAR; no signature check.
+
+    ``allow_v2`` also accepts a legacy version-2 commit ``{did, version: 2, data, prev, sig}``
+    (what old repos' ``getRepo`` exports still carry; ``rev`` is optional there, and an absent
+    one is returned as ``""``). Only full-repo verification asks for it: Sync 1.1 firehose
+    commits are v3.
+    """
+    return _parse_commit(car, None, None, allow_v2)
+
+
+def _parse_commit(car: Car, did_hint: str | None, rev_hint: str | None, allow_v2: bool) -> SignedCommit:
+    """``parse_signed_commit``; a ``did``/``rev`` equal to an already validated hint (the event's)
+    is not validated again."""
     commit_cid = car.roots[0]
     block = car.blocks.get(commit_cid)
     if block is None:
         raise BadCar("commit block (first CAR root) is not in the CAR")
     try:
-        c = cbor.decode(block)
-    except cbor.CBORError as e:
+        c = _decode(block)
+    except Exception as e:
         raise BadCommit(f"commit block is not DAG-CBOR: {e}") from None
     if type(c) is not dict:
         raise BadCommit("commit block is not a map")
     version = c.get("version")
     if type(version) is not int or version != 3:
-        raise BadCommit(f"unsupported commit version {version!r}")
+        if not (allow_v2 and type(version) is int and version == 2):
+            raise BadCommit(f"unsupported commit version {version!r}")
     sig = c.get("sig")
     if type(sig) is not bytes or not sig:
         raise BadCommit("commit has no signature")
     did = c.get("did")
-    if type(did) is not str or not syntax.is_valid_did(did):
+    if (did_hint is None or did != did_hint) and (type(did) is not str or not syntax.is_valid_did(did)):
         raise BadCommit(f"commit did {did!r:.100} is not a DID")
     rev = c.get("rev")
-    if type(rev) is not str or not syntax.is_valid_tid(rev):
-        raise BadCommit(f"commit rev {rev!r:.40} is not a TID")
+    if version == 3 or rev is not None:
+        if (rev_hint is None or rev != rev_hint) and (type(rev) is not str or not syntax.is_valid_tid(rev)):
+            raise BadCommit(f"commit rev {rev!r:.40} is not a TID")
+    else:
+        rev = ""  # a v2 commit without rev
     data = c.get("data")
-    if type(data) is not bytes or len(data) != 36 or data[:4] != _CBOR_CID_PREFIX:
+    if type(data) is not bytes or len(data) != 36 or not data.startswith(_CBOR_CID_PREFIX):
         raise BadCommit("commit data is not a DAG-CBOR CID")
     prev = c.get("prev")
     if prev is not None and not _is_cid(prev):
         raise BadCommit("commit prev is not a CID")
     # The signature input, rebuilt from typed fields (links as links), as the Go and TS
-    # implementations do: unknown fields are dropped and ``prev`` is always present.
-    unsigned = cbor.encode({
-        "did": did,
-        "rev": rev,
-        "data": cbor.link(data),
-        "prev": None if prev is None else cbor.link(prev),
-        "version": 3,
-    })
-    return SignedCommit(did, rev, data, prev, sig, unsigned, commit_cid, car)
+    # implementations do: unknown fields are dropped and ``prev`` is always present. A v2
+    # commit signed everything but ``sig`` too: the same fields, version 2, ``rev`` if it had one.
+    unsigned = {"did": did, "data": _link(data), "prev": None if prev is None else _link(prev), "version": version}
+    if rev:
+        unsigned["rev"] = rev
+    return SignedCommit(did, rev, data, prev, sig, _encode(unsigned), commit_cid, car, version)
 
 
 def _load_mst(car: Car, data_cid: bytes) -> MST:
@@ -433,7 +507,7 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
 
     # 2-3. CAR and commit object
     car = _read_car(evt.get("blocks"), max_car_size, MAX_COMMIT_BLOCKS)
-    commit = parse_signed_commit(car)
+    commit = _parse_commit(car, did, rev, False)
 
     # 4. the commit is the event's (checked before the signature so the reason is precise)
     if commit.did != did:
@@ -452,6 +526,7 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
     ops: list[CommitOp] = []
     keys: list[bytes] = []
     legacy = False
+    new = tuple.__new__
     for op in raw_ops:
         if type(op) is not dict and not isinstance(op, Mapping):
             raise BadOp("op is not a map")
@@ -463,10 +538,10 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
             raise BadOp(f"unknown op action {action!r:.40}")
         if type(path) is not str:
             raise BadOp("op path is not a string")
-        key = path.encode("utf-8", "surrogatepass")
-        parts = _split_key(key)
+        parts = _split_path(path)
         if parts is None:
             raise BadOp(f"invalid op path {path!r:.200}")
+        key = path.encode("ascii")
         if cid is not None and not _is_cid(cid):
             raise BadOp(f"op cid for {path} is not a CID")
         if prev is not None and not _is_cid(prev):
@@ -490,7 +565,7 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
             legacy = True
         if action == "update" and prev is None:
             legacy = True
-        ops.append(CommitOp(action, parts[0], parts[1], cid, prev, record))
+        ops.append(new(CommitOp, (action, parts[0], parts[1], cid, prev, record)))
         keys.append(key)
 
     # 8. legacy escape: ops without prev cannot be inverted (legacy events only, see module doc)
@@ -565,9 +640,13 @@ def verify_repo(car_bytes: bytes, key: SignatureKey, expected_did: str | None = 
     ``allow_partial``: missing MST subtrees are skipped and counted, as Tap does; False makes
     them an error. The whole MST is walked and checked before this returns, so a repo that is
     returned is valid; ``records()`` only splits paths and looks up blocks.
+
+    Legacy version-2 commits are accepted here (old repos' exports still carry them): signed over
+    the same fields minus ``sig``, and without a ``rev`` the result's ``rev`` is ``""`` (which Tap
+    clients accept). Their signatures obey the same rules, low-S included.
     """
     car = _read_car(car_bytes, max_car_size, max_blocks)
-    commit = parse_signed_commit(car)
+    commit = parse_signed_commit(car, allow_v2=True)
     if expected_did is not None and commit.did != expected_did:
         raise CommitMismatch(f"repo commit is for {commit.did}, expected {expected_did}")
     commit.check_signature(key)
@@ -579,4 +658,4 @@ def verify_repo(car_bytes: bytes, key: SignatureKey, expected_did: str | None = 
     except MSTError as e:
         raise BadMST(str(e)) from None
     return VerifiedRepo(commit.did, commit.rev, commit.data_cid, commit.commit_cid, entries,
-                        car.blocks, missing)
+                        car.blocks, missing, version=commit.version)

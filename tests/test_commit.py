@@ -21,6 +21,7 @@ from protocol.commit import (
     BadOp,
     BadSignature,
     BadSyntax,
+    HighSSignature,
     CommitMismatch,
     InversionMismatch,
     MissingRecord,
@@ -171,14 +172,108 @@ def test_greenground_repo():
         verify_repo(data, doc_key("paul_staging")[1])
 
 
+def independent_walk(blocks: dict, root: bytes) -> list[bytes]:
+    """All MST keys in tree order, by a plain recursive walk (cbrrr decoding, no protocol.mst)."""
+    out: list[bytes] = []
+
+    def walk(cid: bytes) -> None:
+        node = cbrrr.decode_dag_cbor(blocks[cid])
+        if node["l"] is not None:
+            walk(node["l"].cid_bytes)
+        prev = b""
+        for e in node["e"]:
+            prev = prev[:e["p"]] + e["k"]
+            out.append(prev)
+            if e["t"] is not None:
+                walk(e["t"].cid_bytes)
+
+    walk(root)
+    return out
+
+
+def test_real_repos_which_and_why():
+    """The three getRepo exports, each against the key of its own DID document:
+
+    - greenground: a v3 commit, signed by the document's key, but naming another DID (so it
+      verifies only without ``expected_did``; see test_greenground_repo);
+    - paul_staging: a legacy v2 commit ``{did, version: 2, prev, data, sig}`` (no rev): verifies,
+      rev "" (Tap clients accept it);
+    - fakermaker: a legacy v2 commit whose P-256 signature is high-S: rejected (atproto requires
+      low-S), with its own reason.
+    """
+    outcomes = {}
+    for name in ("greenground", "paul_staging", "fakermaker"):
+        _, key = doc_key(name)
+        try:
+            repo = verify_repo((REAL / f"{name}.repo.car").read_bytes(), key)
+            outcomes[name] = (repo.version, repo.rev != "", len(list(repo.records())))
+        except VerificationError as e:
+            outcomes[name] = e.reason
+    assert outcomes == {"greenground": (3, True, 2), "paul_staging": (2, False, 185),
+                        "fakermaker": "high_s_signature"}
+
+
+def test_paul_staging_v2_repo():
+    did, key = doc_key("paul_staging")
+    data = (REAL / "paul_staging.repo.car").read_bytes()
+    repo = verify_repo(data, key, did)
+    assert (repo.did, repo.rev, repo.version) == (did, "", 2)
+    recs = list(repo.records())
+    car = read_car(data)
+    paths = independent_walk(car.blocks, repo.data_cid)
+    assert len(recs) == repo.record_count == len(paths) == 185
+    assert [f"{r.collection}/{r.rkey}".encode() for r in recs] == paths
+    assert all(r.block is not None and cid_for_dag_cbor(r.block) == r.cid for r in recs)
+    assert repo.missing_nodes == repo.missing_blocks == repo.invalid_paths == 0
+    # the signature input is the v2 commit minus sig: version 2 and no rev field
+    sc = parse_signed_commit(car, allow_v2=True)
+    strict = cbrrr.decode_dag_cbor(car.blocks[car.roots[0]])
+    assert strict.pop("sig") == sc.sig and "rev" not in strict and strict["version"] == 2
+    assert cbrrr.encode_dag_cbor(strict) == sc.unsigned and key.verify(sc.unsigned, sc.sig)
+    # another key, another DID: refused as for any repo
+    with pytest.raises(BadSignature):
+        verify_repo(data, doc_key("greenground")[1])
+    with pytest.raises(CommitMismatch):
+        verify_repo(data, key, "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa")
+    # v2 is for full repos only: the same commit as a #sync (or in a #commit) is refused
+    with pytest.raises(BadCommit):
+        parse_signed_commit(car)
+    with pytest.raises(BadCommit):
+        verify_sync(write_car(car.roots, [(car.roots[0], car.blocks[car.roots[0]])]), key)
+
+
+def test_fakermaker_v2_repo_is_high_s():
+    """fakermaker's own (v2, P-256) commit signature has a high S. atproto requires low-S, so the
+    repo is refused, with a reason of its own; ``verify_lenient`` (a diagnostic, never used to
+    accept anything) shows that the signature is otherwise valid, and so is its low-S twin."""
+    did, key = doc_key("fakermaker")
+    data = (REAL / "fakermaker.repo.car").read_bytes()
+    with pytest.raises(HighSSignature, match="high-S signature") as e:
+        verify_repo(data, key, did)
+    assert isinstance(e.value, BadSignature) and e.value.reason == "high_s_signature"
+    car = read_car(data)
+    sc = parse_signed_commit(car, allow_v2=True)
+    s = int.from_bytes(sc.sig[32:], "big")
+    assert s > N_P256 // 2
+    assert not key.verify(sc.unsigned, sc.sig)
+    assert key.verify_lenient(sc.unsigned, sc.sig)  # diagnostic only
+    assert key.verify(sc.unsigned, sc.sig[:32] + (N_P256 - s).to_bytes(32, "big"))
+    # the unsigned bytes are the commit minus sig, re-encoded from the strict decoding
+    strict = cbrrr.decode_dag_cbor(car.blocks[car.roots[0]])
+    assert strict.pop("sig") == sc.sig and cbrrr.encode_dag_cbor(strict) == sc.unsigned
+    # checked against a key that did not sign it, the same high S is a plain bad signature:
+    # high-S is reported only for a signature whose low-S twin verifies
+    for other in (PrivateKey.generate(P256).public_key, doc_key("paul_staging")[1]):
+        with pytest.raises(BadSignature) as e2:
+            verify_repo(data, other)
+        assert type(e2.value) is BadSignature and e2.value.reason == "bad_signature"
+
+
 @pytest.mark.parametrize("name,count", [("paul_staging", 185), ("fakermaker", 142)])
-def test_v2_repos_rejected_then_their_mst_verified(name, count):
-    """These exports carry version-2 commits (no rev), which Tap refuses; their MSTs are still real
-    data, so re-sign their data root in a v3 commit and verify the whole repo through that."""
+def test_v2_repo_msts_verify(name, count):
+    """Both v2 exports' MSTs are real data: re-signed in a v3 commit, the whole repo verifies."""
     did, key = doc_key(name)
     data = (REAL / f"{name}.repo.car").read_bytes()
-    with pytest.raises(BadCommit):
-        verify_repo(data, key, did)
     car = read_car(data)
     old = cbor.decode(car.blocks[car.roots[0]])
     assert old["version"] == 2
@@ -188,23 +283,40 @@ def test_v2_repos_rejected_then_their_mst_verified(name, count):
     blocks[root] = block
     repo = verify_repo(write_car([root], blocks), priv.public_key, did)
     recs = list(repo.records())
-    assert len(recs) == repo.record_count == count
+    assert len(recs) == repo.record_count == count == len(independent_walk(car.blocks, old["data"]))
     assert all(r.block is not None and cid_for_dag_cbor(r.block) == r.cid for r in recs)
     assert [f"{r.collection}/{r.rkey}" for r in recs] == sorted(f"{r.collection}/{r.rkey}" for r in recs)
 
 
-def test_fakermaker_signature_is_high_s():
-    """fakermaker's own (v2, P-256) commit signature has a high S, which atproto refuses even
-    where the version would pass; the low-S twin of the same signature verifies."""
-    did, key = doc_key("fakermaker")
-    car = read_car((REAL / "fakermaker.repo.car").read_bytes())
-    old = cbrrr.decode_dag_cbor(car.blocks[car.roots[0]])
-    sig = old.pop("sig")
-    s = int.from_bytes(sig[32:], "big")
-    assert s > N_P256 // 2
-    unsigned = cbrrr.encode_dag_cbor(old)
-    assert not key.verify(unsigned, sig)
-    assert key.verify(unsigned, sig[:32] + (N_P256 - s).to_bytes(32, "big"))
+def test_generated_v2_repos():
+    """v2 commits signed here: with and without rev, and with the signature over the wrong form."""
+    sim = RepoSim.create(n_records=40, seed=21)
+    priv = sim.key
+    car = read_car(sim.get_repo_car())
+    blocks = {c: b for c, b in car.blocks.items() if c != car.roots[0]}
+
+    def v2_car(unsigned: dict, sig: bytes | None = None) -> bytes:
+        if sig is None:
+            sig = priv.sign(cbor.encode(unsigned))
+        block = cbor.encode({**unsigned, "sig": sig})
+        root = cid_for_dag_cbor(block)
+        return write_car([root], {root: block, **blocks})
+
+    base = {"did": sim.did, "version": 2, "data": cbrrr.CID(sim.data_cid), "prev": None}
+    repo = verify_repo(v2_car(base), priv.public_key, sim.did)
+    assert (repo.rev, repo.version, repo.record_count) == ("", 2, 40)
+    rev = make_tid(1_600_000_000_000_000)
+    repo = verify_repo(v2_car({**base, "rev": rev}), priv.public_key, sim.did)
+    assert (repo.rev, repo.version) == (rev, 2)
+    # signed as if it were v3 (or with rev when the block has none): not the v2 signature input
+    wrong = priv.sign(cbor.encode({**base, "version": 3, "rev": rev}))
+    with pytest.raises(BadSignature):
+        verify_repo(v2_car(base, wrong), priv.public_key, sim.did)
+    with pytest.raises(BadSignature):
+        verify_repo(v2_car(base, priv.sign(cbor.encode({**base, "rev": rev}))), priv.public_key, sim.did)
+    for bad in ({**base, "rev": "nope"}, {**base, "version": 1}, {**base, "did": "nope"}):
+        with pytest.raises(BadCommit):
+            verify_repo(v2_car(bad), priv.public_key)
 
 
 # ----------------------------------------------------------------------------- generated data
@@ -315,8 +427,12 @@ def test_high_s_signature_rejected(sim_events):
     # mathematically the same signature, so a lenient verifier would accept it
     sc = parse_signed_commit(read_car(evil["blocks"]))
     assert sim.key.public_key.verify_lenient(sc.unsigned, sc.sig)
-    with pytest.raises(BadSignature):
+    with pytest.raises(HighSSignature, match="high-S signature"):
         verify_commit(evil, sim.key.public_key)
+    # the same high S under another key is just a signature that does not verify
+    with pytest.raises(BadSignature) as e:
+        verify_commit(evil, PrivateKey.generate(K256).public_key)
+    assert type(e.value) is BadSignature
 
 
 def test_high_s_p256_rejected():
@@ -328,7 +444,7 @@ def test_high_s_p256_rejected():
     def high(sig):
         return sig[:32] + (N_P256 - int.from_bytes(sig[32:], "big")).to_bytes(32, "big")
 
-    with pytest.raises(BadSignature):
+    with pytest.raises(HighSSignature, match="high-S signature"):
         verify_commit(_sig_edit(body, high), priv.public_key)
 
 
@@ -509,7 +625,7 @@ def test_legacy_ops_skip_inversion(sim_events):
 
 
 def test_reasons_are_distinct():
-    classes = [BadSyntax, BadCar, BadCommit, BadSignature, CommitMismatch, BadOp, OpMismatch,
+    classes = [BadSyntax, BadCar, BadCommit, BadSignature, HighSSignature, CommitMismatch, BadOp, OpMismatch,
                MissingRecord, ProofIncomplete, InversionMismatch, BadMST]
     reasons = [c.reason for c in classes]
     assert len(set(reasons)) == len(reasons)
