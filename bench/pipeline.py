@@ -333,6 +333,15 @@ def measure_live(path: Path, s: dict, tmp: Path, args, rate: float = 0.0) -> dic
         else:
             log(f"live: {res['commits_per_s']:,.0f} commits/s ({n_frames:,} commits, {n_ops:,} ops in {elapsed:.1f}s); "
                 f"CPU {_cpu_line(watch, n_frames, 'commit')}")
+            if args.peers:  # same upstream, same frames, the service stopped first
+                from bench import peers
+
+                cons.stop()
+                cons = None
+                svc.stop()
+                data = ReplayData.load(path)
+                res["peers"] = peers.run_all(up.url, data, args.peer_ts_commits, args.peer_commits, log)
+                res["peer_versions"] = peers.versions()
         return res
     finally:
         if cons:
@@ -365,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of flow + delivery into DIR")
     ap.add_argument("--set", action="append", default=[], metavar="TAP_X=V", help="extra service setting")
     ap.add_argument("--no-limits", action="store_true", help="skip bench/protocol.py")
+    ap.add_argument("--no-peers", dest="peers", action="store_false", help="live: skip the peers")
+    ap.add_argument("--peer-commits", type=int, default=20_000, help="frames the Python SDK and tapflow-verify read")
+    ap.add_argument("--peer-ts-commits", type=int, default=3_000, help="frames @atproto/sync reads (slow)")
     args = ap.parse_args(argv)
     args.env = dict(kv.split("=", 1) for kv in args.set)
     only = [x.strip() for x in args.only.split(",") if x.strip()]

@@ -55,51 +55,69 @@ __all__ = ["generate_mixed", "mixed_path", "load_mixed", "BenchServer", "frame_i
 
 def mixed_path(cache_dir: str | Path, small: int, small_records: int, huge: int, huge_records: int,
                commits: int, seed: int = 0) -> Path:
-    return Path(cache_dir) / f"synth-v1-s{small}x{small_records}-h{huge}x{huge_records}-c{commits}-s{seed}.pkl"
+    return Path(cache_dir) / f"synth-v2-s{small}x{small_records}-h{huge}x{huge_records}-c{commits}-s{seed}.pkl"
+
+
+def _make_repo(job: tuple) -> tuple:
+    """One repo of the mixed data set and its live commits (worker process)."""
+    i, n, n_commits, seed, curve, secret = job
+    sim = RepoSim.create(n_records=n, seed=seed * 1_000_003 + i, did=make_did(seed * 1_000_003 + i),
+                         key=PrivateKey.from_bytes(curve, secret))
+    car0 = sim.get_repo_car()
+    info = RepoInfo(sim.did, handle_for(i), curve, secret, car0, sim.rev, sim.commit_cid)
+    avail = set(read_car(car0).blocks)
+    rng = random.Random(seed * 7_000_003 + i)
+    frames = []
+    for _ in range(n_commits):
+        ev = sim.commit(random_writes(sim, rng))
+        for op in ev.body["ops"]:
+            if op.get("prev", 0) is None:
+                del op["prev"]  # as the PDS sends a create: no "prev" (the lexicon has no null there)
+        f = ev.frame(_SEQ_SENTINEL)
+        frames.append((f, f.index(_SEQ_PATTERN) + 4))
+        avail.update(read_car(ev.body["blocks"]).blocks)
+    info.extra_blocks = {c: b for c, b in sim.blocks.items() if c not in avail}
+    return info, frames
 
 
 def generate_mixed(small: int, small_records: int, huge: int, huge_records: int, commits: int,
-                   seed: int = 0, curve: str = K256, progress=None) -> ReplayData:
-    """``small`` repos of ``small_records`` records (sizes drawn 1..2x the mean around it, so
-    MST depths vary) and ``huge`` repos of ``huge_records``; then ``commits`` live commits on
-    repos drawn uniformly."""
+                   seed: int = 0, curve: str = K256, progress=None, procs: int | None = None) -> ReplayData:
+    """``small`` repos of about ``small_records`` records (drawn 0.5-1.5x, so MST depths vary) and
+    ``huge`` repos of ``huge_records``; then ``commits`` live commits on repos drawn uniformly
+    (each repo's commits chain; the stream interleaves repos at random). Built on all cores."""
+    import multiprocessing as mp
+
     rng = random.Random(seed)
     sizes = [huge_records] * huge + [max(1, int(small_records * rng.uniform(0.5, 1.5))) for _ in range(small)]
-    sims: list[RepoSim] = []
-    secrets: list[bytes] = []
-    infos: list[RepoInfo] = []
-    avail: list[set] = []
+    secrets = [rng.randbytes(31) + b"\x01" for _ in sizes]
+    crng = random.Random(seed + 1)
+    order = [crng.randrange(len(sizes)) for _ in range(commits)]
+    per = [0] * len(sizes)
+    for i in order:
+        per[i] += 1
+    jobs = [(i, n, per[i], seed, curve, secrets[i]) for i, n in enumerate(sizes)]
+    # huge repos first (longest jobs), then the rest in order
     t0 = time.time()
+    infos: list = [None] * len(sizes)
+    repo_frames: list = [None] * len(sizes)
     done = 0
-    for i, n in enumerate(sizes):
-        secret = rng.randbytes(31) + b"\x01"
-        sim = RepoSim.create(n_records=n, seed=seed * 1_000_003 + i, did=make_did(seed * 1_000_003 + i),
-                             key=PrivateKey.from_bytes(curve, secret))
-        car0 = sim.get_repo_car()
-        infos.append(RepoInfo(sim.did, handle_for(i), curve, secret, car0, sim.rev, sim.commit_cid))
-        avail.append(set(read_car(car0).blocks))
-        sims.append(sim)
-        secrets.append(secret)
-        done += n
-        if progress and (i + 1) % 500 == 0:
-            progress(f"{i + 1}/{len(sizes)} repos, {done:,} records ({time.time() - t0:.0f}s)")
+    with mp.get_context("fork").Pool(procs or os.cpu_count() or 1) as pool:
+        for k, (info, frames) in enumerate(pool.imap(_make_repo, jobs, chunksize=8)):
+            infos[k] = info
+            repo_frames[k] = frames
+            done += sizes[k]
+            if progress and (k + 1) % 500 == 0:
+                progress(f"{k + 1}/{len(sizes)} repos, {done:,} records ({time.time() - t0:.0f}s)")
     frames: list[bytes] = []
     seq_at = array("I")
     frame_repo = array("I")
-    crng = random.Random(seed + 1)
-    for k in range(commits):
-        i = crng.randrange(len(sims))
-        sim = sims[i]
-        ev = sim.commit(random_writes(sim, crng))
-        f = ev.frame(_SEQ_SENTINEL)
+    nxt = [0] * len(sizes)
+    for i in order:
+        f, p = repo_frames[i][nxt[i]]
+        nxt[i] += 1
         frames.append(f)
-        seq_at.append(f.index(_SEQ_PATTERN) + 4)
+        seq_at.append(p)
         frame_repo.append(i)
-        avail[i].update(read_car(ev.body["blocks"]).blocks)
-        if progress and (k + 1) % 10_000 == 0:
-            progress(f"{k + 1}/{commits} commits ({time.time() - t0:.0f}s)")
-    for i, sim in enumerate(sims):
-        infos[i].extra_blocks = {c: b for c, b in sim.blocks.items() if c not in avail[i]}
     params = {"repos": len(sizes), "records": sum(sizes), "commits": commits, "seed": seed, "curve": curve,
               "small": small, "small_records": small_records, "huge": huge, "huge_records": huge_records,
               "kind": "synthetic"}
