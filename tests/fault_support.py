@@ -369,14 +369,29 @@ class FaultyReplay(_replay_server_class()):
     """``ReplayServer`` plus getRepo faults per DID: ``slow[did] = s`` answers after s seconds
     (longer than the fetch timeout = a timeout), ``cut[did] = n`` sends half of the CAR and
     drops the connection n times, ``plc_down`` = DIDs whose PLC document answers 503 until
-    removed (``plc_refuse`` = every PLC request fails)."""
+    removed (``plc_refuse`` = every PLC request fails).
 
-    def __init__(self, *a, **kw) -> None:
+    Stream: ``one_shot`` = stream positions of injected frames (e.g. an error frame) that are
+    served once: a subscriber resuming right before one skips it (otherwise a relay would send
+    the same ``ConsumerTooSlow`` on every reconnect). ``head_pos`` = where a subscriber without
+    a cursor starts (a live head; the base server replays from the oldest frame)."""
+
+    def __init__(self, *a, one_shot: tuple[int, ...] = (), head_pos: int | None = None, **kw) -> None:
         super().__init__(*a, **kw)
         self.slow: dict[str, float] = {}
         self.cut: dict[str, int] = {}
         self.plc_down: set[str] = set()
         self.plc_refuse = False
+        self.one_shot = set(one_shot)
+        self.head_pos = head_pos
+
+    def _start_pos(self, cursor):
+        if cursor is None and self.head_pos is not None:
+            return self.head_pos
+        pos = super()._start_pos(cursor)
+        while pos in self.one_shot and self.head > pos:
+            pos += 1
+        return pos
 
     async def _get_repo(self, request):
         from aiohttp import web
