@@ -160,7 +160,7 @@ class Profiler:
         for role, pid in pids.items():
             out = self.out_dir / f"{self.name}-{role}.txt"
             p = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
-                                  "--nonblocking", "--output", str(out)],
+                                  "--nonblocking", "--threads", "--output", str(out)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.procs.append((role, p, out))
 
@@ -351,6 +351,184 @@ def measure_live(path: Path, s: dict, tmp: Path, args, rate: float = 0.0) -> dic
         svc.cleanup()
 
 
+def rss_data(args) -> Path:
+    """The fully synced part of the memory measure: small repos (cached)."""
+    from bench.upstream import load_mixed
+
+    _, path = load_mixed(args.rss_synced, 50, 0, 0, 5000, seed=3, cache_dir=CACHE, progress=log)
+    return path
+
+
+def _fake_dids(start: int, n: int) -> list[str]:
+    """Syntactically valid did:plc strings no upstream knows (fast: no RNG per DID)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    out = []
+    for i in range(start, start + n):
+        x, chars = i * 2654435761 % (1 << 120), []
+        for _ in range(24):
+            chars.append(alphabet[x & 31])
+            x >>= 5
+        out.append("did:plc:" + "".join(chars))
+    return out
+
+
+def measure_rss(tmp: Path, args) -> dict:
+    """Peak RSS of flow + delivery while tracking ``args.rss_repos`` repos (see module doc)."""
+    path = rss_data(args)
+    s = summary(path)
+    n_records = sum(s["records"])
+    up = Upstream(path, hold=True, hang_unknown=True, log_dir=tmp)
+    svc = Service(up.url, tmp / "svc-rss", TAP_RESYNC_PARALLELISM=str(args.resync_parallelism), **args.env)
+    cons = None
+    steps: list[dict] = []
+    try:
+        svc.start()
+        cons = Consumer("channel", "--url", svc.url.replace("http", "ws") + "/channel", out=tmp / "cons-rss.json")
+        pids = svc.pids()
+        w = ProcWatch(pids, interval=0.5).start()
+
+        def step(name: str, tracked: int, t: float) -> None:
+            rss = {k: v for k, v in w.samples[-1][1].items()} if w.samples else {}
+            row = {"step": name, "tracked": tracked, "rss_mb": rss, "total_mb": sum(rss.values()),
+                   "repo_count": svc.stat("repo-count"), "secs": time.monotonic() - t}
+            steps.append(row)
+            log(f"rss {name}: tracked {tracked:,} (repo-count {row['repo_count']:,}), "
+                + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()) + f", total {row['total_mb']:.0f} MB "
+                f"({row['secs']:.1f}s)")
+
+        time.sleep(1.0)
+        step("idle", 0, time.monotonic())
+        t = time.monotonic()
+        svc.add(s["dids"])
+        cons.wait(lambda st: st["records"] >= n_records, timeout=args.timeout)
+        time.sleep(1.0)
+        synced = len(s["dids"])
+        step(f"{synced:,} repos synced ({n_records:,} records)", synced, t)
+        n, batch = args.rss_repos, args.rss_batch
+
+        def add_pending(first: int, label: str) -> float:
+            t = time.monotonic()
+            for k in range(0, n, batch):
+                svc.add(_fake_dids(first + k, min(batch, n - k)), batch=batch)
+                want = synced + k + min(batch, n - k)
+                deadline = time.monotonic() + 300
+                while svc.stat("repo-count") < want and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if (k // batch) % max(1, (n // batch) // 4) == 0 or k + batch >= n:
+                    step(f"{label} +{k + min(batch, n - k):,} pending", synced + k + min(batch, n - k), t)
+            return time.monotonic() - t
+
+        add_s = add_pending(10_000_000, "A")
+        # live commits on the synced repos while 1M are pending
+        t = time.monotonic()
+        up.release()
+        n_ops = sum(f[2] for f in s["frames"])
+        cons.wait(lambda st: st["live"] >= n_ops, timeout=120)
+        step(f"live: {len(s['frames']):,} commits on the synced repos", synced + n, t)
+        # repos ever seen: remove the million, add another million
+        t = time.monotonic()
+        for k in range(0, n, batch):
+            svc.remove(_fake_dids(10_000_000 + k, min(batch, n - k)), batch=batch)
+        deadline = time.monotonic() + 600
+        while svc.stat("repo-count") > synced and time.monotonic() < deadline:
+            time.sleep(0.5)
+        step("A removed", synced, t)
+        add_pending(30_000_000, "B")
+        time.sleep(3.0)
+        step("B settled", synced + n, time.monotonic())
+        watch = w.stop()
+        hwm = {k: hwm_mb(p) for k, p in pids.items()}
+        peak = watch["peak_rss_mb"]
+        a_end = next(r for r in steps if r["step"].startswith("A +") and r["tracked"] == synced + n)
+        b_end = steps[-1]
+        res = {"steps": steps, "peak_rss_mb": peak, "peak_total_mb": max(sum(r["rss_mb"].values()) for r in steps),
+               "peak_sampled_total_mb": max(sum(x[1].values()) for x in w.samples), "hwm_mb": hwm,
+               "hwm_total_mb": sum(hwm.values()), "adds_per_s": n / add_s, "synced": synced,
+               "synced_records": n_records, "tracked": synced + n,
+               "growth_b_vs_a_mb": b_end["total_mb"] - a_end["total_mb"], "watch": watch, "ok": True}
+        log(f"rss: peak {res['peak_sampled_total_mb']:.0f} MB (flow+delivery, sampled), per-process peak (VmHWM) "
+            + ", ".join(f"{k} {v:.0f} MB" for k, v in hwm.items()) + f"; adds {res['adds_per_s']:,.0f}/s; "
+            f"after a second million {res['growth_b_vs_a_mb']:+.0f} MB")
+        return res
+    finally:
+        if cons:
+            cons.stop()
+        svc.stop()
+        up.stop()
+        svc.cleanup()
+
+
+def probe_two_procs(path: Path, s: dict, tmp: Path, args) -> dict:
+    """Start the flow as 2 bytewax processes (``-i 0/1 -a ...``; 0.21 has no ``-p``) and report."""
+    from tests.e2e_support import free_port
+
+    up = Upstream(path, hold=True, log_dir=tmp)
+    svc = Service(up.url, tmp / "svc-2p", **args.env)
+    addrs = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
+    procs = []
+    logs = []
+    try:
+        for i in range(2):
+            lp = tmp / f"2p-{i}.log"
+            logs.append(lp)
+            procs.append(subprocess.Popen([sys.executable, "-m", "bytewax.run", "flows.tap", "-i", str(i), "-a", addrs],
+                                          cwd=str(ROOT), env=svc.svc.env, stdout=open(lp, "wb"),
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+            time.sleep(0.5)
+        healthy = False
+        deadline = time.monotonic() + 30
+        from tests.e2e_support import http_json
+
+        while time.monotonic() < deadline and not healthy:
+            try:
+                healthy = http_json("GET", svc.url + "/health", timeout=2)[0] == 200
+            except OSError:
+                pass
+            time.sleep(0.5)
+        added = None
+        if healthy:
+            try:
+                svc.add(s["dids"][:50])
+                added = True
+            except Exception as e:  # noqa: BLE001
+                added = repr(e)
+            time.sleep(10)
+        state = [p.poll() for p in procs]
+        tails = []
+        for lp in logs:
+            lines = lp.read_text(errors="replace").splitlines()
+            interesting = [ln for ln in lines if any(w in ln.lower() for w in ("error", "exception", "lock", "panic",
+                                                                               "address", "traceback"))]
+            tails.append((interesting or lines)[-6:])
+        rc = None
+        if healthy:
+            st, body = http_json("GET", svc.url + "/stats/repo-count", timeout=5)
+            rc = body
+        res = {"addresses": addrs, "healthy": healthy, "exit_codes": state, "repo_count": rc, "added": added,
+               "log_tails": tails, "ok": True}
+        log(f"two-procs: healthy={healthy} exit codes={state} repo-count={rc}")
+        for i, t in enumerate(tails):
+            for ln in t:
+                log(f"  proc {i}: {ln[:300]}")
+        return res
+    finally:
+        import signal as _signal
+
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, _signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, _signal.SIGKILL)
+        up.stop()
+        svc.cleanup()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -369,7 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency-seconds", type=float, default=30.0)
     ap.add_argument("--warmup", type=float, default=3.0, help="latency: seconds left out at the start")
     ap.add_argument("--resync-parallelism", type=int, default=8)
-    ap.add_argument("--rss-repos", type=int, default=1_000_000)
+    ap.add_argument("--rss-repos", type=int, default=1_000_000, help="rss: pending repos added")
+    ap.add_argument("--rss-batch", type=int, default=50_000, help="rss: DIDs per /repos/add")
+    ap.add_argument("--rss-synced", type=int, default=2_000, help="rss: fully synced repos (50 records each)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of flow + delivery into DIR")
     ap.add_argument("--set", action="append", default=[], metavar="TAP_X=V", help="extra service setting")
@@ -412,6 +592,10 @@ def main(argv: list[str] | None = None) -> None:
                         r = measure_live(path, s, tmp, args)
                     elif m == "latency":
                         r = measure_live(path, s, tmp, args, rate=args.rate)
+                    elif m == "rss":
+                        r = measure_rss(tmp, args)
+                    elif m == "two-procs":
+                        r = probe_two_procs(path, s, tmp, args)
                     else:
                         log(f"unknown measure {m}")
                         continue
