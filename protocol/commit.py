@@ -28,6 +28,8 @@ Deliberate hardenings over Tap:
 - the legacy escape (step 8) applies only to legacy events, those without ``prevData``. A Sync 1.1
   event (with ``prevData``) whose update or delete lacks ``prev`` is ``BadOp``: Tap accepts it
   uninverted, so an op added to a genuine signed commit (say, a delete of any record) would pass;
+- only ``VerificationError`` leaves these functions: an op ``action`` of any type is ``BadOp``, and
+  an MST the tree code chokes on (besides ``MSTError``) is ``BadMST``;
 - limits (``BadOp``/``BadCar``/``BadMST``): at most ``MAX_COMMIT_OPS`` ops (the relay's and the
   lexicon's limit), at most ``MAX_COMMIT_BLOCKS`` blocks in a ``#commit``/``#sync`` CAR, and an
   MST at most ``MAX_MST_HEIGHT`` layers tall (a root that is a chain of empty nodes could
@@ -462,6 +464,13 @@ def _parse_commit(car: Car, did_hint: str | None, rev_hint: str | None, allow_v2
     return SignedCommit(did, rev, data, prev, sig, _encode(unsigned), commit_cid, car, version)
 
 
+#: What the MST code raised besides ``MSTError`` on hostile trees (found by tests/test_fuzz.py: a
+#: duplicated entry made the inversion's re-encoding fail with IndexError, a subtree link that is
+#: not a CID with AttributeError): verification turns them into ``BadMST``, so a caller always
+#: gets a ``VerificationError``.
+_MST_BUGS = (LookupError, TypeError, AttributeError, RecursionError)
+
+
 def _load_mst(car: Car, data_cid: bytes) -> MST:
     try:
         tree = MST.load(car.blocks, data_cid)
@@ -469,6 +478,8 @@ def _load_mst(car: Car, data_cid: bytes) -> MST:
         raise ProofIncomplete(f"MST root not in CAR: {e}") from None
     except MSTError as e:
         raise BadMST(str(e)) from None
+    except _MST_BUGS as e:  # a hostile tree the MST code did not foresee: still a verdict
+        raise BadMST(f"malformed MST ({type(e).__name__}: {e})") from None
     root = tree.root
     if root.__class__ is not bytes and root.height > MAX_MST_HEIGHT:
         raise BadMST(f"MST is {root.height} layers tall, more than {MAX_MST_HEIGHT}")
@@ -534,7 +545,7 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
         path = op.get("path")
         cid = op.get("cid")
         prev = op.get("prev")
-        if action not in _ACTIONS:
+        if type(action) is not str or action not in _ACTIONS:  # an unhashable action made `in` raise
             raise BadOp(f"unknown op action {action!r:.40}")
         if type(path) is not str:
             raise BadOp("op path is not a string")
@@ -556,6 +567,8 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
                 raise ProofIncomplete(f"cannot look up {path}: {e}") from None
             except MSTError as e:
                 raise BadMST(str(e)) from None
+            except _MST_BUGS as e:  # a hostile tree the MST code did not foresee: still a verdict
+                raise BadMST(f"malformed MST ({type(e).__name__}: {e})") from None
             if val != cid:
                 raise OpMismatch(f"MST value at {path} is {_str(val)}, op says {_str(cid)}")
             record = blocks.get(cid)
@@ -601,6 +614,8 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
         raise InversionMismatch(str(e)) from None
     except MSTError as e:
         raise BadMST(str(e)) from None
+    except _MST_BUGS as e:  # a hostile tree the MST code did not foresee: still a verdict
+        raise BadMST(f"malformed MST ({type(e).__name__}: {e})") from None
     if prev_data is not None and computed != prev_data:
         raise InversionMismatch(f"inverted MST root {_str(computed)} is not prevData {_str(prev_data)}")
     return VerifiedCommit(did, rev, commit.data_cid, prev_data, commit.commit_cid, ops, True)
@@ -657,5 +672,7 @@ def verify_repo(car_bytes: bytes, key: SignatureKey, expected_did: str | None = 
         raise ProofIncomplete(str(e)) from None
     except MSTError as e:
         raise BadMST(str(e)) from None
+    except _MST_BUGS as e:  # a hostile tree the MST code did not foresee: still a verdict
+        raise BadMST(f"malformed MST ({type(e).__name__}: {e})") from None
     return VerifiedRepo(commit.did, commit.rev, commit.data_cid, commit.commit_cid, entries,
                         car.blocks, missing, version=commit.version)
