@@ -198,9 +198,9 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
     pos += hlen
 
     blocks: dict[bytes, bytes] = {}
-    pfxs = (_PFX_DAG_CBOR, _PFX_RAW)
+    pfx_cbor = _PFX_DAG_CBOR
+    pfx_raw = _PFX_RAW
     small = _sha256_small
-    cid_len = _CID_LEN
     left = max_blocks
     while pos < end:
         # Section length: one byte for tiny sections, two bytes for most blocks.
@@ -214,7 +214,7 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
             slen, pos = _read_varint(data, pos, end)
         send = pos + slen
         left -= 1
-        if slen <= cid_len or send > end or slen > MAX_SECTION_SIZE or left < 0:
+        if slen <= 36 or send > end or slen > MAX_SECTION_SIZE or left < 0:  # one test for the rare cases
             if slen == 0:
                 # go-car reads an empty section as io.EOF, so Go stops there and ignores the rest.
                 break
@@ -224,14 +224,16 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
                 raise CarTooLarge(f"CAR has more than {max_blocks} blocks")
             if send > end:
                 raise CarTruncated("CAR ends inside a block")
-            if slen < cid_len:
+            if slen < 36:
                 raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
-        cid = data[pos:pos + cid_len]
-        if not cid.startswith(pfxs):
-            raise CarBadCID(f"unsupported block CID prefix {cid[:4].hex()}")
-        body = data[pos + cid_len:send]
+        body_at = pos + 36
+        cid = data[pos:body_at]
+        pfx = cid[:4]
+        if pfx != pfx_cbor and pfx != pfx_raw:
+            raise CarBadCID(f"unsupported block CID prefix {pfx.hex()}")
+        body = data[body_at:send]
         # the non-OpenSSL hash costs less below two SHA-256 blocks (about 120 bytes of input)
-        if not cid.endswith((small if slen < _SMALL_SECTION else sha256)(body).digest()):
+        if (small if slen < _SMALL_SECTION else sha256)(body).digest() != cid[4:]:
             raise CarHashMismatch(f"block hash does not match its CID at offset {pos}")
         blocks[cid] = body
         pos = send

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
-from operator import add, itemgetter, lt, methodcaller
+from operator import itemgetter
 from typing import Callable, Iterable, Iterator, Protocol
 
 import cbrrr
@@ -185,9 +185,6 @@ _LINK_HDR = b"\xd8\x2a\x58\x25\x00"  # tag 42, byte string of 37: the encoding o
 _dec = libipld.decode_dag_cbor
 _enc = libipld.encode_dag_cbor
 _get_v = itemgetter("v")
-_get_p = itemgetter("p")
-_get_k = itemgetter("k")
-_INT_ONLY = {int}
 
 
 class Node:
@@ -267,32 +264,25 @@ def _decode_node(cid: bytes, block: bytes, height: int) -> Node:
             left = None
             plain = False
         keys: list = []
-        append = keys.append
         prev = b""
         canonical = True
         for e in ents:
             p = e["p"]
             k = e["k"]
+            if p.__class__ is not int or p > len(prev) or p < 0:
+                if p.__class__ is not int:
+                    raise MSTBadNode(f"MST node {_cid_str(cid)}: entry key or prefix of the wrong type")
+                raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
             if prev[p:p + 1] == k[:1] and k:  # the suffix repeats a byte the prefix could have covered
                 canonical = False
+            if len(e) != 4:  # exactly k, p, t, v (a missing v is reported when read, a missing t reads as null)
+                plain = False
             prev = prev[:p] + k  # TypeError unless k is bytes
-            append(prev)
-        if ents.__class__ is not list:
-            raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
-        # Each prefix length must be an int (not a bool) within the previous key: exactly when
-        # every rebuilt key is p + len(k) bytes long (a p too long or negative makes it shorter
-        # or longer). Checked in C over the whole node rather than entry by entry.
-        if keys:
-            ps = list(map(_get_p, ents))
-            if (set(map(type, ps)) != _INT_ONLY
-                    or list(map(len, keys)) != list(map(add, ps, map(len, map(_get_k, ents))))):
-                raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix lengths that do not fit the keys")
+            keys.append(prev)
     except (KeyError, TypeError, AttributeError):
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not a node map with well-formed entries") from None
-    # exactly {"e", "l"} and entries of four fields (k and p were read above; a missing v is
-    # reported when read, a missing t reads as null: either makes an entry shorter)
-    if plain and sum(map(len, ents)) != 4 * len(ents):
-        plain = False
+    if ents.__class__ is not list:
+        raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
     if height <= 0:
         if height < 0:  # the root: its keys say its layer
             height = key_height(keys[0]) if keys else (0 if left is None else -1)
@@ -1083,38 +1073,26 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
 
 
 _CID_PREFIXES = (_CBOR_PREFIX, _RAW_PREFIX)
-_is_cid_like = methodcaller("startswith", _CID_PREFIXES)
-_digest = methodcaller("digest")
-_get_t = methodcaller("get", "t")
-_LEAF_MIN_DIGEST = b"\x40"  # a height-0 key's sha256 starts with a byte >= 0x40
 
 
 def _check_leaf_entries(cid: bytes | None, keys: list, vals: list, out: list, state: list) -> None:
-    """Order, layer-0 heights and value CIDs of a leaf's entries, mostly in C; then emit them."""
+    """Order, layer-0 heights and value CIDs of a leaf's entries; then emit them."""
     if not keys:
         raise MSTEmptyNodeError(f"empty MST node {_cid_str(cid)}")
     last = state[1]
-    try:
-        ok = (keys[0] > last and all(map(lt, keys, keys[1:]))
-              and min(map(_digest, map(_sha256_small, keys))) >= _LEAF_MIN_DIGEST
-              and set(map(len, vals)) == _LEN36 and all(map(_is_cid_like, vals)))
-    except (TypeError, AttributeError):
-        ok = False
-    if not ok:  # find the first offender, in entry order, for a precise error
-        for k, v in zip(keys, vals):
-            if k <= last:
-                raise MSTOrderError(f"MST key {k!r:.80} out of order (after {last!r:.80})")
-            if key_height(k):
-                raise MSTHeightError(f"MST key {k!r:.80} (height {key_height(k)}) on layer 0")
-            if v.__class__ is not bytes or len(v) != 36 or not v.startswith(_CID_PREFIXES):
-                raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
-            last = k
-        raise MSTBadNode(f"MST node {_cid_str(cid)} has malformed entries")  # pragma: no cover
+    sha = _sha256_small
+    pc = _CBOR_PREFIX
+    pr = _RAW_PREFIX
+    for k, v in zip(keys, vals):
+        if k <= last:
+            raise MSTOrderError(f"MST key {k!r:.80} out of order (after {last!r:.80})")
+        if sha(k).digest()[0] < 64:
+            raise MSTHeightError(f"MST key {k!r:.80} (height {key_height(k)}) on layer 0")
+        if type(v) is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
+            raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
+        last = k
     out += zip(keys, vals)
-    state[1] = keys[-1]
-
-
-_LEN36 = {36}
+    state[1] = last
 
 
 def _verify_leaf_block(cid: bytes, block: bytes, out: list, state: list) -> None:
@@ -1125,29 +1103,44 @@ def _verify_leaf_block(cid: bytes, block: bytes, out: list, state: list) -> None
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not DAG-CBOR: {e}") from None
     try:
         ents = d["e"]
-        if ents.__class__ is not list:
+        if type(ents) is not list:
             raise MSTBadNode(f"MST node {_cid_str(cid)} has no entry list")
+        if not ents:
+            raise MSTEmptyNodeError(f"empty MST node {_cid_str(cid)}")
         if d.get("l") is not None:
             raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
-        keys = []
+        last = state[1]
         prev = b""
+        sha = _sha256_small
+        pc = _CBOR_PREFIX
+        pr = _RAW_PREFIX
+        append = out.append
         for e in ents:
-            p = e["p"]
             k = e["k"]
+            p = e["p"]
+            v = e["v"]
             if p.__class__ is not int or p > len(prev) or p < 0:
                 if p.__class__ is not int:
                     raise MSTBadNode(f"MST node {_cid_str(cid)}: entry key or prefix of the wrong type")
                 raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
             if prev[p:p + 1] == k[:1] and k:
                 raise MSTPrefixError(f"MST node {_cid_str(cid)} has non-maximal prefix compression")
-            prev = prev[:p] + k
-            keys.append(prev)
-        vals = list(map(_get_v, ents))
-        if list(map(_get_t, ents)).count(None) != len(ents):
-            raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
+            key = prev[:p] + k  # TypeError unless k is bytes
+            if e.get("t") is not None:
+                raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
+            if key <= last:
+                raise MSTOrderError(f"MST key {key!r:.80} out of order (after {last!r:.80})")
+            if sha(key).digest()[0] < 64:
+                raise MSTHeightError(f"MST key {key!r:.80} (height {key_height(key)}) on layer 0")
+            if v.__class__ is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
+                raise MSTBadNode(f"MST value for {key!r:.80} is not a CID")
+            append((key, v))
+            prev = last = key
     except (KeyError, TypeError, AttributeError):
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not a node map with well-formed entries") from None
-    _check_leaf_entries(cid, keys, vals, out, state)
+    state[1] = last
+
+
 # ----------------------------------------------------------------------------- inversion
 
 
@@ -1231,7 +1224,14 @@ def _invert_one(tree: MST, key: bytes, value: bytes | None, prev: bytes | None) 
             node = child
         if node.height != h:
             return None
-        if remove:
+        c = _FALLBACK
+        if h == 0 and node.subs is None and node.ents is not None and node.canonical and node.plain:
+            c = _leaf_edit(node, key, value, prev, remove)  # most ops: a key on layer 0
+            if c is None and not path:
+                return None
+        if c is not _FALLBACK:
+            pass
+        elif remove:
             new, old = _remove(node, key, h, store)
             if old is None or old != value:
                 return None
@@ -1265,3 +1265,59 @@ def _invert_one(tree: MST, key: bytes, value: bytes | None, prev: bytes | None) 
         return c
     except MSTError:
         return None
+
+
+_FALLBACK = object()
+
+
+def _leaf_edit(node: Node, key: bytes, value: bytes | None, prev: bytes | None, remove: bool):
+    """The inverse of one op on a decoded layer-0 node (no subtrees), straight from its entries:
+    the new node's CID, None when it is left empty, ``_FALLBACK`` for anything else (the general
+    ``_remove``/``_insert`` then decide, and report). Same encoding as theirs: the entries as
+    decoded, the one or two that change rebuilt, re-encoded by libipld when exact."""
+    keys = node.keys
+    ents = node.ents
+    n = len(keys)
+    i = bisect_left(keys, key)
+    found = i < n and keys[i] == key
+    if remove:  # a create undone
+        if not found or ents[i].get("v") != value:
+            return _FALLBACK
+        if n == 1:
+            return None
+        new = ents[:i]
+        if i + 1 < n:
+            nxt = keys[i + 1]
+            q = common_prefix_len(keys[i - 1], nxt) if i else 0
+            suffix = nxt[q:]
+            if not 0x20 <= suffix[0] < 0x7F:
+                return _FALLBACK
+            new.append({"k": suffix, "p": q, "t": None, "v": ents[i + 1].get("v")})
+            new += ents[i + 2:]
+    elif value is None:  # a delete undone: the old record goes back
+        if found:
+            return _FALLBACK
+        p = common_prefix_len(keys[i - 1], key) if i else 0
+        suffix = key[p:]
+        if not 0x20 <= suffix[0] < 0x7F:
+            return _FALLBACK
+        new = ents[:i]
+        new.append({"k": suffix, "p": p, "t": None, "v": prev})
+        if i < n:
+            nxt = keys[i]
+            q = common_prefix_len(key, nxt)
+            suffix = nxt[q:]
+            if not 0x20 <= suffix[0] < 0x7F:
+                return _FALLBACK
+            new.append({"k": suffix, "p": q, "t": None, "v": ents[i].get("v")})
+            new += ents[i + 1:]
+    else:  # an update undone
+        if not found or ents[i].get("v") != value:
+            return _FALLBACK
+        new = ents[:]
+        e = ents[i]
+        new[i] = {"k": e.get("k"), "p": e.get("p"), "t": None, "v": prev}
+    if not _exact(node):
+        return _FALLBACK
+    block = _enc({"e": new, "l": None})
+    return _CBOR_PREFIX + (_sha256(block) if len(block) >= _SMALL else _sha256_small(block)).digest()
