@@ -8,6 +8,7 @@ reach it: settings are logged through ``safe_settings``.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -54,15 +55,31 @@ def setup_logging(level: str, process: str) -> None:
 
 
 SECRET_FIELDS = frozenset({"admin_password"})
+#: Kafka passthrough settings (``TAP_KAFKA_*`` -> librdkafka keys) whose values are masked: any key
+#: naming a password, secret, key, token, credential or free-form config (``sasl.oauthbearer.config``
+#: may carry a client secret, ``sasl.jaas.config`` a password).
+SECRET_KAFKA_WORDS = ("password", "secret", "key", "token", "credential", "config", "jaas")
+_USERINFO = re.compile(r"(?<=://)([^/@\s:]*):[^/@\s]*@")
+
+
+def mask_url(value: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host`` (any occurrence)."""
+    return _USERINFO.sub(r"\1:***@", value)
 
 
 def safe_settings(cfg: object) -> dict:
-    """Settings for the start-up log line, secrets masked (Kafka SASL passwords included)."""
+    """Settings for the start-up log line, secrets masked: the admin password, Kafka passwords,
+    secrets and configs, and the password of any ``user:password@`` in a URL (TAP_DATABASE_URL,
+    TAP_WEBHOOK_URL, ...)."""
     from dataclasses import asdict
 
     d = asdict(cfg)  # type: ignore[arg-type]
+    for k, v in d.items():
+        if isinstance(v, str) and "@" in v:
+            d[k] = mask_url(v)
     for k in SECRET_FIELDS:
         if d.get(k):
             d[k] = "***"
-    d["kafka_extra"] = [(k, "***" if ("password" in k or "secret" in k or "key" in k) else v) for k, v in d.get("kafka_extra", ())]
+    d["kafka_extra"] = [(k, "***" if any(w in k for w in SECRET_KAFKA_WORDS) else mask_url(v))
+                        for k, v in d.get("kafka_extra", ())]
     return d
