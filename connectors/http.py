@@ -101,6 +101,13 @@ def is_public_ip(addr: str) -> bool:
     return _is_public(addr)
 
 
+def _count_refused() -> None:
+    """``tapflow_public_only_refused_total{client="http"}`` (the counter lives with the guard's rule)."""
+    from protocol.identity import count_public_only_refused
+
+    count_public_only_refused("http")
+
+
 class _PublicOnlyResolver(AbstractResolver):
     """Resolves like the default resolver, then drops every non-public address."""
 
@@ -111,6 +118,7 @@ class _PublicOnlyResolver(AbstractResolver):
         results = await self._inner.resolve(host, port, family)
         public = [r for r in results if is_public_ip(r["host"])]
         if not public:
+            _count_refused()
             raise NotPublic(f"refusing non-public address for host {host!r} (TAP_PUBLIC_ONLY)")
         return public
 
@@ -165,6 +173,7 @@ def _check_literal(url: str, public_only: bool) -> None:
     except ValueError:
         return  # a name: the resolver checks it
     if not is_public_ip(host.strip("[]")):
+        _count_refused()
         raise NotPublic(f"refusing non-public address {host!r} (TAP_PUBLIC_ONLY)")
 
 

@@ -319,6 +319,18 @@ def to_resolve_json(identity: Identity, *, normalize_keys: bool = True) -> dict:
 # ------------------------------------------------------------------ public-address guard
 
 
+#: Requests refused by the public-address guard, by client (``identity``: did:web and handle
+#: hosts; ``http``: connectors.http, e.g. PDS endpoints); what TAP_PUBLIC_ONLY stopped.
+PUBLIC_ONLY_REFUSED = Counter("tapflow_public_only_refused",
+                              "outbound requests refused by TAP_PUBLIC_ONLY (host is or resolves to a non-public address)",
+                              ["client"])
+
+
+def count_public_only_refused(client: str) -> None:
+    """Count one request refused by the public-address guard."""
+    PUBLIC_ONLY_REFUSED.labels(client).inc()
+
+
 def is_public_ip(addr: str) -> bool:
     """True for globally routable unicast addresses (IPv4-mapped IPv6 judged by its IPv4)."""
     try:
@@ -347,6 +359,7 @@ async def check_public_host(host: str) -> None:
     h = host.strip("[]")
     if _is_ip_literal(h):
         if not is_public_ip(h):
+            count_public_only_refused("identity")
             raise PrivateHostRefused(f"{host} is not a public address")
         return
     loop = asyncio.get_running_loop()
@@ -356,6 +369,7 @@ async def check_public_host(host: str) -> None:
         raise PrivateHostRefused(f"cannot resolve {host}: {e}") from None
     bad = [i[4][0] for i in infos if not is_public_ip(i[4][0])]
     if bad or not infos:
+        count_public_only_refused("identity")
         raise PrivateHostRefused(f"{host} resolves to non-public address {bad[0] if bad else '(none)'}")
 
 
@@ -430,6 +444,7 @@ class HttpClient:
             if guarded:
                 host = urlsplit(url).hostname or ""
                 if _is_ip_literal(host) and not is_public_ip(host.strip("[]")):
+                    count_public_only_refused("identity")
                     raise PrivateHostRefused(f"{host} is not a public address")
             try:
                 async with session.get(url, headers=headers, timeout=to, allow_redirects=False) as resp:
@@ -444,6 +459,7 @@ class HttpClient:
                     return resp.status, body
             except aiohttp.ClientConnectorError as e:
                 if isinstance(e.os_error, _Refused):
+                    count_public_only_refused("identity")
                     raise PrivateHostRefused(str(e.os_error)) from None
                 raise
         raise ValueError("too many redirects")
