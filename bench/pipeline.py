@@ -16,7 +16,7 @@ process used, so you can see who was the bottleneck on this 2-core machine):
   (``TAP_KAFKA_ONLY``; a consumer reads ``<prefix>events`` back).
 - ``live``: after the backfill, the firehose is released at full speed; verified commits/s
   from the release until the last live record event reached the acking client.
-- ``latency``: the same at a steady ``--rate`` (1,000) commits/s; per event, client receive
+- ``latency``: the same at a steady ``--rate`` (1,000) commits/s (``latency@250``: at 250/s); per event, client receive
   time minus the time the upstream wrote the frame to its socket; p50/p99/max.
 - ``rss``: peak RSS (flow + delivery child) while tracking ``--rss-repos`` (1M) repos: a
   fully synced data set first, then 1M DIDs that stay pending (their PLC lookups hang),
@@ -123,7 +123,11 @@ def captured(args) -> Path:
 
 
 def protocol_limits(runs: int = 3) -> dict:
-    """``bench/protocol.py`` in this process (its last line), e.g. commit_verify_per_s."""
+    """``bench/protocol.py`` run in this process; its ``name=value`` line as floats, plus
+    ``commit_per_s`` (#commit verification), ``backfill_per_s`` (repo verification + records
+    to JSON, per record), ``sig_us`` (the secp256k1 yardstick) whatever the version prints."""
+    import re
+
     import bench.protocol as bp
 
     buf = io.StringIO()
@@ -135,9 +139,23 @@ def protocol_limits(runs: int = 3) -> dict:
     finally:
         sys.argv = argv
     lines = buf.getvalue().strip().splitlines()
-    out = dict(kv.split("=") for kv in lines[-1].split())
-    res = {k: float(v) for k, v in out.items()}
-    res["_text"] = "\n".join(lines[:-1])
+    kv_lines = [ln for ln in lines if ln.strip() and all("=" in tok for tok in ln.split())]
+    res: dict = {}
+    if kv_lines:
+        for tok in kv_lines[-1].split():
+            k, _, v = tok.partition("=")
+            try:
+                res[k] = float(v)
+            except ValueError:
+                pass
+    text = "\n".join(ln for ln in lines if ln not in kv_lines[-1:])
+    if "sig_us" not in res:
+        m = re.search(r"(?:secp256k1|signature) verify[^0-9]*([0-9.]+) us", text)
+        if m:
+            res["sig_us"] = float(m.group(1))
+    res["commit_per_s"] = res.get("commit_verify_per_s", 0.0)
+    res["backfill_per_s"] = res.get("repo_json_records_per_s", res.get("repo_verify_records_per_s", 0.0))
+    res["_text"] = text
     return res
 
 
@@ -590,8 +608,9 @@ def main(argv: list[str] | None = None) -> None:
                         r = measure_backfill(path, s, target, tmp, args, broker)
                     elif m == "live":
                         r = measure_live(path, s, tmp, args)
-                    elif m == "latency":
-                        r = measure_live(path, s, tmp, args, rate=args.rate)
+                    elif m.startswith("latency"):
+                        rate = float(m.split("@", 1)[1]) if "@" in m else args.rate
+                        r = measure_live(path, s, tmp, args, rate=rate)
                     elif m == "rss":
                         r = measure_rss(tmp, args)
                     elif m == "two-procs":
@@ -606,8 +625,98 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if broker is not None:
             broker.stop()
-    print(json.dumps({k: [{kk: vv for kk, vv in r.items() if kk != "watch"} for r in v] for k, v in results.items()},
-                     default=str))
+    (tmp / "results.json").write_text(json.dumps({"limits": {k: v for k, v in limits.items() if k != "_text"},
+                                                  "results": results}, default=str))
+    log(f"raw results: {tmp / 'results.json'}")
+    report(results, limits, s, args)
+
+
+def _best_median(rs: list[dict], key: str, lower: bool = False) -> tuple[float, float]:
+    xs = sorted(r[key] for r in rs if r.get("ok") and isinstance(r.get(key), (int, float)) and r[key] == r[key])
+    if not xs:
+        return float("nan"), float("nan")
+    return (xs[0] if lower else xs[-1]), xs[len(xs) // 2]
+
+
+def _cpu_per(rs: list[dict], n_key: str) -> float:
+    """Least flow+delivery CPU microseconds per unit over the runs."""
+    out = []
+    for r in rs:
+        w = r.get("watch")
+        if r.get("ok") and w and r.get(n_key):
+            out.append((w["cpu_s"].get("flow", 0) + w["cpu_s"].get("delivery", 0)) / r[n_key] * 1e6)
+    return min(out) if out else float("nan")
+
+
+def report(results: dict, limits: dict, s: dict, args) -> None:
+    """The table, then the figures as name=value pairs (the last line)."""
+    lim_c = limits.get("commit_per_s", float("nan"))
+    lim_b = limits.get("backfill_per_s", float("nan"))
+    rows = []
+    fig: dict[str, object] = {}
+
+    def row(name, rs, key, unit, limit=None, limit_name="", lower=False, n_key=None):
+        best, med = _best_median(rs, key, lower)
+        tgt = TARGETS.get(name)
+        status = ""
+        if tgt and best == best:
+            status = "met" if (best >= tgt[1] if tgt[0] == ">=" else best < tgt[1]) else "MISSED"
+        cpu = _cpu_per(rs, n_key) if n_key else float("nan")
+        rows.append((name, best, med, unit, f"{limit:,.0f} {limit_name}" if limit else "",
+                     f"{best / limit:.2f}" if limit and best == best else "",
+                     f"{cpu:,.0f}" if cpu == cpu else "", f"{tgt[0]} {tgt[1]:,}" if tgt else "", status, len(rs)))
+        if best == best:
+            fig[name] = round(best, 1) if best < 100 else round(best)
+
+    for m, unit in (("backfill-channel", "records/s"), ("backfill-webhook", "records/s"), ("backfill-kafka", "records/s")):
+        if m in results:
+            row(m.replace("-", "_") + "_records_per_s", results[m], "records_per_s", unit, lim_b,
+                "verify+JSON/core", n_key="expected")
+    if "live" in results:
+        row("live_commits_per_s", results["live"], "commits_per_s", "commits/s", lim_c, "verify/core", n_key="commits")
+    for m in results:
+        if not m.startswith("latency"):
+            continue
+        sfx = "" if m == "latency" else "_at_" + m.split("@", 1)[1].split(".")[0]
+        row("p50_ms" + sfx, results[m], "p50_ms", "ms", lower=True)
+        row("p99_ms" + sfx, results[m], "p99_ms", "ms", lower=True)
+        row("latency_commits_per_s" + sfx, results[m], "commits_per_s", "commits/s", n_key="commits")
+    if "rss" in results:
+        row("rss_1m_repos_mb", results["rss"], "peak_sampled_total_mb", "MB", lower=True)
+        row("rss_growth_second_million_mb", results["rss"], "growth_b_vs_a_mb", "MB", lower=True)
+        row("adds_per_s", results["rss"], "adds_per_s", "repos/s")
+    print()
+    print(f"{'figure':36s} {'best':>10s} {'median':>10s} {'unit':10s} {'per-core limit (same run)':>28s} "
+          f"{'ratio':>6s} {'us CPU/unit':>11s} {'target':>10s} {'':7s} runs")
+    for name, best, med, unit, lim, ratio, cpu, tgt, status, n in rows:
+        print(f"{name:36s} {best:10,.1f} {med:10,.1f} {unit:10s} {lim:>28s} {ratio:>6s} {cpu:>11s} {tgt:>10s} "
+              f"{status:7s} {n}")
+    if "live" in results:
+        peers = {}
+        for r in results["live"]:
+            for p in r.get("peers", []):
+                if p.get("commits_per_s"):
+                    peers[p["name"]] = max(peers.get(p["name"], 0), p["commits_per_s"])
+        live = fig.get("live_commits_per_s")
+        if peers:
+            print()
+            print(f"{'same frames, same run':45s} {'commits/s':>10s} {'tapflow service / peer':>24s}")
+            print(f"{'tapflow service (verify+store+deliver+ack)':45s} {live or 0:10,.0f}")
+            for name, v in peers.items():
+                print(f"{name:45s} {v:10,.0f} {(live or 0) / v:24.2f}")
+                fig[f"{name}_commits_per_s"] = round(v)
+                if live:
+                    fig[f"live_vs_{name}"] = round(live / v, 2)
+    if "two-procs" in results:
+        r = results["two-procs"][-1]
+        fig["two_procs_healthy"] = int(bool(r.get("healthy")))
+        print(f"\ntwo bytewax processes (-i 0/1 -a): healthy={r.get('healthy')} exit codes={r.get('exit_codes')}")
+    fig["limit_commit_verify_per_s"] = round(lim_c) if lim_c == lim_c else "nan"
+    fig["limit_backfill_records_per_s"] = round(lim_b) if lim_b == lim_b else "nan"
+    if limits.get("sig_us"):
+        fig["sig_us"] = limits["sig_us"]
+    fig["load_avg"] = loadavg()
+    print(" ".join(f"{k}={v}" for k, v in fig.items()))
 
 
 if __name__ == "__main__":
