@@ -192,3 +192,222 @@ def test_mst_height_limit_repo_and_repo_logic(tmp_path):
     out = env.process(FirehoseCommit(seq=1, did=DID, body=body))
     assert [(r.reason, r.extra.get("verify")) for r in out] == [("verify_failed", "bad_mst")]
     assert env.records(DID) == {} and env.outbox(DID)[-1]["type"] == "identity"
+
+
+# --------------------------------------------------------------------------- frame size
+
+
+class _Relay:
+    """A WebSocket relay of ``(seq, frame)``s honouring ``?cursor=`` (websockets, no size cap)."""
+
+    def __init__(self, frames: list[tuple[int, bytes]]) -> None:
+        self.frames = frames
+        self.connections = 0
+        self.completed: list[int] = []  # per connection: how many frames were sent in full
+
+    async def handler(self, ws) -> None:
+        from urllib.parse import parse_qs, urlsplit
+
+        self.connections += 1
+        cursor = int(parse_qs(urlsplit(ws.request.path).query).get("cursor", ["0"])[0])
+        sent = 0
+        try:
+            for seq, f in self.frames:
+                if seq > cursor:
+                    await ws.send(f)
+                    sent += 1
+        finally:
+            self.completed.append(sent)
+        await ws.wait_closed()
+
+    async def __aenter__(self):
+        from websockets.asyncio.server import serve
+
+        self.server = await serve(self.handler, "127.0.0.1", 0, max_size=None, compression=None)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def _commit_frame(seq: int, pad: int = 0) -> bytes:
+    body = {"seq": seq, "repo": DID, "rev": make_tid(1_700_000_000_000_000 + seq), "blocks": b"\x00" * (10 + pad),
+            "ops": [], "time": "2024-01-01T00:00:00.000Z", "commit": None, "since": None, "blobs": [],
+            "rebase": False, "tooBig": False}
+    return cbor.encode({"op": 1, "t": "#commit"}) + cbor.encode(body)
+
+
+def _client(tmp_path, port: int, max_frame_size: int):
+    from dataclasses import replace
+
+    from config import Config
+    from connectors.firehose import FirehoseClient
+
+    cfg = replace(Config(relay_url=f"http://127.0.0.1:{port}", data_dir=str(tmp_path / "data"),
+                         cursor_save_interval=0.05, outbox_capacity=1000), max_frame_size=max_frame_size)
+    return FirehoseClient(cfg, depth=lambda: 0, emit_rejected=True)
+
+
+async def _until(cond, timeout: float = 10.0) -> None:
+    import asyncio
+    import time
+
+    t = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t < timeout, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_frame_size_limit_rejects_counts_and_goes_on(tmp_path):
+    from prometheus_client import REGISTRY
+
+    metric = ("tapflow_firehose_frames_rejected_total", {"reason": "frame_too_large"})
+    n0 = REGISTRY.get_sample_value(*metric) or 0.0
+    async with _Relay([(1, _commit_frame(1)), (2, _commit_frame(2, pad=4000)), (3, _commit_frame(3))]) as relay:
+        c = _client(tmp_path, relay.port, 1024)
+        c.start()
+        try:
+            await _until(lambda: c.received_seq == 3)
+        finally:
+            c.stop()
+    got = c.drain(100)
+    kinds = [(seq, type(item).__name__, getattr(item, "reason", "")) for seq, item in got]
+    assert kinds[0][:2] == (1, "FirehoseCommit") and kinds[-1][:2] == (3, "FirehoseCommit")
+    too_large = [item for _, item in got if getattr(item, "reason", "") == "frame_too_large"]
+    assert len(too_large) == 1 and "bytes" in too_large[0].detail
+    assert REGISTRY.get_sample_value(*metric) == n0 + 1
+
+
+@pytest.mark.xfail(strict=True, reason="connectors/firehose.py reads the oversized frame again on the "
+                   "redial with no size limit (max_size=None) to skip it, so TAP_MAX_FRAME_SIZE bounds "
+                   "nothing in memory: a relay can make tapflow buffer a frame of any size. firehose.py "
+                   "had another engineer's uncommitted changes; reported, not fixed here")
+async def test_frame_size_limit_bounds_memory_on_the_redial_too(tmp_path):
+    limit = 1024
+    huge = _commit_frame(2, pad=64 * limit)  # 64x the limit (a real attack would send gigabytes)
+    async with _Relay([(1, _commit_frame(1)), (2, huge), (3, _commit_frame(3))]) as relay:
+        c = _client(tmp_path, relay.port, limit)
+        c.start()
+        try:
+            await _until(lambda: relay.connections >= 2 and len(relay.completed) >= 1)
+            import asyncio
+
+            await asyncio.sleep(0.5)
+        finally:
+            c.stop()
+    read_whole = [item for _, item in c.drain(100) if getattr(item, "reason", "") == "frame_too_large"
+                  and int(item.detail.split()[0]) > 16 * limit]
+    assert read_whole == [], f"the client buffered a frame of {read_whole[0].detail} (limit {limit})"
+
+
+# --------------------------------------------------------------------------- CAR size
+
+
+async def test_car_size_limit_on_download_and_in_verification(sim):
+    from aiohttp import web
+
+    from connectors import http
+
+    s, _ = sim
+    car = s.get_repo_car()
+
+    async def with_length(req):
+        return web.Response(body=car, content_type="application/vnd.ipld.car")
+
+    async def streamed(req):
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(req)
+        for i in range(0, len(car), 1000):
+            await resp.write(car[i:i + 1000])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/len", with_length)
+    app.router.add_get("/chunked", streamed)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        cap = len(car) - 1
+        with pytest.raises(http.BodyTooLarge, match=f"exceeds the limit of {cap} bytes"):
+            await http.get_bytes(base + "/len", timeout=5, max_bytes=cap)  # refused from Content-Length
+        with pytest.raises(http.BodyTooLarge, match=f"exceeds the limit of {cap} bytes"):
+            await http.get_bytes(base + "/chunked", timeout=5, max_bytes=cap)  # refused while streaming
+        assert await http.get_bytes(base + "/chunked", timeout=5, max_bytes=len(car)) == car
+        await http.close_sessions()
+    finally:
+        await runner.cleanup()
+    with pytest.raises(BadCar, match=f"CAR is {len(car)} bytes, more than {len(car) - 1}"):
+        verify_repo(car, s.key.public_key, s.did, max_car_size=len(car) - 1)
+
+
+def test_car_size_setting_reaches_the_backfill():
+    """TAP_MAX_CAR_SIZE is what the backfill passes as the download cap and to verify_repo."""
+    import inspect
+
+    from config import load_config
+    from connectors import backfill
+
+    assert load_config({"TAP_MAX_CAR_SIZE": "2048"}, dotenv=None).max_car_size == 2048
+    src = inspect.getsource(backfill)
+    assert "max_bytes=self.cfg.max_car_size" in src and "max_car_size=self.cfg.max_car_size" in src
+
+
+# --------------------------------------------------------------------------- record size
+
+
+def test_records_over_1_mib_are_emitted_without_record(tmp_path):
+    """Go's MAX_CBOR_RECORD_SIZE: a record block over 1 MiB is not decoded; the event carries
+    its cid and no ``record`` (live commit and snapshot alike)."""
+    from connectors.backfill import record_json
+    from operators.items import FirehoseCommit
+    from protocol.atjson import MAX_RECORD_SIZE
+    from protocol.cid import cid_to_str
+    from tests.test_forgeries import Case
+
+    big = cbor.encode({"$type": "app.bsky.feed.post", "text": "x" * (MAX_RECORD_SIZE + 10)})
+    ok = cbor.encode({"$type": "app.bsky.feed.post", "text": "x" * (MAX_RECORD_SIZE - 100)})
+    assert len(big) > MAX_RECORD_SIZE >= len(ok)
+    assert record_json(big) is None and record_json(ok) is not None
+    c = Case(tmp_path, seed=31, n=5)
+    body = c.sim.commit([("create", "app.bsky.feed.post/3kbigbigbig01", big),
+                         ("create", "app.bsky.feed.post/3kbigbigbig02", ok)]).decoded()
+    assert c.env.process(FirehoseCommit(seq=1, did=c.did, body=body)) == []
+    evs = {e["record"]["rkey"]: e["record"] for e in c.env.outbox(c.did)[-2:]}
+    assert "record" not in evs["3kbigbigbig01"] and evs["3kbigbigbig01"]["cid"] == cid_to_str(cid_for_dag_cbor(big))
+    assert evs["3kbigbigbig02"]["record"]["text"].startswith("xxx")
+    c.check_in_step()
+
+
+# --------------------------------------------------------------------------- JSON body size
+
+
+async def test_api_body_size_limit_is_413(tmp_path):
+    import aiohttp
+
+    from store.db import close_all
+    from tests.test_channel import Stack, did_n, make_cfg
+
+    s = await Stack(make_cfg(tmp_path, max_body_size=1024)).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            small = orjson.dumps({"dids": [did_n(i) for i in range(10)]})
+            big = orjson.dumps({"dids": [did_n(i) for i in range(100)]})
+            assert len(small) <= 1024 < len(big)
+            async with session.post(s.url + "/repos/add", data=small, headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200
+            for path in ("/repos/add", "/repos/remove"):
+                async with session.post(s.url + path, data=big, headers={"Content-Type": "application/json"}) as r:
+                    assert r.status == 413
+                    assert r.headers["Content-Type"].startswith("application/json")
+                    assert orjson.loads(await r.read()) == {"message": "Request Entity Too Large"}
+        assert [orjson.loads(v)["op"] for _, v in s.delivery.cf("commands").items()] == ["add"]  # only the small one
+    finally:
+        await s.stop()
+        close_all()
