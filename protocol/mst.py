@@ -391,6 +391,8 @@ def _child(node: Node, i: int, store: BlockSource) -> Node | None:
 def _sub_cid(s, out: dict | None):
     if s is None or s.__class__ is bytes:
         return s
+    if s.__class__ is not Node:  # a decoded link of another type (a hostile node)
+        raise MSTBadNode(f"MST subtree link {s!r:.80} is not a CID")
     c = s.cid
     return c if c is not None else _encode_node(s, out)
 
@@ -512,6 +514,8 @@ def _encode_fresh(node: Node, out: dict | None) -> tuple[bytes, list | None, byt
     prev = b""
     safe = True
     for i, k in enumerate(node.keys):
+        if k <= prev:  # only a hostile tree (keys as decoded, never checked) gets here so
+            raise MSTOrderError(f"MST key {k!r:.80} out of order (after {prev!r:.80})")
         p = common_prefix_len(prev, k) if prev else 0
         suffix = k[p:] if p else k
         # libipld's encoder writes any byte string that parses as a CID as a link; a suffix
@@ -886,7 +890,8 @@ def _relink(node: Node, i: int, child) -> Node:
 
 
 def _printable(suffix: bytes) -> bool:
-    return 0x20 <= suffix[0] < 0x7F
+    """A key suffix libipld cannot take for a CID (and not empty, as one from a hostile node can be)."""
+    return b" " <= suffix[:1] < b"\x7f"
 
 
 def _insert(node: Node, key: bytes, val: bytes, h: int, store: BlockSource) -> tuple[Node, bytes | None]:
@@ -1290,7 +1295,7 @@ def _leaf_edit(node: Node, key: bytes, value: bytes | None, prev: bytes | None, 
             nxt = keys[i + 1]
             q = common_prefix_len(keys[i - 1], nxt) if i else 0
             suffix = nxt[q:]
-            if not 0x20 <= suffix[0] < 0x7F:
+            if not b" " <= suffix[:1] < b"\x7f":  # (empty only for a hostile node's duplicate keys)
                 return _FALLBACK
             new.append({"k": suffix, "p": q, "t": None, "v": ents[i + 1].get("v")})
             new += ents[i + 2:]
@@ -1299,7 +1304,7 @@ def _leaf_edit(node: Node, key: bytes, value: bytes | None, prev: bytes | None, 
             return _FALLBACK
         p = common_prefix_len(keys[i - 1], key) if i else 0
         suffix = key[p:]
-        if not 0x20 <= suffix[0] < 0x7F:
+        if not b" " <= suffix[:1] < b"\x7f":
             return _FALLBACK
         new = ents[:i]
         new.append({"k": suffix, "p": p, "t": None, "v": prev})
@@ -1307,7 +1312,7 @@ def _leaf_edit(node: Node, key: bytes, value: bytes | None, prev: bytes | None, 
             nxt = keys[i]
             q = common_prefix_len(key, nxt)
             suffix = nxt[q:]
-            if not 0x20 <= suffix[0] < 0x7F:
+            if not b" " <= suffix[:1] < b"\x7f":
                 return _FALLBACK
             new.append({"k": suffix, "p": q, "t": None, "v": ents[i].get("v")})
             new += ents[i + 1:]

@@ -16,6 +16,7 @@ from protocol.mst import (
     MAX_KEY_BYTES,
     MST,
     MSTBadNode,
+    MSTError,
     MSTEmptyNodeError,
     MSTHeightError,
     MSTInversionError,
@@ -625,3 +626,105 @@ def test_inversion_from_minimal_proof(base, new, seed):
     invert_ops(MST.load(everything, new_root), ops)
     proof = {c: everything[c] for c in seen if c in everything}
     assert invert_ops(MST.load(proof, new_root), ops) == old_root
+
+
+# ----------------------------------------------------------------------------- hostile trees
+
+
+def test_edits_of_a_tree_with_a_duplicated_entry_raise_mst_errors():
+    """A node whose entry appears twice (keys not increasing) is never verified before an edit on
+    the commit path: editing and encoding it must fail with an MSTError, not an IndexError."""
+    keys = [K["A0"], K["B1"], K["C0"]]
+    store, root = blocks_of(tree_of(keys))
+    node = cbrrr.decode_dag_cbor(store[root])
+    node["e"] = [node["e"][0], dict(node["e"][0])]
+    block = cbor.encode(node)
+    bad = put(store, block)
+    for edit in (lambda t: t.insert(K["E0"], CID1), lambda t: t.insert(K["B1"], val(3))):
+        t = MST.load(store, bad)
+        with pytest.raises(MSTOrderError):
+            edit(t)
+            t.root_cid()
+    t = MST.load(store, bad)  # removing one of the two leaves a tree that encodes
+    assert t.remove(K["B1"]) == CID1 and t.root_cid()
+
+
+_GARBAGE = [None, "str", 5, -1, True, b"", b"x" * 36, b"\x01\x71\x12\x20" + b"\x00" * 31, [1], {"a": 1}, 1.5,
+            cbrrr.CID(cid_for_dag_cbor(b"raw") [:1] + b"\x55" + cid_for_dag_cbor(b"raw")[2:]), cbrrr.CID(CID1)]
+
+
+def _mutated_store(rng, keys):
+    """Blocks of the tree of ``keys`` with one or two nodes corrupted (and the links to them fixed)."""
+    store, root = blocks_of(tree_of(keys))
+    for _ in range(rng.randint(1, 2)):
+        c = rng.choice(list(store))
+        node = cbrrr.decode_dag_cbor(store[c])
+        es = node["e"]
+        m = rng.randrange(8)
+        if m == 0 and es:
+            es.append(dict(rng.choice(es)))
+        elif m == 1 and len(es) > 1:
+            i = rng.randrange(len(es) - 1)
+            es[i], es[i + 1] = es[i + 1], es[i]
+        elif m == 2 and es:
+            rng.choice(es)[rng.choice("kptv")] = rng.choice(_GARBAGE)
+        elif m == 3:
+            node["l"] = rng.choice(_GARBAGE)
+        elif m == 4 and es:
+            rng.choice(es).pop(rng.choice("kptv"), None)
+        elif m == 5 and es:
+            rng.choice(es)["x"] = 1
+        elif m == 6 and es:
+            rng.choice(es)["p"] = rng.randrange(0, 40)
+        else:
+            node["e"] = []
+        try:
+            block = cbrrr.encode_dag_cbor(node)
+        except Exception:
+            continue
+        new = cid_for_dag_cbor(block)
+        del store[c]
+        store[new] = block
+        for c2, b2 in list(store.items()):  # relink the parent (links are unique 36-byte strings)
+            if c in b2:
+                nb = b2.replace(c, new)
+                del store[c2]
+                n2 = put(store, nb)
+                root = n2 if c2 == root else root
+        root = new if c == root else root
+    return store, root
+
+
+def test_hostile_trees_raise_only_mst_errors():
+    """Random corruptions (duplicated or swapped entries, fields of any type, missing or extra
+    fields, wrong prefixes, empty nodes): reading, verifying, editing, encoding and inverting
+    raise MSTError subclasses and nothing else."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        keys = sorted({f"app.bsky.feed.post/{rng.randrange(10**6):x}" for _ in range(rng.randint(1, 40))})
+        store, root = _mutated_store(rng, keys)
+        bkeys = [k.encode() for k in keys]
+        ops = []
+        for k in rng.sample(bkeys, min(2, len(bkeys))):
+            ops.append((k, CID1, None) if rng.random() < 0.6 else (k, CID1, val(2)))
+        ops.append((b"app.bsky.feed.post/zz" + str(rng.randrange(99)).encode(), None, val(7)))
+        for action in range(5):
+            try:
+                t = MST.load(store, root)
+                if action == 0:
+                    t.verify(allow_partial=True)
+                elif action == 1:
+                    list(t.walk(on_missing=lambda c: None))
+                elif action == 2:
+                    for k, _, _ in ops:
+                        t.get(k)
+                elif action == 3:
+                    for k, v, _ in ops:
+                        t.remove(k) if v is not None and rng.random() < 0.5 else t.insert(k, v or val(5))
+                    t.root_cid({})
+                else:
+                    invert_ops(t, ops[:rng.randint(1, len(ops))])
+            except MSTError:
+                pass
