@@ -79,7 +79,7 @@ def versions() -> dict:
     except OSError:
         pass
     try:
-        r = subprocess.run([str(PY_VENV / "bin/python"), "-c", "import atproto; print(atproto.__version__)"],
+        r = subprocess.run([str(PY_VENV / "bin/python"), "-c", "import importlib.metadata as m; print(m.version('atproto'))"],
                            capture_output=True, text=True)
         out["atproto (PyPI)"] = r.stdout.strip()
     except OSError:

@@ -1,6 +1,6 @@
 """Summaries of py-spy raw profiles (``py-spy record --format raw``), as ``bench/pipeline.py --profile`` writes them.
 
-    python -m bench.profiles DIR/live-flow.txt [--top 30] [--threads]
+    python -m bench.profiles DIR/live-flow.txt [--top 30] [--threads] [--thread MainThread]
 
 Prints, per file: samples per thread, the functions with the most *self* time (leaf frames),
 the functions with the most *inclusive* time (anywhere on the stack, counted once a sample),
@@ -45,13 +45,15 @@ def parse(path: Path):
         yield thread, frames, int(n)
 
 
-def summarize(path: Path, top: int = 25, by_thread: bool = False) -> str:
+def summarize(path: Path, top: int = 25, by_thread: bool = False, only_thread: str = "") -> str:
     self_t: Counter = Counter()
     incl: Counter = Counter()
     files: Counter = Counter()
     threads: Counter = Counter()
     total = 0
     for thread, frames, n in parse(path):
+        if only_thread and only_thread not in thread:
+            continue
         total += n
         threads[thread] += n
         if not frames:
@@ -64,7 +66,7 @@ def summarize(path: Path, top: int = 25, by_thread: bool = False) -> str:
             incl[f] += n
     if not total:
         return f"{path}: no samples"
-    out = [f"== {path.name}: {total} samples"]
+    out = [f"== {path.name}{' [' + only_thread + ']' if only_thread else ''}: {total} samples"]
     if by_thread or len(threads) > 1:
         out.append("threads: " + ", ".join(f"{t or '?'} {n / total:.0%}" for t, n in threads.most_common(8)))
     out.append(f"-- self time (top {top})")
@@ -81,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", action="store_true", help="print the share of every thread")
+    ap.add_argument("--thread", default="", help="only samples of threads whose name contains this (e.g. MainThread)")
     args = ap.parse_args(argv)
     for p in args.files:
-        print(summarize(p, args.top, args.threads))
+        print(summarize(p, args.top, args.threads, args.thread))
         print()
 
 
