@@ -22,8 +22,11 @@ Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
 - Malformed frames (bad CBOR, wrong types, text frames, frames over
   ``TAP_MAX_FRAME_SIZE``) are counted as rejections and skipped; the stream continues.
   A frame over the size limit makes ``websockets`` drop the connection; the redial then
-  reads exactly that frame without a limit, rejects it (its seq still advances the cursor)
-  and restores the limit, so one huge frame cannot wedge the stream.
+  reads exactly that frame with ``SKIP_READ_FACTOR`` times the limit, rejects it (its seq
+  still advances the cursor) and restores the limit, so one huge frame cannot wedge the
+  stream. A frame larger still is never read: the redial after it starts at the live head,
+  as after ``FutureCursor`` (counted and logged; the gap heals, invariant 4). Memory per
+  frame stays bounded by ``SKIP_READ_FACTOR * TAP_MAX_FRAME_SIZE``.
 - Back-pressure: no socket reads (and no dial) while the outbox holds
   ``>= TAP_OUTBOX_CAPACITY`` events (re-checked every 100 ms) or while the local queue
   is full. Tap does not hold its firehose (§15.15); tapflow does.
@@ -83,6 +86,9 @@ LAST_SEQ = Gauge("tap_firehose_last_seq", "seq of the last firehose event receiv
 HELD = Gauge("tapflow_firehose_held", "1 while reading the firehose is held back by outbox depth", multiprocess_mode="livemax")
 
 _MAX_DID = 2048
+#: The redial that skips an oversized frame reads it with this many times TAP_MAX_FRAME_SIZE
+#: (to learn its seq and reject it), never unbounded: a relay cannot make us buffer more.
+SKIP_READ_FACTOR = 16
 
 
 # --- frames ----------------------------------------------------------------------------
@@ -289,7 +295,7 @@ class FirehoseClient:
             try:
                 ws = await connect(
                     url,
-                    max_size=None if self._skip_oversized else self.cfg.max_frame_size,
+                    max_size=self.cfg.max_frame_size * (SKIP_READ_FACTOR if self._skip_oversized else 1),
                     compression=None,
                     user_agent_header=USER_AGENT,
                     open_timeout=self._open_timeout,
@@ -349,6 +355,16 @@ class FirehoseClient:
                 failures = 0
 
     def _on_oversized(self) -> None:
+        if self._skip_oversized:
+            # even SKIP_READ_FACTOR times the limit was not enough: never read it, go to the head
+            self._skip_oversized = False
+            self._force_head = True
+            REJECTED.labels("frame_too_large").inc()
+            self.stats["rejected"] += 1
+            _log.error("firehose frame larger than %dx TAP_MAX_FRAME_SIZE; not read, redialling at the live head "
+                       "(repos with commits in between resync)", SKIP_READ_FACTOR,
+                       extra={"url": self.url, "max_frame_size": self.cfg.max_frame_size, "after_seq": self.received_seq})
+            return
         # not counted here: the redial reads the frame again and ``_handle`` rejects (and counts) it
         _log.error("firehose frame larger than TAP_MAX_FRAME_SIZE; redialling to skip it",
                    extra={"url": self.url, "max_frame_size": self.cfg.max_frame_size, "after_seq": self.received_seq})

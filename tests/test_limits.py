@@ -3,7 +3,7 @@ clear error, and the flow goes on.
 
 | limit | where | what happens |
 |---|---|---|
-| ``TAP_MAX_FRAME_SIZE`` (5 MiB) | ``connectors.firehose`` (websockets ``max_size``) | frame rejected (``frame_too_large``), redial past it |
+| ``TAP_MAX_FRAME_SIZE`` (5 MiB) | ``connectors.firehose`` (websockets ``max_size``) | frame rejected (``frame_too_large``), redial past it; never more than 16x in memory |
 | ``TAP_MAX_CAR_SIZE`` (1 GiB) | getRepo download (``connectors.http``) and ``verify_repo`` | ``FetchFailed`` "exceeds the limit of N bytes" |
 | record size (1 MiB, Go's ``MAX_CBOR_RECORD_SIZE``) | ``protocol.atjson`` | event emitted without ``record`` |
 | blocks per CAR (16 Mi) / per ``#commit``/``#sync`` (10 000) | ``protocol.car.read_car`` / ``protocol.commit`` | ``CarTooLarge`` / ``BadCar`` |
@@ -204,12 +204,16 @@ class _Relay:
         self.frames = frames
         self.connections = 0
         self.completed: list[int] = []  # per connection: how many frames were sent in full
+        self.cursors: list[int | None] = []  # per connection: its ?cursor= (None: live head)
 
     async def handler(self, ws) -> None:
         from urllib.parse import parse_qs, urlsplit
 
         self.connections += 1
-        cursor = int(parse_qs(urlsplit(ws.request.path).query).get("cursor", ["0"])[0])
+        q = parse_qs(urlsplit(ws.request.path).query)
+        # no cursor on a redial: the live head, i.e. only the last frame is still to come
+        cursor = int(q["cursor"][0]) if "cursor" in q else (self.frames[-2][0] if self.connections > 1 else 0)
+        self.cursors.append(cursor if "cursor" in q else None)
         sent = 0
         try:
             for seq, f in self.frames:
@@ -280,26 +284,52 @@ async def test_frame_size_limit_rejects_counts_and_goes_on(tmp_path):
     assert REGISTRY.get_sample_value(*metric) == n0 + 1
 
 
-@pytest.mark.xfail(strict=True, reason="connectors/firehose.py reads the oversized frame again on the "
-                   "redial with no size limit (max_size=None) to skip it, so TAP_MAX_FRAME_SIZE bounds "
-                   "nothing in memory: a relay can make tapflow buffer a frame of any size. firehose.py "
-                   "had another engineer's uncommitted changes; reported, not fixed here")
 async def test_frame_size_limit_bounds_memory_on_the_redial_too(tmp_path):
+    """The redial that skips an oversized frame used to read it with no limit (a relay could make
+    tapflow buffer a frame of any size). Now it reads at most SKIP_READ_FACTOR times the limit;
+    a frame larger still is never read: the client redials at the live head, counted and logged."""
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from connectors.firehose import SKIP_READ_FACTOR
+
     limit = 1024
-    huge = _commit_frame(2, pad=64 * limit)  # 64x the limit (a real attack would send gigabytes)
+    metric = ("tapflow_firehose_frames_rejected_total", {"reason": "frame_too_large"})
+    n0 = REGISTRY.get_sample_value(*metric) or 0.0
+    huge = _commit_frame(2, pad=4 * SKIP_READ_FACTOR * limit)  # (a real attack would send gigabytes)
     async with _Relay([(1, _commit_frame(1)), (2, huge), (3, _commit_frame(3))]) as relay:
         c = _client(tmp_path, relay.port, limit)
         c.start()
         try:
-            await _until(lambda: relay.connections >= 2 and len(relay.completed) >= 1)
-            import asyncio
-
-            await asyncio.sleep(0.5)
+            await _until(lambda: c.received_seq == 3)
+            await asyncio.sleep(0.2)
         finally:
             c.stop()
-    read_whole = [item for _, item in c.drain(100) if getattr(item, "reason", "") == "frame_too_large"
-                  and int(item.detail.split()[0]) > 16 * limit]
-    assert read_whole == [], f"the client buffered a frame of {read_whole[0].detail} (limit {limit})"
+    got = c.drain(100)
+    assert [s for s, item in got if item is not None and type(item).__name__ == "FirehoseCommit"] == [1, 3]
+    assert relay.cursors == [None, 1, None]  # head, skip-redial (bounded read fails too), head
+    assert REGISTRY.get_sample_value(*metric) == n0 + 1 and c.stats["rejected"] == 1
+    read = [item for _, item in got if getattr(item, "reason", "") == "frame_too_large"]
+    assert read == []  # never read whole, so never rejected with its size: it was not in memory
+
+
+async def test_frame_between_limit_and_skip_read_is_read_once_and_rejected(tmp_path):
+    from connectors.firehose import SKIP_READ_FACTOR
+
+    limit = 1024
+    async with _Relay([(1, _commit_frame(1)), (2, _commit_frame(2, pad=(SKIP_READ_FACTOR // 2) * limit)),
+                       (3, _commit_frame(3))]) as relay:
+        c = _client(tmp_path, relay.port, limit)
+        c.start()
+        try:
+            await _until(lambda: c.received_seq == 3)
+        finally:
+            c.stop()
+    got = c.drain(100)
+    assert [(s, getattr(i, "reason", type(i).__name__)) for s, i in got] == [
+        (1, "FirehoseCommit"), (2, "frame_too_large"), (3, "FirehoseCommit")]
+    assert relay.cursors == [None, 1]
 
 
 # --------------------------------------------------------------------------- CAR size
