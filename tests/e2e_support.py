@@ -25,6 +25,22 @@ HARNESS = SHARED / "harness"
 HARNESS_HOME = Path(os.environ.get("TAPFLOW_HARNESS_HOME", Path.home() / ".cache" / "tapflow-harness"))
 
 
+def state_from_events(events: list[dict]) -> dict[str, dict[str, str]]:
+    """What a consumer applying the (official client's) events holds: did -> {path: cid}."""
+    from collections import defaultdict
+
+    state: dict[str, dict[str, str]] = defaultdict(dict)
+    for e in events:
+        if e["type"] != "record":
+            continue
+        path = f"{e['collection']}/{e['rkey']}"
+        if e["action"] == "delete":
+            state[e["did"]].pop(path, None)
+        else:
+            state[e["did"]][path] = e["cid"]
+    return state
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

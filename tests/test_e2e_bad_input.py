@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from bench.replay import Inject, ReplayData, ReplayServer
 from protocol import cbor
-from tests.e2e_support import free_port, make_service, start_client
+from tests.e2e_support import free_port, make_service, start_client, state_from_events
 
 pytestmark = pytest.mark.e2e
 
@@ -36,19 +35,6 @@ def _service(srv: ReplayServer, tmp: Path, **extra: str):
     return make_service(None, tmp, TAP_RELAY_URL=srv.url, TAP_PLC_URL=srv.url,
                         TAP_HANDLE_RESOLVER=f"xrpc:{srv.url}", **extra)
 
-
-def _state_from_events(events: list[dict]) -> dict[str, dict[str, str]]:
-    """What a consumer applying the events holds: did -> {path: cid}."""
-    state: dict[str, dict[str, str]] = defaultdict(dict)
-    for e in events:
-        if e["type"] != "record":
-            continue
-        path = f"{e['collection']}/{e['rkey']}"
-        if e["action"] == "delete":
-            state[e["did"]].pop(path, None)
-        else:
-            state[e["did"]][path] = e["cid"]
-    return state
 
 
 def _log_lines(svc) -> list[dict]:
@@ -104,7 +90,7 @@ def test_forged_commit_and_broken_frames_are_rejected_and_the_repo_heals(data, t
         initial = {did: srv.records_at(did, -1) for did in data.dids}
 
         def backfilled():
-            got = _state_from_events(client.events())
+            got = state_from_events(client.events())
             return all(got.get(d) == initial[d] for d in data.dids) and all(
                 _info(svc, d).get("state") == "active" for d in data.dids)
 
@@ -115,7 +101,7 @@ def test_forged_commit_and_broken_frames_are_rejected_and_the_repo_heals(data, t
         srv.release()
         final = {did: srv.records_at(did) for did in data.dids}
         assert final[victim] != initial[victim]
-        svc.wait_for(lambda: all(_state_from_events(client.events()).get(d) == final[d] for d in data.dids),
+        svc.wait_for(lambda: all(state_from_events(client.events()).get(d) == final[d] for d in data.dids),
                      timeout=120, what="consumer state equal to every repo's final state")
         svc.wait_for(lambda: _info(svc, victim).get("state") == "active", timeout=30, what="victim active")
 
@@ -169,7 +155,7 @@ def test_corrupt_car_errors_and_a_429_desynchronizes_others_unaffected(data, tmp
         svc.wait_for(lambda: _info(svc, corrupt).get("state") == "error", timeout=60, what="corrupt repo in error")
         svc.wait_for(lambda: _info(svc, limited).get("state") == "desynchronized", timeout=60,
                      what="rate-limited repo desynchronized")
-        svc.wait_for(lambda: all(_state_from_events(client.events()).get(d) == initial[d] for d in others)
+        svc.wait_for(lambda: all(state_from_events(client.events()).get(d) == initial[d] for d in others)
                      and all(_info(svc, d).get("state") == "active" for d in others),
                      timeout=90, what="the other repos backfilled")
 
@@ -207,12 +193,12 @@ def test_oversized_frame_is_skipped_and_the_stream_goes_on(data, tmp_path):
     client = start_client(svc, tmp_path, data.dids)
     try:
         initial = {did: srv.records_at(did, -1) for did in data.dids}
-        svc.wait_for(lambda: all(_state_from_events(client.events()).get(d) == initial[d] for d in data.dids)
+        svc.wait_for(lambda: all(state_from_events(client.events()).get(d) == initial[d] for d in data.dids)
                      and all(_info(svc, d).get("state") == "active" for d in data.dids),
                      timeout=90, what="backfill of every repo")
         srv.release()
         final = {did: srv.records_at(did) for did in data.dids}
-        svc.wait_for(lambda: all(_state_from_events(client.events()).get(d) == final[d] for d in data.dids),
+        svc.wait_for(lambda: all(state_from_events(client.events()).get(d) == final[d] for d in data.dids),
                      timeout=120, what="consumer state equal to every repo's final state")
         assert svc.proc.poll() is None
         assert all(srv.requests[("getRepo", d)] == 1 for d in data.dids)  # nothing was lost

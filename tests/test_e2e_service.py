@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_support import make_service, start_client
+from tests.e2e_support import make_service, start_client, state_from_events
 
 pytestmark = pytest.mark.e2e
 
@@ -50,19 +50,6 @@ def _by_did(events: list[dict]) -> dict[str, list[dict]]:
     return per
 
 
-def _state_from_events(events: list[dict]) -> dict[str, dict[str, str]]:
-    """What a consumer applying the events would hold: did -> {path: cid}."""
-    state: dict[str, dict[str, str]] = defaultdict(dict)
-    for e in events:
-        if e["type"] != "record":
-            continue
-        path = f"{e['collection']}/{e['rkey']}"
-        if e["action"] == "delete":
-            state[e["did"]].pop(path, None)
-        else:
-            state[e["did"]][path] = e["cid"]
-    return state
-
 
 def test_backfill_then_live_with_official_client(pds, tmp_path):
     ledger = _load(pds, tmp_path, accounts=2, records=25)
@@ -73,7 +60,7 @@ def test_backfill_then_live_with_official_client(pds, tmp_path):
         expected = {d: ledger["repos"][d]["records"] for d in dids}
 
         def backfilled():
-            got = _state_from_events(client.events())
+            got = state_from_events(client.events())
             return all(got.get(d) == expected[d] for d in dids)
 
         svc.wait_for(backfilled, timeout=90, what="backfill of every record")
@@ -129,7 +116,7 @@ def test_kill9_during_backfill_loses_nothing(pds, tmp_path):
             expected = {d: ledger["repos"][d]["records"] for d in dids}
 
             def complete():
-                got = _state_from_events(first.events() + second.events())
+                got = state_from_events(first.events() + second.events())
                 return all(got.get(d) == expected[d] for d in dids)
 
             svc.wait_for(complete, timeout=120, what="every record after kill -9")
@@ -160,7 +147,7 @@ def test_full_network_scenario_every_event_kind(pds, tmp_path):
 
         def converged():
             evs = client.events()
-            got = _state_from_events(evs)
+            got = state_from_events(evs)
             return all(got.get(d, {}) == want[d] for d in (alice, bob)) and any(
                 e["status"] == "deleted" for e in _identity_events(evs, carol))
 
@@ -190,7 +177,7 @@ def test_signal_collection_discovers_repos(pds, tmp_path):
         result = pds.script("scenario.mjs")
         alice, bob = result["names"]["alice"], result["names"]["bob"]
         want = result["repos"][alice]["records"]
-        svc.wait_for(lambda: _state_from_events(client.events()).get(alice) == want, timeout=120,
+        svc.wait_for(lambda: state_from_events(client.events()).get(alice) == want, timeout=120,
                      what="alice (writes com.example.thing) fully synced")
         assert svc.api("GET", f"/info/{bob}")[0] == 404
         assert not [e for e in client.events() if e["did"] == bob]
@@ -299,7 +286,7 @@ def test_kill9_during_live_writes_loses_nothing(pds, tmp_path):
                 evs.extend(c.events())
             return evs
 
-        svc.wait_for(lambda: all(_state_from_events(all_events()).get(d, {}) == want[d] for d in want),
+        svc.wait_for(lambda: all(state_from_events(all_events()).get(d, {}) == want[d] for d in want),
                      timeout=180, what="consumer state equal to the PDS after two kill -9")
         for c in clients:
             assert _live_order_ok(c.events())
