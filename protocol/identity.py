@@ -331,14 +331,33 @@ def count_public_only_refused(client: str) -> None:
     PUBLIC_ONLY_REFUSED.labels(client).inc()
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, RFC 6052 and 8215)
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible IPv6 (and ::, ::1)
+
+
 def is_public_ip(addr: str) -> bool:
-    """True for globally routable unicast addresses (IPv4-mapped IPv6 judged by its IPv4)."""
+    """True for globally routable unicast addresses.
+
+    An IPv6 address that embeds an IPv4 one is judged by that IPv4 address: IPv4-mapped
+    (``::ffff:a.b.c.d``), NAT64 (``64:ff9b::a.b.c.d``, which a NAT64 gateway turns into
+    ``a.b.c.d``) and 6to4 (``2002:aabb:ccdd::``); deprecated IPv4-compatible (``::a.b.c.d``) and
+    site-local (``fec0::/10``) addresses are refused. (Python's ``is_global`` calls
+    ``64:ff9b::a9fe:a9fe``, the metadata address behind NAT64, global.)
+    """
     try:
         ip = ipaddress.ip_address(addr.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _V4_COMPATIBLE or ip.is_site_local:
+            return False
+        elif ip.sixtofour is not None:
+            return ip.is_global and is_public_ip(str(ip.sixtofour))
+        elif any(ip in net for net in _NAT64):
+            return is_public_ip(str(ipaddress.IPv4Address(ip.packed[-4:])))
     return ip.is_global and not ip.is_multicast
 
 

@@ -10,7 +10,8 @@ public-address guard (``TAP_PUBLIC_ONLY``), no secret in the logs, an owner-only
 - The webhook carries ``Basic admin:<password>``; a redirect to another origin does not get it.
 - ``TAP_PUBLIC_ONLY``: requests to hosts taken from DID documents (PDS endpoints, did:web
   hosts, handle well-knowns) are refused when the host is or resolves to a loopback, private,
-  link-local, CGNAT, unique-local, multicast, reserved or unspecified address, with a clear error,
+  link-local, CGNAT, unique-local, multicast, reserved or unspecified address (also inside
+  NAT64, 6to4 or IPv4-compatible IPv6), with a clear error,
   counted in ``tapflow_public_only_refused_total``; with the setting off the same requests work.
 - The service (``python -m bytewax.run flows.tap``) run with a password, Kafka SASL/SSL settings,
   credentials in URLs and debug logs writes none of them to its log, and creates its data dir and
@@ -300,10 +301,13 @@ NOT_PUBLIC = [
     "192.0.2.1", "198.51.100.1", "203.0.113.1", "2001:db8::1",  # documentation
     "198.18.0.1",                                              # benchmarking
     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254",  # IPv4-mapped
+    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1",  # NAT64 of loopback/metadata/private
+    "2002:7f00:1::1", "2002:a9fe:a9fe::1",                     # 6to4 of loopback/link-local
+    "::7f00:1", "::127.0.0.1", "fec0::1",                      # IPv4-compatible, site-local (deprecated)
     "not an address", "",
 ]
 PUBLIC = ["8.8.8.8", "1.1.1.1", "151.101.1.69", "2606:4700:4700::1111", "2a00:1450:4001:80e::200e",
-          "::ffff:8.8.8.8"]
+          "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
 
 
 @pytest.mark.parametrize("addr", NOT_PUBLIC)
