@@ -159,9 +159,9 @@ class DeliveryMetrics:
         self.webhook_requests = Counter("tap_webhook_requests", "Webhook POSTs by outcome", ["status"])
         self.event_cache_size = Gauge("tap_event_cache_size", "Outbox events held by the delivery process",
                                       multiprocess_mode="livesum")
-        self.outbox_depth = Gauge("tap_outbox_depth", "Outbox rows not yet acked and deleted",
+        self.outbox_depth = Gauge("tapflow_outbox_depth", "Outbox rows not yet acked and deleted",
                                   multiprocess_mode="livemax")
-        self.channel_clients = Gauge("tap_channel_clients", "Connected /channel clients", multiprocess_mode="livesum")
+        self.channel_clients = Gauge("tapflow_channel_clients", "Connected /channel clients", multiprocess_mode="livesum")
 
 
 _metrics: DeliveryMetrics | None = None

@@ -358,7 +358,7 @@ async def test_delivery_child_metrics_logs_and_clean_stop(tmp_path):
             text = await r.text()
     assert r.status == 200
     assert "tap_events_delivered_total 3.0" in text
-    assert "tap_channel_clients 1.0" in text
+    assert "tapflow_channel_clients 1.0" in text
     code = await asyncio.to_thread(child.stop)
     assert code == 0
     await asyncio.wait_for(c._task, 5)
