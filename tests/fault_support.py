@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_support import HARNESS, Pds, TapService, free_port, node_bin
+from tests.e2e_support import HARNESS, Pds, TapService, free_port, node_bin, start_client
 
 FULL = os.environ.get("FULL", "") == "1"
 SEED = int(os.environ.get("FAULT_SEED", "1729"))
@@ -141,6 +141,38 @@ class LoadWriter:
 
 
 # --- what a consumer received ------------------------------------------------------------------
+
+class Consumer:
+    """The official client reading /channel, replaced when it has exited.
+
+    ``@atproto/tap`` 0.3.12 deadlocks when its connection drops while a handler is running: the
+    ack of the event in hand is buffered until the reconnect, and the reconnect waits for the
+    handler to return (``TapChannel.start`` awaits ``processWsEvent`` inside its ``for await``
+    over the socket). With nothing else pending, node then exits 0 without its summary line.
+    A crash of the service mid-burst triggers it nearly every time (an idle client reconnects
+    fine), so tests that kill the service call ``ensure()`` after each restart: a consumer
+    process that restarts, keeping what the previous one received."""
+
+    def __init__(self, svc: TapService, tmp: Path, **env: str) -> None:
+        self.svc, self.tmp, self.env = svc, tmp, {"TAP_MAX_RECONNECT_S": "1", **env}
+        self.runs = [start_client(svc, tmp, **self.env)]
+        self.replaced = 0
+
+    def ensure(self) -> None:
+        if self.runs[-1].proc.poll() is not None:
+            self.replaced += 1
+            self.runs.append(start_client(self.svc, self.tmp, **self.env))
+
+    def events(self) -> list[dict]:
+        out: list[dict] = []
+        for r in self.runs:
+            out.extend(r.events())
+        return out
+
+    def stop(self) -> None:
+        for r in self.runs:
+            r.stop()
+
 
 def apply_events(events: list[dict]) -> dict[str, dict[str, str]]:
     """What a consumer applying every delivery in order holds: did -> {path: cid}."""
