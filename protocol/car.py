@@ -18,14 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from hashlib import sha256
 
-try:  # the non-OpenSSL sha256: cheaper per call for short inputs
-    from _sha256 import sha256 as _sha256_small
-except ImportError:  # Python >= 3.12 names it _sha2
-    try:
-        from _sha2 import sha256 as _sha256_small  # type: ignore[no-redef]
-    except ImportError:  # pragma: no cover
-        _sha256_small = sha256
-
 import cbrrr
 
 __all__ = [
@@ -57,7 +49,6 @@ MAX_SECTION_SIZE = 32 << 20
 _PFX_DAG_CBOR = b"\x01\x71\x12\x20"
 _PFX_RAW = b"\x01\x55\x12\x20"
 _CID_LEN = 36
-_SMALL_SECTION = _CID_LEN + 120
 
 
 class CarError(ValueError):
@@ -200,7 +191,6 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
     blocks: dict[bytes, bytes] = {}
     pfx_cbor = _PFX_DAG_CBOR
     pfx_raw = _PFX_RAW
-    small = _sha256_small
     left = max_blocks
     while pos < end:
         # Section length: one byte for tiny sections, two bytes for most blocks.
@@ -232,8 +222,7 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
         if pfx != pfx_cbor and pfx != pfx_raw:
             raise CarBadCID(f"unsupported block CID prefix {pfx.hex()}")
         body = data[body_at:send]
-        # the non-OpenSSL hash costs less below two SHA-256 blocks (about 120 bytes of input)
-        if (small if slen < _SMALL_SECTION else sha256)(body).digest() != cid[4:]:
+        if sha256(body).digest() != cid[4:]:
             raise CarHashMismatch(f"block hash does not match its CID at offset {pos}")
         blocks[cid] = body
         pos = send

@@ -22,6 +22,12 @@ short stable label, so callers can count drops by reason and log the message.
 
 The continuity check (``prevData`` equals the stored root) needs state and is not done here.
 
+Full repos (``verify_repo``, §9.2) also accept the legacy version-2 commit of old exports,
+``{did, version: 2, data, prev, sig}``: signed the same way (everything but ``sig``), ``rev``
+absent and reported as ``""``. ``#commit`` and ``#sync`` stay v3-only (Sync 1.1). Signatures are
+low-S everywhere; one whose low-S twin would verify is ``HighSSignature`` (its own reason, as real
+old repos have them), never accepted.
+
 Deliberate hardenings over Tap:
 
 - an unknown op ``action`` is rejected even when the legacy escape applies (Tap would emit it);
