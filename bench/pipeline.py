@@ -481,7 +481,7 @@ def probe_two_procs(path: Path, s: dict, tmp: Path, args) -> dict:
     from tests.e2e_support import free_port
 
     up = Upstream(path, hold=True, log_dir=tmp)
-    svc = Service(up.url, tmp / "svc-2p", **args.env)
+    svc = Service(up.url, tmp / "svc-2p", **{**args.env, "TAP_LOG_LEVEL": "info"})
     addrs = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
     procs = []
     logs = []
@@ -515,13 +515,15 @@ def probe_two_procs(path: Path, s: dict, tmp: Path, args) -> dict:
         tails = []
         for lp in logs:
             lines = lp.read_text(errors="replace").splitlines()
-            interesting = [ln for ln in lines if any(w in ln.lower() for w in ("error", "exception", "lock", "panic",
-                                                                               "address", "traceback"))]
+            interesting = [ln[:400] for ln in lines if any(w in ln.lower() for w in (
+                "error", "exception", "lock", "panic", "address", "started"))]
             tails.append((interesting or lines)[-6:])
         rc = None
         if healthy:
-            st, body = http_json("GET", svc.url + "/stats/repo-count", timeout=5)
-            rc = body
+            try:
+                rc = http_json("GET", svc.url + "/stats/repo-count", timeout=5)[1]
+            except OSError as e:
+                rc = repr(e)
         res = {"addresses": addrs, "healthy": healthy, "exit_codes": state, "repo_count": rc, "added": added,
                "log_tails": tails, "ok": True}
         log(f"two-procs: healthy={healthy} exit codes={state} repo-count={rc}")
