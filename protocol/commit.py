@@ -44,6 +44,7 @@ Deliberate hardenings over Tap:
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol
@@ -379,6 +380,18 @@ def _split_key(key: bytes) -> tuple[str, str] | None:
     return coll, rkey
 
 
+def _show(x: Any, n: int = 60) -> str:
+    """A short repr of untrusted decoded data for error texts. ``repr`` of a deeply nested value
+    (a frame field that is a list 900 levels deep) raised RecursionError out of verification
+    (found by tests/test_fuzz.py); ``reprlib`` stops a few levels down."""
+    return _REPR.repr(x)[:n]
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = 200
+
+
 def _is_cid(x: Any) -> bool:
     return type(x) is bytes and len(x) == 36 and x.startswith(_CID_PREFIXES)
 
@@ -442,17 +455,17 @@ def _parse_commit(car: Car, did_hint: str | None, rev_hint: str | None, allow_v2
     version = c.get("version")
     if type(version) is not int or version != 3:
         if not (allow_v2 and type(version) is int and version == 2):
-            raise BadCommit(f"unsupported commit version {version!r}")
+            raise BadCommit(f"unsupported commit version {_show(version)}")
     sig = c.get("sig")
     if type(sig) is not bytes or not sig:
         raise BadCommit("commit has no signature")
     did = c.get("did")
     if (did_hint is None or did != did_hint) and (type(did) is not str or not syntax.is_valid_did(did)):
-        raise BadCommit(f"commit did {did!r:.100} is not a DID")
+        raise BadCommit(f"commit did {_show(did, 100)} is not a DID")
     rev = c.get("rev")
     if version == 3 or rev is not None:
         if (rev_hint is None or rev != rev_hint) and (type(rev) is not str or not syntax.is_valid_tid(rev)):
-            raise BadCommit(f"commit rev {rev!r:.40} is not a TID")
+            raise BadCommit(f"commit rev {_show(rev, 40)} is not a TID")
     else:
         rev = ""  # a v2 commit without rev
     data = c.get("data")
@@ -508,11 +521,11 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
     rev = evt.get("rev")
     time = evt.get("time")
     if type(did) is not str or not syntax.is_valid_did(did):
-        raise BadSyntax(f"repo {did!r:.100} is not a DID")
+        raise BadSyntax(f"repo {_show(did, 100)} is not a DID")
     if type(rev) is not str or not syntax.is_valid_tid(rev):
-        raise BadSyntax(f"rev {rev!r:.40} is not a TID")
+        raise BadSyntax(f"rev {_show(rev, 40)} is not a TID")
     if type(time) is not str or not syntax.is_valid_datetime(time):
-        raise BadSyntax(f"time {time!r:.60} is not an atproto datetime")
+        raise BadSyntax(f"time {_show(time, 60)} is not an atproto datetime")
     prev_data = evt.get("prevData")
     if prev_data is not None and not _is_cid(prev_data):
         raise BadSyntax("prevData is not a CID")
@@ -552,12 +565,12 @@ def verify_commit(evt: Mapping[str, Any], key: SignatureKey, *,
         cid = op.get("cid")
         prev = op.get("prev")
         if type(action) is not str or action not in _ACTIONS:  # an unhashable action made `in` raise
-            raise BadOp(f"unknown op action {action!r:.40}")
+            raise BadOp(f"unknown op action {_show(action, 40)}")
         if type(path) is not str:
             raise BadOp("op path is not a string")
         parts = _split_path(path)
         if parts is None:
-            raise BadOp(f"invalid op path {path!r:.200}")
+            raise BadOp(f"invalid op path {_show(path, 200)}")
         key = path.encode("ascii")
         if cid is not None and not _is_cid(cid):
             raise BadOp(f"op cid for {path} is not a CID")
