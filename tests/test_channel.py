@@ -697,7 +697,7 @@ class Child:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def ready(self, timeout: float = 15.0) -> "Child":
+    async def ready(self, timeout: float = 60.0) -> "Child":
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as s:
             while time.monotonic() < deadline:
