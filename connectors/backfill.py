@@ -12,7 +12,12 @@ longer finds it (RepoLogic deletes it in the WriteBatch that applies the answer)
 is never fetched twice; one DID is never fetched twice at once.
 
 - kind ``identity``: ``Directory.purge`` + ``resolve`` -> ``IdentityRefreshed``.
-- kind ``repo``: purge + resolve the identity (handle, PDS, signing key), then
+- kind ``repo``: purge + resolve the identity (handle, PDS, signing key); emit
+  ``FetchStarted`` (Tap's claim: RepoLogic marks the repo ``resyncing``, stores the identity
+  and buffers live commits from then on) and wait until the repo's row shows ``resyncing``
+  under this fetch key (a few ms; at most ``CLAIM_TIMEOUT_S``; not at all when the repo is
+  untracked or waiting for another fetch), so a commit that arrives after the download
+  began is never ignored (it would cost a second download); then
   ``GET {pds}/xrpc/com.atproto.sync.getRepo?did=`` (``TAP_REPO_FETCH_TIMEOUT``, streamed,
   refused above ``TAP_MAX_CAR_SIZE``), verified with ``protocol.commit.verify_repo`` (every
   block hash, commit signature with the resolved key, commit DID equals the requested DID,
@@ -69,7 +74,14 @@ from config import Config
 from connectors import http
 from connectors.control import DepthGauge
 from connectors.http import LoopThread
-from operators.items import FetchFailed, IdentityRefreshed, ResolvedIdentity, SnapshotChunk, SnapshotRecord
+from operators.items import (
+    FetchFailed,
+    FetchStarted,
+    IdentityRefreshed,
+    ResolvedIdentity,
+    SnapshotChunk,
+    SnapshotRecord,
+)
 from protocol.cid import cid_to_str
 from store.db import Database, open_flow_db
 from store.layout import parse_fetch_key
@@ -84,6 +96,9 @@ PDS_BACKOFF_S = 10.0
 #: RepoLogic applies an answer milliseconds after it is emitted; a row still there much later
 #: is either a re-request with the same key and value or a lost answer.
 DONE_TIMEOUT_S = {"repo": 30.0, "identity": 10.0}
+#: How long a repo fetch waits for RepoLogic to apply its ``FetchStarted`` before calling
+#: getRepo anyway (normally a few ms; a late claim only risks one more download).
+CLAIM_TIMEOUT_S = 5.0
 
 FETCHES = Counter("tapflow_backfill_fetches", "fetch-queue requests answered, by kind and outcome", ["kind", "outcome"])
 FETCH_SECONDS = Histogram("tapflow_backfill_fetch_seconds", "repo fetch: resolve + download + verify",
@@ -193,7 +208,7 @@ class Backfiller:
     def __init__(self, cfg: Config, db: Database | None = None, *, directory: Any = None,
                  depth: Callable[[], int] | None = None, chunk_size: int = CHUNK_SIZE,
                  scan_interval: float = 0.05, identity_parallelism: int | None = None,
-                 done_timeout: dict[str, float] | None = None) -> None:
+                 done_timeout: dict[str, float] | None = None, claim_timeout: float = CLAIM_TIMEOUT_S) -> None:
         self.cfg = cfg
         self.db = db if db is not None else open_flow_db(cfg.data_dir)
         self._directory = directory
@@ -204,6 +219,7 @@ class Backfiller:
         self.repo_slots = cfg.resync_parallelism
         self.identity_slots = identity_parallelism or max(4, cfg.resync_parallelism)
         self.done_timeout = dict(DONE_TIMEOUT_S, **(done_timeout or {}))
+        self.claim_timeout = claim_timeout
         self._keep = _collection_filter(cfg)
         self._thread = LoopThread("backfill")
         self._verify_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-verify")
@@ -219,7 +235,8 @@ class Backfiller:
         self._kick = False
         self._backoff: dict[str, float] = {}  # PDS host -> monotonic time the backoff ends
         self.stats: dict[str, int] = {"scans": 0, "started": 0, "repos_ok": 0, "failed": 0,
-                                      "rate_limited": 0, "identities": 0, "refetched": 0, "held": 0}
+                                      "rate_limited": 0, "identities": 0, "refetched": 0, "held": 0,
+                                      "claim_timeouts": 0}
         self.verify_seconds: list[float] = []
 
     # --- lifecycle --------------------------------------------------------------------
@@ -496,6 +513,9 @@ class Backfiller:
                 self._fail(key, did, f"PDS {host} is rate limiting (backing off)", rate_limited=True)
                 return None
             del self._backoff[host]
+        resolved = _resolved(ident)
+        self._out.append(FetchStarted(did=did, fetch_key=key, identity=resolved))
+        await self._await_claim(key, did)
         _log.info("fetching repo from PDS", extra={"did": did, "pds": pds})
         try:
             car = await http.get_bytes(pds + "/xrpc/com.atproto.sync.getRepo", {"did": did},
@@ -537,8 +557,40 @@ class Backfiller:
         if getattr(repo, "missing_nodes", 0):
             _log.warning("repo CAR lacks MST subtrees; their records are skipped",
                          extra={"did": did, "missing_nodes": repo.missing_nodes})
-        return _Job(key=key, did=did, identity=_resolved(ident), rev=repo.rev,
+        return _Job(key=key, did=did, identity=resolved, rev=repo.rev,
                     data_cid=cid_to_str(repo.data_cid), records=repo.records(), keep=self._keep, repo=repo)
+
+    async def _await_claim(self, key: bytes, did: str) -> None:
+        """Wait until RepoLogic has applied our ``FetchStarted`` (the repo shows ``resyncing``
+        with this fetch key), so every commit it handles from then on is buffered, and every
+        commit it ignored before reached us before getRepo was sent (it is in the snapshot).
+
+        Returns at once when the repo is not tracked (removed; or no RepoLogic, as in tests)
+        or is waiting for another fetch (this answer will be dropped as stale), and after
+        ``claim_timeout`` in any case: a late claim costs at most one more download.
+        """
+        repos = self.db.cf("repos")
+        hexkey = key.hex()
+        deadline = time.monotonic() + self.claim_timeout
+        delay = 0.001
+        while True:
+            raw = repos.get(did.encode())
+            if raw is None:
+                return
+            try:
+                row = orjson.loads(raw)
+                state, fk = row.get("state"), row.get("fetch_key")
+            except Exception:
+                return
+            if fk != hexkey or state == "resyncing":
+                return
+            if time.monotonic() >= deadline:
+                self.stats["claim_timeouts"] += 1
+                _log.warning("RepoLogic has not applied FetchStarted; fetching anyway",
+                             extra={"did": did, "waited_s": self.claim_timeout})
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
 
 
 def _fetch_wakeup() -> threading.Event | None:

@@ -62,6 +62,21 @@ class ResolvedIdentity:
 
 
 @dataclass(slots=True)
+class FetchStarted:
+    """BackfillSource resolved the identity and is about to call ``getRepo`` (Tap's claim).
+
+    RepoLogic marks the repo ``resyncing`` (if ``fetch_key`` is still its outstanding fetch)
+    and stores the identity, so live commits from now on are verified and buffered instead
+    of ignored: the snapshot may be taken after them. BackfillSource waits (bounded) until
+    the repo shows ``resyncing`` before it sends the request.
+    """
+
+    did: str
+    fetch_key: bytes
+    identity: ResolvedIdentity
+
+
+@dataclass(slots=True)
 class SnapshotRecord:
     path: str  # collection/rkey
     cid: str
@@ -128,7 +143,7 @@ class RemoveRepo:
 
 Item = Union[
     FirehoseCommit, FirehoseSync, FirehoseIdentity, FirehoseAccount,
-    SnapshotChunk, FetchFailed, IdentityRefreshed, AddRepo, RemoveRepo,
+    FetchStarted, SnapshotChunk, FetchFailed, IdentityRefreshed, AddRepo, RemoveRepo,
 ]
 
 

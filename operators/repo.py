@@ -39,20 +39,31 @@ State machine (tapflow decisions, where Tap differs or is silent):
   row (priority 1 pending, 2 desynchronized, 3 error; ``not_before`` = now or the backoff
   time) in the same WriteBatch; key order is the claim order (Tap §14 tests 36-38). At most
   one repo fetch per DID is outstanding (``RepoState.fetch_key``); ``active`` <=> none.
-- Tap claims a repo by setting ``resyncing``. tapflow cannot know when BackfillSource starts
-  a fetch, so the state stays ``pending``/``desynchronized``/``error`` while queued and
-  becomes ``resyncing`` when the first ``SnapshotChunk`` is applied (only visible while a
-  multi-chunk snapshot spans several batches). Tap's startup reset of ``resyncing`` is not
-  needed: the ``fetch_q`` row survives a crash, BackfillSource fetches again, and the new
-  first chunk restarts the merge (the record index makes re-applied chunks emit nothing).
+- Claim (Tap sets ``resyncing`` when a worker takes the repo): BackfillSource, after
+  resolving the identity and right before calling getRepo, emits ``FetchStarted``; if its
+  ``fetch_key`` is still the repo's outstanding fetch, the repo becomes ``resyncing`` and the
+  identity is applied (signing key and PDS stored, identity event if the handle changed, as
+  Tap's RefreshIdentity does before the download). BackfillSource waits (bounded) until the
+  repo shows ``resyncing`` before it sends getRepo, so a commit RepoLogic ignored while the
+  repo was ``pending`` reached tapflow before the request and is in the snapshot, and every
+  later one is buffered and drained onto it: a repo added while the firehose is live is
+  downloaded once (an ignored commit newer than the snapshot cost a second download at the
+  repo's next commit, and left the repo stale until then). A stale ``FetchStarted`` (repo removed, or another fetch outstanding) is
+  ignored; its answer is dropped as stale too. Queued repos stay ``pending``/
+  ``desynchronized``/``error`` until claimed; the first ``SnapshotChunk`` also sets
+  ``resyncing`` (chunks without a claim, e.g. from an older BackfillSource).
+- Tap's startup reset of ``resyncing`` is not needed: the ``fetch_q`` row survives a crash,
+  BackfillSource fetches again (a new ``FetchStarted`` re-claims it; the stored identity
+  keeps commits buffering meanwhile), and the new first chunk restarts the merge (the
+  record index makes re-applied chunks emit nothing).
 - Live commits: ``pending`` repos IGNORE commits (Tap; spec test 19; they have no signing
-  key yet and the snapshot supersedes them). ``desynchronized``, ``error`` and
-  ``resyncing`` repos BUFFER verified commits (Tap buffers only in ``resyncing``; a snapshot
-  taken before a commit ignored meanwhile would lose that commit until the next prevData
-  mismatch). A commit whose prevData mismatches marks the repo desynchronized AND is
-  buffered. A repo that was never synced has no signing key and ignores commits like a
-  pending one; at most ``max_buffered`` rows per repo. Replays (rev at or below the stored
-  rev, or the newest buffered rev) are skipped before verification.
+  key yet and the snapshot, requested after them, supersedes them). ``resyncing``,
+  ``desynchronized`` and ``error`` repos BUFFER verified commits (Tap buffers only in
+  ``resyncing``; a snapshot taken before a commit ignored meanwhile would lose that commit
+  until the next prevData mismatch). A commit whose prevData mismatches marks the repo
+  desynchronized AND is buffered. A repo that was never claimed has no signing key and
+  ignores commits like a pending one; at most ``max_buffered`` rows per repo. Replays (rev
+  at or below the stored rev, or the newest buffered rev) are skipped before verification.
 - Commit verification failure: Tap drops the commit and keeps the state. tapflow rejects it
   (counted, logged) and, for an ``active`` repo, marks it ``desynchronized``: the resync
   re-resolves the identity, which heals key rotations without a preceding ``#identity``
@@ -68,9 +79,10 @@ State machine (tapflow decisions, where Tap differs or is silent):
   different CID -> ``update``, same -> nothing; index rows absent from the snapshot ->
   ``delete`` events (``live:false``) when ``TAP_RESYNC_DELETES`` (default), else left as
   Tap does. Index rows of collections the filters now exclude are never reported; they
-  are dropped silently when absent from the snapshot. The first chunk carries the
-  identity: an identity event when the handle differs from the stored one (first sync:
-  stored ``""``), and the signing key and PDS are stored.
+  are dropped silently when absent from the snapshot. The first chunk carries the same
+  identity as the claim and applies it again: an identity event only when the handle
+  differs from the stored one (first sync: stored ``""``; normally the claim already
+  emitted it, so a first sync has exactly one identity event), signing key and PDS stored.
 - Fetch failure: ``rate_limited`` -> ``desynchronized`` (error text cleared), else ``error``
   with the text; ``retries += 1``; ``retry_after = now + 60 * (min(2**c, 60) + U[0,1))`` s
   with ``c`` the retries before, the exponent capped (no overflow, §15.8); the fetch is
@@ -106,6 +118,7 @@ from operators.filters import CollectionFilter
 from operators.items import (
     AddRepo,
     FetchFailed,
+    FetchStarted,
     FirehoseAccount,
     FirehoseCommit,
     FirehoseIdentity,
@@ -421,6 +434,7 @@ class RepoLogic:
             FirehoseSync: self._on_sync,
             FirehoseIdentity: self._on_identity,
             FirehoseAccount: self._on_account,
+            FetchStarted: self._on_fetch_started,
             SnapshotChunk: self._on_chunk,
             FetchFailed: self._on_fetch_failed,
             IdentityRefreshed: self._on_identity_refreshed,
@@ -667,7 +681,7 @@ class RepoLogic:
             self.stats["commit_untracked"] += 1
             return None
         if st.state == PENDING or (st.state != ACTIVE and not st.signing_key):
-            # pending (Tap), or never synced: nothing to verify with; the snapshot supersedes it
+            # pending (Tap), or never claimed: nothing to verify with; the snapshot supersedes it
             self.stats["commit_ignored"] += 1
             return None
         rev = body.get("rev")
@@ -792,6 +806,25 @@ class RepoLogic:
         else:
             st.status = new
             b.put_state(did, st)
+        return None
+
+    def _on_fetch_started(self, b: _Batch, item: FetchStarted, shard: int) -> Optional[Rejected]:
+        """Tap's claim: the snapshot is being downloaded; buffer live commits from now on."""
+        did = item.did
+        fk = bytes(item.fetch_key or b"")
+        st = b.get_state(did)
+        if st is None or not fk or st.fetch_key != fk.hex():
+            # removed meanwhile, or an older request: its answer will be dropped as stale too
+            self.stats["fetch_started_stale"] += 1
+            return None
+        st.state = RESYNCING
+        st.snap_pos = ""  # a new download: whatever an earlier attempt merged restarts with its first chunk
+        if item.identity is not None:
+            # Tap refreshes the identity before getRepo: the identity event (if the handle
+            # changed) comes now; the first chunk carries the same identity and emits nothing
+            self._apply_identity(b, did, shard, st, item.identity)
+        b.put_state(did, st)
+        self.stats["fetch_started"] += 1
         return None
 
     def _on_chunk(self, b: _Batch, item: SnapshotChunk, shard: int) -> Optional[Rejected]:
@@ -941,6 +974,7 @@ _SOURCES = {
     FirehoseSync: "sync",
     FirehoseIdentity: "identity",
     FirehoseAccount: "account",
+    FetchStarted: "fetch",
     SnapshotChunk: "snapshot",
     FetchFailed: "fetch",
     IdentityRefreshed: "identity_refresh",

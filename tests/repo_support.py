@@ -10,6 +10,7 @@ import orjson
 
 from config import Config
 from operators.items import (
+    FetchStarted,
     FirehoseCommit,
     ResolvedIdentity,
     SnapshotChunk,
@@ -128,6 +129,12 @@ def snapshot(d: str, fk: bytes, r: str, data: str, records: dict[str, str], *, c
     return out
 
 
+def fetch_started(d: str, fk: bytes, *, handle: str = "alice.test", key: str = KEY_A,
+                  pds: str = "https://pds.test") -> FetchStarted:
+    """What BackfillSource emits right before calling getRepo for request ``fk``."""
+    return FetchStarted(did=d, fetch_key=fk, identity=ResolvedIdentity(handle, pds, key))
+
+
 class Env:
     """A flow database in ``path`` and a RepoLogic over it."""
 
@@ -207,6 +214,10 @@ class Env:
         st = self.state(d)
         assert st is not None and st.fetch_key, f"no fetch outstanding for {d}: {st}"
         return bytes.fromhex(st.fetch_key)
+
+    def start_fetch(self, d: str, **kw: Any):
+        """BackfillSource claims the outstanding fetch of ``d`` (``FetchStarted``)."""
+        return self.process(fetch_started(d, self.fetch_key_of(d), **kw))
 
     def sync_repo(self, d: str, r: str, data: str, records: dict[str, str], **kw: Any):
         """Answer the outstanding fetch of ``d`` with a snapshot."""

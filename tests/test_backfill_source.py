@@ -19,7 +19,7 @@ from aiohttp import web
 
 from config import Config
 from connectors.backfill import Backfiller, BackfillSource, _BackfillPartition
-from operators.items import FetchFailed, IdentityRefreshed, SnapshotChunk
+from operators.items import FetchFailed, FetchStarted, IdentityRefreshed, SnapshotChunk
 from protocol import cbor
 from protocol.car import write_car
 from protocol.cid import cid_for_dag_cbor, cid_for_raw, cid_to_str
@@ -201,13 +201,19 @@ class Env:
         return Backfiller(self.cfg, self.db, directory=self.dir, depth=lambda: self.depth, **kw)
 
 
-def collect(b: Backfiller, until, timeout: float = 10.0) -> list:
+def collect(b: Backfiller, until, timeout: float = 10.0, started: list | None = None) -> list:
+    """Answers polled until ``until(answers)``; ``FetchStarted`` items go to ``started``."""
     out: list = []
     t = time.monotonic()
     while not until(out):
         if time.monotonic() - t > timeout:
             raise AssertionError(f"timed out; got {out!r:.2000}")
-        out += b.poll()
+        for x in b.poll():
+            if isinstance(x, FetchStarted):
+                if started is not None:
+                    started.append(x)
+            else:
+                out.append(x)
         time.sleep(0.005)
     return out
 
@@ -311,6 +317,80 @@ def test_identity_refresh(tmp_path, pds_loop):
     gone = by["did:plc:gone"]
     assert gone.identity is None and gone.not_found and gone.fetch_key == k2 and "failed to resolve DID" in gone.error
     assert set(env.dir.purged) == {did, "did:plc:gone"}
+
+
+def test_fetch_started_then_get_repo_after_the_claim(tmp_path, pds_loop):
+    """Tap's claim: FetchStarted (with the resolved identity) is emitted before getRepo, and
+    getRepo waits until RepoLogic shows the repo ``resyncing`` under this fetch key."""
+    from operators.repo import RepoState
+
+    env = Env(tmp_path, pds_loop)
+    did = "did:plc:claimed"
+    env.account(did, {"app.bsky.feed.post/3l00000000001": post(1)})
+    key = env.request(did)
+    repos = env.db.cf("repos")
+    repos[did.encode()] = RepoState(state="pending", fetch_key=key.hex()).to_json()
+    b = env.backfiller()
+    b.start()
+    try:
+        started: list = []
+        collect(b, lambda o: bool(started), started=started)
+        time.sleep(0.2)
+        assert pds_loop.requests == []  # not claimed yet: no download
+        (fs,) = started
+        assert fs.did == did and fs.fetch_key == key and fs.identity.handle == "alice.test"
+        assert fs.identity.pds == pds_loop.url and fs.identity.signing_key.startswith("z")
+        repos[did.encode()] = RepoState(state="resyncing", fetch_key=key.hex()).to_json()  # what RepoLogic does
+        out = collect(b, has_last(did), started=started)
+    finally:
+        b.stop()
+    assert pds_loop.requests == [did] and len(started) == 1 and b.stats["claim_timeouts"] == 0
+    assert out[0].first and out[0].identity == fs.identity
+
+
+def test_fetch_started_claim_wait_is_bounded_and_skipped_for_other_requests(tmp_path, pds_loop):
+    from operators.repo import RepoState
+
+    env = Env(tmp_path, pds_loop)
+    slow, other = "did:plc:neverclaimed", "did:plc:otherrequest"
+    for d in (slow, other):
+        env.account(d, {})
+    k1 = env.request(slow)
+    env.request(other)
+    env.db.cf("repos")[slow.encode()] = RepoState(state="pending", fetch_key=k1.hex()).to_json()
+    # a newer request of `other` is outstanding: this answer will be stale, no point waiting
+    env.db.cf("repos")[other.encode()] = RepoState(state="desynchronized", fetch_key="00ff").to_json()
+    b = env.backfiller(claim_timeout=0.3)
+    b.start()
+    try:
+        t = time.monotonic()
+        collect(b, has_last(other))
+        assert time.monotonic() - t < 0.25
+        collect(b, has_last(slow))
+        assert time.monotonic() - t >= 0.3
+    finally:
+        b.stop()
+    assert b.stats["claim_timeouts"] == 1 and sorted(pds_loop.requests) == sorted([slow, other])
+
+
+def test_no_fetch_started_when_failing_before_get_repo(tmp_path, pds_loop):
+    """Identity failures and a PDS in backoff answer without a claim; an HTTP failure after it."""
+    env = Env(tmp_path, pds_loop)
+    env.account("did:plc:nopds", {})
+    env.dir.idents["did:plc:nopds"].pds_endpoint = ""
+    env.account("did:plc:http500", {})
+    pds_loop.behaviour["did:plc:http500"] = "500"
+    env.request("did:plc:nopds")
+    env.request("did:plc:unknown")
+    env.request("did:plc:http500")
+    b = env.backfiller()
+    b.start()
+    started: list = []
+    try:
+        collect(b, lambda o: len(o) >= 3, started=started)
+    finally:
+        b.stop()
+    assert [x.did for x in started] == ["did:plc:http500"]
 
 
 @pytest.mark.parametrize("behaviour,error,rate_limited", [
@@ -553,8 +633,10 @@ def test_in_a_real_bytewax_flow(tmp_path, pds_loop):
     flow = Dataflow("bf")
     op.output("out", op.input("in", flow, Src(env.cfg)), TestingSink(out))
     run_main(flow)
-    assert {r.path: r.cid for c in out for r in c.records} == cids
-    assert out[-1].last and len(out) == 3
+    assert isinstance(out[0], FetchStarted) and out[0].identity.handle == "alice.test"
+    chunks = out[1:]
+    assert {r.path: r.cid for c in chunks for r in c.records} == cids
+    assert chunks[-1].last and len(chunks) == 3
 
 
 # --- against the real PDS harness --------------------------------------------------------------
@@ -583,7 +665,7 @@ def test_fetch_and_verify_real_repos(pds, tmp_path):
     finally:
         b.stop()
     for did, want in scen["repos"].items():
-        mine = [x for x in out if x.did == did and not isinstance(x, IdentityRefreshed)]
+        mine = [x for x in out if x.did == did and not isinstance(x, (IdentityRefreshed, FetchStarted))]
         if want["status"] == "deleted":
             (f,) = mine
             assert isinstance(f, FetchFailed) and f.error.startswith("failed to get repo: API request failed (HTTP 400)")
@@ -615,7 +697,7 @@ def test_big_real_repo_costs(pds, tmp_path):
             t = time.perf_counter()
             got = b.poll()
             polls.append(time.perf_counter() - t)
-            out += got
+            out += [x for x in got if not isinstance(x, FetchStarted)]
             if not got:
                 time.sleep(0.002)
             assert time.perf_counter() - t0 < 60

@@ -32,7 +32,20 @@ from store.layout import (
     fetch_key,
     shard_of,
 )
-from tests.repo_support import KEY_A, KEY_B, T0, Env, cid, commit_item, did, op, rev, snapshot, sync_body
+from tests.repo_support import (
+    KEY_A,
+    KEY_B,
+    T0,
+    Env,
+    cid,
+    commit_item,
+    did,
+    fetch_started,
+    op,
+    rev,
+    snapshot,
+    sync_body,
+)
 
 D = did(1)
 P1 = "app.bsky.feed.post/3k0000000001"
@@ -552,6 +565,134 @@ def test_add_and_snapshot_in_one_batch(env):
     assert env.counter("repos") == 1 and env.counter("records") == 1
 
 
+# --------------------------------------------------------------------------- FetchStarted (Tap's claim)
+
+def test_fetch_started_claims_pending_repo_as_resyncing(env):
+    env.process(AddRepo(D))
+    fk = env.fetch_key_of(D)
+    assert env.start_fetch(D, handle="alice.test", key=KEY_B, pds="https://pds2.test") == []
+    st = env.state(D)
+    # /info shows resyncing; the identity is stored so live commits can be verified
+    assert (st.state, st.signing_key, st.pds, st.handle, st.fetch_key) == \
+        ("resyncing", KEY_B, "https://pds2.test", "alice.test", fk.hex())
+    assert len(env.fetch_q()) == 1  # the request stays until its answer is applied
+    evs = env.outbox(D)
+    assert [e["type"] for e in evs] == ["identity"] and evs[0]["identity"]["handle"] == "alice.test"
+    assert evs[0]["_flags"] == FLAG_IDENTITY
+
+
+def test_commit_after_fetch_started_is_buffered_then_applied_live_after_the_snapshot(env):
+    env.process(AddRepo(D))
+    env.start_fetch(D)
+    # one commit the snapshot will contain, one newer: both verified and buffered
+    assert env.process(commit_item(D, rev(1), cid("0"), cid("A"), [op("create", P1, cid("a"))]),
+                       commit_item(D, rev(2), cid("A"), cid("B"), [op("create", P2, cid("b"))])) == []
+    assert len(env.buffered(D)) == 2 and env.verifier.keys == [KEY_A, KEY_A]
+    assert [e["type"] for e in env.outbox(D)] == ["identity"] and env.records(D) == {}
+    assert env.sync_repo(D, rev(1), cid("A"), {P1: cid("a")}) == []
+    st = env.state(D)
+    assert (st.state, st.rev, st.prev_data, st.records, st.buffered) == ("active", rev(2), cid("B"), 2, 0)
+    assert env.buffered(D) == [] and env.counter("resync_buf") == 0 and env.fetch_q() == []
+    evs = env.outbox(D)
+    assert [(e["type"], e.get("record", {}).get("rkey"), e.get("record", {}).get("live")) for e in evs] == [
+        ("identity", None, None), ("record", "3k0000000001", False), ("record", "3k0000000002", True)]
+    assert evs[2]["_flags"] == FLAG_LIVE
+
+
+def test_commit_before_fetch_started_is_ignored(env):
+    """Tap: pending repos ignore commits; BackfillSource only calls getRepo after the claim,
+    so such a commit is in the snapshot."""
+    env.process(AddRepo(D))
+    env.process(commit_item(D, rev(1), None, cid("A"), [op("create", P1, cid("a"))]))
+    assert env.buffered(D) == [] and env.verifier.calls == 0
+    env.start_fetch(D)
+    env.sync_repo(D, rev(1), cid("A"), {P1: cid("a")})
+    assert env.state(D).state == "active" and env.records(D) == {P1: cid("a")}
+
+
+def test_stale_fetch_started_is_ignored(env):
+    # removed while the fetch was starting
+    env.process(AddRepo(D))
+    fk = env.fetch_key_of(D)
+    env.process(RemoveRepo(D))
+    assert env.process(fetch_started(D, fk)) == []
+    assert env.state(D) is None and env.outbox(D) == [] and env.fetch_q() == []
+    # an older request of a repo that has moved on (active, or waiting for a newer fetch)
+    d2 = did(2)
+    env.active_repo(d2, data=cid("A"), handle="alice.test")
+    base = len(env.outbox(d2))
+    old = fetch_key(PRIO_PENDING, int(T0) - 100, d2)
+    assert env.process(fetch_started(d2, old, handle="mallory.test", key=KEY_B)) == []
+    st = env.state(d2)
+    assert (st.state, st.signing_key, st.handle) == ("active", KEY_A, "alice.test")
+    env.process(FirehoseSync(seq=1, did=d2, body=sync_body(d2, rev(2), cid("Q"))))
+    assert env.process(fetch_started(d2, old, handle="mallory.test", key=KEY_B)) == []
+    st = env.state(d2)
+    assert (st.state, st.signing_key, st.handle) == ("desynchronized", KEY_A, "alice.test")
+    assert env.outbox(d2)[base:] == []
+    assert env.logic.stats["fetch_started_stale"] == 3
+
+
+def test_identity_event_once_per_first_sync_and_on_handle_change(env):
+    env.process(AddRepo(D))
+    env.start_fetch(D, handle="alice.test")
+    env.sync_repo(D, rev(1), cid("A"), {P1: cid("a")}, handle="alice.test")
+    assert [e["identity"]["handle"] for e in env.outbox(D) if e["type"] == "identity"] == ["alice.test"]
+    # a resync: same handle, nothing; a new handle, one event (at the claim), none on the chunk
+    env.process(FirehoseSync(seq=1, did=D, body=sync_body(D, rev(2), cid("Q"))))
+    env.start_fetch(D, handle="alice.test")
+    env.sync_repo(D, rev(2), cid("B"), {P1: cid("a")}, handle="alice.test")
+    env.process(FirehoseSync(seq=2, did=D, body=sync_body(D, rev(3), cid("R"))))
+    env.start_fetch(D, handle="bob.test")
+    assert env.outbox(D)[-1]["identity"]["handle"] == "bob.test"
+    env.sync_repo(D, rev(3), cid("C"), {P1: cid("a")}, handle="bob.test")
+    assert [e["identity"]["handle"] for e in env.outbox(D) if e["type"] == "identity"] == ["alice.test", "bob.test"]
+
+
+def test_fetch_started_then_failure(env):
+    env.process(AddRepo(D))
+    env.start_fetch(D)
+    env.process(commit_item(D, rev(2), cid("A"), cid("B"), [op("create", P2, cid("b"))]))
+    fail(env, D, "failed to get repo: boom")
+    st = env.state(D)
+    assert (st.state, st.error, st.retries) == ("error", "failed to get repo: boom", 1)
+    # the identity stays: commits keep being buffered until the retry's snapshot
+    env.process(commit_item(D, rev(3), cid("B"), cid("C"), [op("create", P3, cid("c"))]))
+    assert len(env.buffered(D)) == 2
+    env.clock.t += 3600
+    env.start_fetch(D)
+    env.sync_repo(D, rev(1), cid("A"), {})
+    st = env.state(D)
+    assert (st.state, st.rev, st.records, st.buffered) == ("active", rev(3), 2, 0)
+
+
+@pytest.mark.parametrize("refetch_claims", [True, False])
+def test_crash_after_fetch_started_fetches_again(env, refetch_claims):
+    """State ``resyncing`` survives a crash together with the fetch_q row: BackfillSource
+    fetches again; commits meanwhile are buffered (the identity is stored); the next
+    FetchStarted (or directly the first chunk) proceeds."""
+    env.process(AddRepo(D))
+    fk = env.fetch_key_of(D)
+    env.start_fetch(D)
+    env.process(commit_item(D, rev(2), cid("A"), cid("B"), [op("create", P2, cid("b"))]))
+    from store.db import close_all
+
+    close_all()  # "crash" and restart
+    env2 = Env(env.path)
+    st = env2.state(D)
+    assert st.state == "resyncing" and st.fetch_key == fk.hex() and st.signing_key == KEY_A
+    assert [r[2] for r in env2.fetch_q()] == [D] and len(env2.buffered(D)) == 1
+    env2.process(commit_item(D, rev(3), cid("B"), cid("C"), [op("create", P3, cid("c"))]))
+    assert len(env2.buffered(D)) == 2
+    if refetch_claims:
+        assert env2.start_fetch(D) == []
+        assert env2.state(D).state == "resyncing"
+    assert env2.sync_repo(D, rev(1), cid("A"), {P1: cid("a")}) == []
+    st = env2.state(D)
+    assert (st.state, st.rev, st.records, st.buffered) == ("active", rev(3), 3, 0) and env2.fetch_q() == []
+    assert len([e for e in env2.outbox(D) if e["type"] == "identity"]) == 1
+
+
 # --------------------------------------------------------------------------- §14 resync 36-45
 
 def fail(env, d, error="something went wrong", rate_limited=False):
@@ -1053,9 +1194,18 @@ def test_random_histories_keep_invariants_and_events_rebuild_the_repo(tmp_path, 
             if st is None or not st.fetch_key:
                 continue
             if d not in pending_chunks:
-                pending_chunks[d] = snapshot(d, bytes.fromhex(st.fetch_key), rev(t.n), t.root,
+                fk = bytes.fromhex(st.fetch_key)
+                if rng.random() < 0.8:  # the claim: BackfillSource is about to call getRepo
+                    batch.append(fetch_started(d, fk))
+                    if rng.random() < 0.1:  # a stale claim (an older request) is ignored
+                        batch.append(fetch_started(d, fetch_key(PRIO_PENDING, 1, d), key=KEY_B))
+                pending_chunks[d] = snapshot(d, fk, rev(t.n), t.root,
                                              {p: c for p, c in t.recs.items() if keep.path_matches(p)},
                                              chunk=rng.randint(1, 8))
+                if batch and rng.random() < 0.5:
+                    env.process(*batch)  # live commits may arrive between the claim and the snapshot
+                    _check_invariants(env, dids)
+                    continue
             chunks = pending_chunks[d]
             if rng.random() < 0.1:
                 batch.append(FetchFailed(did=d, fetch_key=chunks[0].fetch_key, error="boom",
@@ -1126,6 +1276,7 @@ def test_random_histories_keep_invariants_and_events_rebuild_the_repo(tmp_path, 
     _check_invariants(env, dids)
     stats = env.logic.stats
     assert stats["commit_applied"] and stats["desynchronized"] and stats["commit_buffered"], stats
+    assert stats["fetch_started"], stats
 
 
 def test_rocksdb_read_failure_is_a_store_error_not_a_rejection(env, monkeypatch):
