@@ -11,7 +11,8 @@ test_downstream_faults, test_disk_full).
 - Small readers: ``/stats``, ``/info``, log lines, the delivery child's RSS, a Kafka topic.
 
 ``FULL=1`` in the environment makes the tests run their longer versions (more crashes, waits
-long enough to see Tap's 60 s+ error backoff expire); ``FAULT_SEED`` changes the seed.
+long enough to see Tap's 60 s+ error backoff expire); ``FAULT_SEED`` changes the seed;
+``FAULT_REPORT=<file>`` appends each test's figures there as a JSON line (``-s`` prints them).
 """
 
 from __future__ import annotations
@@ -74,14 +75,24 @@ def start_own_pds(**extra: str) -> OwnPds:
     return pds
 
 
+_shared_pds: list[OwnPds] = []
+
+
 @pytest.fixture(scope="session")
 def fault_pds():
-    """A PDS + PLC for the fault tests only (they crash it and load it)."""
-    pds = start_own_pds()
+    """A PDS + PLC for the fault tests only (they crash it and load it), one per session.
+
+    Each test module imports this fixture, and pytest then keeps a definition (and a session
+    instance) per module: the module-level ``_shared_pds`` makes them all the same harness."""
+    if not _shared_pds:
+        _shared_pds.append(start_own_pds())
+    pds = _shared_pds[0]
     try:
         yield pds
     finally:
-        pds.stop()
+        if _shared_pds:  # the first teardown (at the end of the session) stops it
+            _shared_pds.clear()
+            pds.stop()
 
 
 def load(pds: Pds, out: Path, **env: str) -> dict:
@@ -345,6 +356,10 @@ class Timer:
         phases = ", ".join(f"{w} {t:.1f}s" for w, t in self.marks)
         line = f"[{self.name}] {json.dumps(figures, sort_keys=True)} | {phases}"
         print(line)
+        if os.environ.get("FAULT_REPORT"):  # figures of every test, one JSON line each
+            with open(os.environ["FAULT_REPORT"], "a") as f:
+                f.write(json.dumps({"test": self.name, "seconds": round(time.monotonic() - self.t0, 1),
+                                    "phases": self.marks, **figures}) + "\n")
         return line
 
 

@@ -239,7 +239,7 @@ def test_pds_killed_and_restarted(fault_pds, tmp_path):
     try:
         want = {d: seeds["repos"][d]["records"] for d in tracked}
         wait_until(lambda: not state_diff(apply_events(client.events()), want), 90, "backfill", svc=svc)
-        first = load(fault_pds, tmp_path / "live-0.json", ACCOUNTS=2, RECORDS=15, UPDATES=0.3, DELETES=0.2,
+        first = load(fault_pds, tmp_path / "live-0.json", ACCOUNTS=1, RECORDS=10, UPDATES=0.3, DELETES=0.2,
                      TAG=f"u{SEED % 1000}a")
         want.update({d: r["records"] for d, r in first["repos"].items()})
         wait_until(lambda: not state_diff(apply_events(client.events()), want), 90, "live writes", svc=svc)
