@@ -122,11 +122,22 @@ class ProcWatch:
         self._m0 = (0.0, 0.0)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _own(self, pid: int) -> list[int]:
+        """``pid`` and its descendants, less the trees of the other roots (the delivery child is
+        its own root, not part of the flow's figures)."""
+        others = {p for p in self.roots.values() if p != pid}
+        out, stack = [], [pid]
+        while stack:
+            p = stack.pop()
+            out.append(p)
+            stack.extend(c for c in _children(p) if c not in others)
+        return out
+
     def _tree_cpu(self, pid: int) -> float:
-        return sum(cpu_s(p) for p in tree(pid))
+        return sum(cpu_s(p) for p in self._own(pid))
 
     def _tree_rss(self, pid: int) -> float:
-        return sum(rss_mb(p) for p in tree(pid))
+        return sum(rss_mb(p) for p in self._own(pid))
 
     def start(self) -> "ProcWatch":
         self._t0 = time.monotonic()
