@@ -21,11 +21,18 @@ What it does, every few milliseconds:
    10 ms or 1000 keys). The flow's ControlSource deletes their outbox rows; once a row is gone
    (seen through the secondary) its ack row is deleted and nothing of the event is kept.
 
-Knowing when the flow is done with an ack row costs one point lookup per event, unless the
-flow's ControlSource publishes ``meta[control/acks_seqno]`` (u64): the ``data/delivery``
-sequence number up to which it has processed *every* ack row (written with its deletions, after
-a complete pass over a caught-up snapshot). Then whole ack batches are released at once:
-each batch remembers the delivery database's sequence number right after it was written.
+Knowing when the flow is done with an ack row, cheapest first:
+
+- ``meta[control/acks_seqno]`` (u64), if the flow's ControlSource publishes it: the
+  ``data/delivery`` sequence number up to which it has processed *every* ack row (written with
+  its deletions, after a complete pass over a caught-up snapshot). Whole ack batches are then
+  released at once: each batch remembers the delivery sequence number right after its write.
+- Counting: ``count/outbox_acked/0`` grows by exactly the outbox rows ControlSource deleted,
+  and it deletes only rows named by our ack rows, each once. So when it grew, since this
+  process started, by as many rows as we have acked (plus the acked-but-not-deleted rows found
+  at start), every ack row we wrote is done with: all are released without a lookup.
+- Otherwise, once a second (or when the waiting acks reach the capacity), each waiting key is
+  looked up in the outbox (a point lookup per event, the slow path).
 """
 
 from __future__ import annotations
@@ -113,7 +120,8 @@ class OutboxFollower:
         self._ack_buf: list[bytes] = []
         self._awaiting: dict[bytes, None] = {}  # acked, outbox row not yet seen gone
         self._batches: collections.deque[tuple[int, list[bytes]]] = collections.deque()  # (delivery seqno, keys)
-        self._acked_seen: int | None = None
+        self._acked_base = 0  # count/outbox_acked/0 at start
+        self._acked_keys = 0  # ack keys put in _awaiting since start (found at start included)
         self._last_flush = self._last_gc = self._last_full_gc = self._last_scan = time.monotonic()
         self._stopping = False
         self._waiter: asyncio.Future | None = None
@@ -126,6 +134,7 @@ class OutboxFollower:
         """Start the targets and pick up ack rows left by a previous run."""
         self.tracker.bind_loop(asyncio.get_running_loop())
         self._flow.catch_up()
+        self._acked_base = _counter(self._meta.get(meta_counter("outbox_acked", 0))) or 0
         stale = []
         for k in self._acks.keys():
             if self._outbox.get(k) is None:
@@ -139,6 +148,7 @@ class OutboxFollower:
             self._delivery.write(b)
         if self._awaiting:
             self._batches.append((self._delivery.db.latest_sequence_number(), list(self._awaiting)))
+        self._acked_keys = len(self._awaiting)
         if self._awaiting or stale:
             log.info("acks from the previous run", extra={"awaiting_delete": len(self._awaiting), "cleared": len(stale)})
         for t in self.targets:
@@ -287,6 +297,7 @@ class OutboxFollower:
         self._batches.append((self._delivery.db.latest_sequence_number(), keys))
         for k in keys:
             self._awaiting[k] = None
+        self._acked_keys += len(keys)
         metrics().events_acked.inc(len(keys))
         self._last_flush = time.monotonic()
 
@@ -297,7 +308,16 @@ class OutboxFollower:
         if raw is not None:
             gone = self._gc_batches(unpack_u64(raw))
         else:
-            gone = self._gc_lookup(now)
+            acked = _counter(self._meta.get(meta_counter("outbox_acked", 0))) or 0
+            if acked - self._acked_base == self._acked_keys:
+                gone = list(self._awaiting)  # every ack row we wrote has been processed
+                self._awaiting.clear()
+                self._batches.clear()
+                self._last_full_gc = now
+            elif now - self._last_full_gc >= GC_FULL_INTERVAL or len(self._awaiting) >= self._capacity // 2:
+                gone = self._gc_lookup(now)
+            else:
+                gone = []
         if gone:
             b = self._delivery.batch()
             for k in gone:
@@ -318,31 +338,15 @@ class OutboxFollower:
         return gone
 
     def _gc_lookup(self, now: float) -> list[bytes]:
-        """Fallback: look each awaiting key up in the outbox, oldest first.
-
-        Gated by ``count/outbox_acked/0``: its growth says how many rows the flow deleted
-        since the last look (with a full look every second regardless).
-        """
-        acked = _counter(self._meta.get(meta_counter("outbox_acked", 0))) or 0
-        full = now - self._last_full_gc >= GC_FULL_INTERVAL
-        if self._acked_seen is not None and acked == self._acked_seen and not full:
-            return []
-        delta = acked - self._acked_seen if self._acked_seen is not None and not full else None
-        self._acked_seen = acked
-        if full:
-            self._last_full_gc = now
+        """Slow path: look each waiting key up in the outbox, oldest first (bounded)."""
+        self._last_full_gc = now
         gone: list[bytes] = []
         still: list[bytes] = []
         get = self._outbox.get
         for i, k in enumerate(self._awaiting):
             if i >= GC_BUDGET:
                 break
-            if get(k) is None:
-                gone.append(k)
-            else:
-                still.append(k)
-                if delta is not None and len(gone) >= delta:
-                    break
+            (gone if get(k) is None else still).append(k)
         for k in gone:
             del self._awaiting[k]
         for k in still:  # checked and still there: to the back of the line

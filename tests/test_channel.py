@@ -56,9 +56,11 @@ class FakeFlow:
     counts them in ``count/outbox_acked/0`` (as ControlSource does).
     """
 
-    def __init__(self, data_dir: Path, shards: int = SHARDS, *, acks_seqno: bool = False) -> None:
+    def __init__(self, data_dir: Path, shards: int = SHARDS, *, acks_seqno: bool = False,
+                 count_acked: bool = True) -> None:
         self.data_dir = data_dir
         self.acks_seqno = acks_seqno
+        self.count_acked = count_acked
         self.db = open_flow_db(data_dir)
         self.shards = shards
         meta = self.db.cf("meta")
@@ -122,7 +124,8 @@ class FakeFlow:
             for k in gone:
                 b.delete(k, self.db.handle("outbox"))
             self.deleted += len(gone)
-            b.put(meta_counter("outbox_acked", 0), pack_u64(self.deleted), self.db.handle("meta"))
+            if self.count_acked:
+                b.put(meta_counter("outbox_acked", 0), pack_u64(self.deleted), self.db.handle("meta"))
             self.db.write(b)
         return len(gone)
 
@@ -274,7 +277,8 @@ async def stack_factory(tmp_path):
 
     async def make(**kw) -> Stack:
         control = kw.pop("control", True)
-        fake = FakeFlow(tmp_path, SHARDS, acks_seqno=kw.pop("acks_seqno", False))
+        fake = FakeFlow(tmp_path, SHARDS, acks_seqno=kw.pop("acks_seqno", False),
+                        count_acked=kw.pop("count_acked", True))
         s = await Stack(make_cfg(tmp_path, **kw), control=control).start(fake)
         stacks.append(s)
         return s
@@ -860,3 +864,23 @@ def test_event_from_row_matches_the_contract():
         k, row = outbox_key(shard, i), encode_outbox_row(did, flags, payload)
         a, b = OutboxEvent.from_row(k, row), event_from_row(k, row, shard)
         assert a == b and hash(a) == hash(b) and b.live == a.live
+
+
+@pytest.mark.parametrize("count_acked", [True, False])
+async def test_ack_rows_released_by_counting_without_lookups(stack_factory, count_acked):
+    """With ``count/outbox_acked/0`` kept exactly (ControlSource does), ack rows are released
+    without one outbox lookup per event; without it, the slow path still drains them."""
+    s = await stack_factory(count_acked=count_acked)
+    lookups = []
+    real = s.follower._gc_lookup
+    s.follower._gc_lookup = lambda now: lookups.append(now) or real(now)
+    c = await Consumer.connect(s.url)
+    ids = []
+    for i in range(10):
+        ids += s.fake.push(did_n(300 + i), 5)
+    msgs = await c.wait(50, 2.0)
+    await c.ack(*[m["id"] for m in msgs])
+    await _until(lambda: s.fake.rows() == 0)
+    await _until(lambda: s.follower.awaiting_delete == 0, 3.0)
+    assert (lookups == []) == count_acked
+    await c.close()
