@@ -185,11 +185,30 @@ def capture(accounts: int, records: int, commits: int, concurrency: int = 8) -> 
         frames.append(g)
         seq_at.append(p)
         frame_repo.append(index[body["repo"]])
+    # The firehose replay from 0 may stop short of the head (it pages), so the live tap can start
+    # inside the load: commits at or below a repo's snapshot rev are part of its CAR, not live.
+    rev0 = {r.did: r.rev0 for r in repos}
+    keep = [k for k in range(len(frames)) if cbor.decode_multi(frames[k])[1]["rev"] > rev0[dids[frame_repo[k]]]]
+    skipped["#commit before the snapshot"] = len(frames) - len(keep)
+    frames = [frames[k] for k in keep]
+    seq_at = array("I", [seq_at[k] for k in keep])
+    frame_repo = array("I", [frame_repo[k] for k in keep])
     params = {"kind": "captured", "source": "reference PDS harness (@atproto/pds 0.5.35)",
               "repos": len(dids), "records": records, "commits": len(frames), "seed": 0, "curve": "k256",
               "captured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "timings": timings,
               "live_ops": live.get("ops"), "skipped_frames": skipped, "docs": docs}
     return ReplayData(params, repos, frames, seq_at, frame_repo), timings
+
+
+def _drop_pre_snapshot(data: ReplayData) -> None:
+    """Drop ``#commit`` frames a repo's snapshot (``rev0``) already holds."""
+    keep = [k for k in range(len(data.frames))
+            if cbor.decode_multi(data.frames[k])[1]["rev"] > data.repos[data.frame_repo[k]].rev0]
+    data.params.setdefault("skipped_frames", {})["#commit before the snapshot"] = len(data.frames) - len(keep)
+    data.frames = [data.frames[k] for k in keep]
+    data.seq_at = array("I", [data.seq_at[k] for k in keep])
+    data.frame_repo = array("I", [data.frame_repo[k] for k in keep])
+    data.params["commits"] = len(data.frames)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     if path.exists() and not args.force:
         data = ReplayData.load(path)
         log(f"cached: {path}")
+        if "#commit before the snapshot" not in data.params.get("skipped_frames", {}):
+            _drop_pre_snapshot(data)
+            data.save(path)
+            log(f"dropped frames at or below the snapshot revs: {data.params['skipped_frames']}")
     else:
         t = time.monotonic()
         data, _ = capture(args.accounts, args.records, args.commits, args.concurrency)
