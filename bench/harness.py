@@ -67,6 +67,21 @@ def cpu_s(pid: int) -> float:
         return 0.0
 
 
+def runq_wait_s(pid: int) -> float:
+    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU (schedstat)."""
+    total = 0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    except OSError:
+        return 0.0
+    return total / 1e9
+
+
 def rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/statm") as f:
@@ -139,9 +154,13 @@ class ProcWatch:
     def _tree_rss(self, pid: int) -> float:
         return sum(rss_mb(p) for p in self._own(pid))
 
+    def _tree_wait(self, pid: int) -> float:
+        return sum(runq_wait_s(p) for p in self._own(pid))
+
     def start(self) -> "ProcWatch":
         self._t0 = time.monotonic()
         self._cpu0 = {k: self._tree_cpu(p) for k, p in self.roots.items()}
+        self._wait0 = {k: self._tree_wait(p) for k, p in self.roots.items()}
         self._m0 = machine_cpu()
         self._thread.start()
         return self
@@ -157,10 +176,11 @@ class ProcWatch:
         self._stop.set()
         wall = time.monotonic() - self._t0
         cpu = {k: self._tree_cpu(p) - self._cpu0.get(k, 0.0) for k, p in self.roots.items()}
+        wait = {k: self._tree_wait(p) - self._wait0.get(k, 0.0) for k, p in self.roots.items()}
         m1 = machine_cpu()
         busy = m1[0] - self._m0[0]
         total = m1[1] - self._m0[1]
-        return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": dict(self.peak_rss),
+        return {"wall_s": wall, "cpu_s": cpu, "runq_wait_s": wait, "peak_rss_mb": dict(self.peak_rss),
                 "machine_busy_cores": busy / wall if wall else 0.0,
                 "machine_cores": total / wall if wall else 0.0,
                 "other_cpu_s": busy - sum(cpu.values())}
