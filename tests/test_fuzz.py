@@ -815,9 +815,11 @@ def known_leak(e: BaseException) -> str | None:
 
 
 def _schema_exact(blocks: dict, root: bytes) -> bool:
-    """Every node reachable from ``root`` has exactly the schema's fields ({e, l}; {p, k, v, t})."""
+    """Every node reachable from ``root`` has exactly the schema's fields ({e, l}; {p, k, v, t})
+    with the schema's types: links as links (tag 42), not byte strings that look like CIDs."""
     stack = [root]
     seen = set()
+    link = cbrrr.CID
     while stack:
         c = stack.pop()
         if c in seen or c not in blocks:
@@ -826,15 +828,30 @@ def _schema_exact(blocks: dict, root: bytes) -> bool:
         n = _decode_strict(blocks[c])
         if not isinstance(n, dict) or set(n) != {"e", "l"} or not isinstance(n["e"], list):
             return False
-        if isinstance(n["l"], cbrrr.CID):
+        if n["l"] is not None and not isinstance(n["l"], link):
+            return False
+        if isinstance(n["l"], link):
             stack.append(n["l"].cid_bytes)
         for e in n["e"]:
             if not isinstance(e, dict) or set(e) != {"p", "k", "v", "t"}:
                 return False
-            if isinstance(e["t"], cbrrr.CID):
+            if not isinstance(e["v"], link) or (e["t"] is not None and not isinstance(e["t"], link)):
+                return False
+            if type(e["p"]) is not int or type(e["k"]) is not bytes:
+                return False
+            if isinstance(e["t"], link):
                 stack.append(e["t"].cid_bytes)
     return True
 
+
+def genuine(s: Seed, unsigned: bytes) -> Seed | None:
+    """Another seed whose genuine commit (same signing key) has exactly this signed content: a
+    mutation that swaps in another real commit of the same repo replays it, it does not forge
+    one (RepoLogic drops such replays by rev; tests/test_forgeries). Commit seeds first."""
+    key = s.meta.get("key")
+    cands = [x for x in seeds() if x.unsigned == unsigned and x.meta.get("key") == key and key]
+    cands.sort(key=lambda x: x.truth is None)
+    return cands[0] if cands else None
 
 
 def check_frame(f: Frame) -> None:
@@ -877,6 +894,9 @@ def check_commit(s: Seed, body: dict, res, resigned: bool, target: str = "commit
     for o in res.ops:
         if o.action != "delete":
             assert o.record is not None and block_matches(o.cid, o.record)
+    if signed.unsigned != s.unsigned and (g := genuine(s, signed.unsigned)) is not None and g.truth is not None:
+        STATS.outcome(target, "replay_of_another_genuine_commit")
+        s = g
     if signed.unsigned != s.unsigned:
         assert resigned, "FORGERY: a commit verified whose signed content differs from the seed's"
         STATS.outcome(target, "accepted_resigned")
@@ -1157,6 +1177,10 @@ def check_sync(s: Seed, sc, res, resigned: bool) -> None:
         assert isinstance(res, VerificationError), f"{type(res).__name__}: {res}"
         STATS.outcome("sync", res.reason)
         return
+    if sc.unsigned != s.unsigned and (g := genuine(s, sc.unsigned)) is not None:
+        assert tuple(res) == g.signed
+        STATS.outcome("sync", "replay_of_another_genuine_commit")
+        return
     if sc.unsigned != s.unsigned:
         assert resigned, "FORGERY: a #sync verified whose signed content differs from the seed's"
         STATS.outcome("sync", "accepted_resigned")
@@ -1200,6 +1224,12 @@ def check_repo(s: Seed, m: bytes, res, recs: list, resigned: bool) -> None:
         assert rec.block is None or block_matches(rec.cid, rec.block)
     car = read_car(m)
     signed = parse_signed_commit(car, allow_v2=True)  # full repos may carry legacy v2 commits
+    if signed.unsigned != s.unsigned and (g := genuine(s, signed.unsigned)) is not None:
+        assert (res.did, res.rev, res.data_cid) == g.signed
+        if g.entries is not None:
+            assert set(res.entries) <= set(g.entries) and (res.missing_nodes or res.entries == g.entries)
+        STATS.outcome("repo", "replay_of_another_genuine_commit")
+        return
     if signed.unsigned != s.unsigned:
         assert resigned, "FORGERY: a repo verified whose signed content differs from the seed's"
         assert (res.missing_nodes or MST.build(res.entries).root_cid() == res.data_cid
@@ -1317,6 +1347,28 @@ def test_found_mst_edit_of_unverified_hostile_tree_raises_only_mst_error():
         tree.root_cid()
     except MSTError:
         pass
+
+
+@pytest.mark.xfail(strict=True, reason="protocol/mst.py decodes nodes with libipld, which gives links and "
+                   "36-byte byte strings alike, so verify() accepts a node whose subtree link is a byte string "
+                   "(Go's decoder refuses it): the same records then have two root CIDs. Reported to mst.py's owner")
+def test_known_mst_verify_refuses_byte_string_links():
+    leaf = cid_for_dag_cbor(b"leaf")
+    k1, k2 = b"A0/000001", b"B2/000002"
+    child = cbrrr.encode_dag_cbor({"l": None, "e": [{"p": 0, "k": k1, "v": cbrrr.CID(leaf), "t": None}]})
+    good = MST.build([(k1, leaf), (k2, leaf)])
+    blocks: dict = {}
+    root = good.export_blocks(blocks)
+    node = cbrrr.decode_dag_cbor(blocks[root])
+    assert node["l"] == cbrrr.CID(cid_for_dag_cbor(child)) or node["l"] is None
+    if node["l"] is None:
+        pytest.skip("key heights changed; the tree has no left link to corrupt")
+    node["l"] = node["l"].cid_bytes  # the same CID as a byte string instead of a link
+    bad = cbrrr.encode_dag_cbor(node)
+    bad_root = cid_for_dag_cbor(bad)
+    blocks[bad_root] = bad
+    with pytest.raises(MSTError):
+        MST.load(blocks, bad_root).verify()
 
 
 def test_zz_report(capsys):
