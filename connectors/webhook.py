@@ -26,6 +26,7 @@ from collections import deque
 from typing import Callable
 
 import aiohttp
+from yarl import URL
 
 from config import USER_AGENT, Config
 from connectors.scheduler import Scheduler
@@ -49,6 +50,10 @@ class WebhookTarget:
     def __init__(self, cfg: Config, on_taken: TakenCallback, *, concurrency: int | None = None,
                  timeout: float = TIMEOUT_S, backoff: Callable[[int], float] = backoff) -> None:
         self._url = cfg.webhook_url
+        if cfg.admin_password and "@" in self._url:
+            # the admin password is the Authorization header (as Go's SetBasicAuth, it wins over
+            # user:password@ in the URL; aiohttp refuses to send both, which failed every POST)
+            self._url = str(URL(self._url).with_user(None))
         self._on_taken = on_taken
         self._concurrency = concurrency or cfg.webhook_concurrency
         self._timeout = timeout

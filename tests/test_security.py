@@ -287,6 +287,21 @@ async def test_webhook_carries_the_password_but_not_across_origins(tmp_path):
         await b.stop()
 
 
+async def test_webhook_url_credentials_give_way_to_the_admin_password(tmp_path):
+    """TAP_WEBHOOK_URL with user:password@ and TAP_ADMIN_PASSWORD: aiohttp refused to send both
+    (every POST failed, retried forever); the admin password wins, as Go's SetBasicAuth does.
+    Without the admin password the URL's credentials are the Basic auth."""
+    a = await Receiver().start()
+    try:
+        with_creds = a.url.replace("http://", "http://hook:urlpw@")
+        await _post_one(tmp_path, with_creds, admin_password=PW)
+        assert a.posts[-1]["Authorization"] == GOOD
+        await _post_one(tmp_path, with_creds)
+        assert a.posts[-1]["Authorization"] == basic("hook", "urlpw")
+    finally:
+        await a.stop()
+
+
 # --------------------------------------------------------------------------- TAP_PUBLIC_ONLY
 
 NOT_PUBLIC = [
