@@ -28,11 +28,13 @@ Knowing when the flow is done with an ack row, cheapest first:
   its deletions, after a complete pass over a caught-up snapshot). Whole ack batches are then
   released at once: each batch remembers the delivery sequence number right after its write.
 - Counting: ``count/outbox_acked/0`` grows by exactly the outbox rows ControlSource deleted,
-  and it deletes only rows named by our ack rows, each once. So when it grew, since this
-  process started, by as many rows as we have acked (plus the acked-but-not-deleted rows found
-  at start), every ack row we wrote is done with: all are released without a lookup.
-- Otherwise, once a second (or when the waiting acks reach the capacity), each waiting key is
-  looked up in the outbox (a point lookup per event, the slow path).
+  and it deletes only rows named by our ack rows, each once. Its growth since this process
+  started, minus the ack rows already released, is the number of waiting keys that are done
+  with; when that is all of them (the usual case: ControlSource keeps up), all are released
+  without a lookup.
+- Otherwise, once a second (or when the waiting acks reach half the capacity), waiting keys
+  are looked up in the outbox, oldest first, until that many gone rows are found (a point
+  lookup per event: the slow path).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ TargetFactory = Callable[[TakenCallback], DeliveryTarget]
 
 ACK_FLUSH_INTERVAL = 0.010
 ACK_FLUSH_KEYS = 1000
-GC_INTERVAL = 0.050
+GC_INTERVAL = 0.005
 GC_FULL_INTERVAL = 1.0
 GC_BUDGET = 20_000
 SAFETY_SCAN_INTERVAL = 1.0
@@ -121,7 +123,7 @@ class OutboxFollower:
         self._awaiting: dict[bytes, None] = {}  # acked, outbox row not yet seen gone
         self._batches: collections.deque[tuple[int, list[bytes]]] = collections.deque()  # (delivery seqno, keys)
         self._acked_base = 0  # count/outbox_acked/0 at start
-        self._acked_keys = 0  # ack keys put in _awaiting since start (found at start included)
+        self._released = 0  # ack rows deleted since start (their outbox rows were seen gone)
         self._last_flush = self._last_gc = self._last_full_gc = self._last_scan = time.monotonic()
         self._stopping = False
         self._waiter: asyncio.Future | None = None
@@ -148,7 +150,6 @@ class OutboxFollower:
             self._delivery.write(b)
         if self._awaiting:
             self._batches.append((self._delivery.db.latest_sequence_number(), list(self._awaiting)))
-        self._acked_keys = len(self._awaiting)
         if self._awaiting or stale:
             log.info("acks from the previous run", extra={"awaiting_delete": len(self._awaiting), "cleared": len(stale)})
         for t in self.targets:
@@ -297,7 +298,6 @@ class OutboxFollower:
         self._batches.append((self._delivery.db.latest_sequence_number(), keys))
         for k in keys:
             self._awaiting[k] = None
-        self._acked_keys += len(keys)
         metrics().events_acked.inc(len(keys))
         self._last_flush = time.monotonic()
 
@@ -309,16 +309,19 @@ class OutboxFollower:
             gone = self._gc_batches(unpack_u64(raw))
         else:
             acked = _counter(self._meta.get(meta_counter("outbox_acked", 0))) or 0
-            if acked - self._acked_base == self._acked_keys:
-                gone = list(self._awaiting)  # every ack row we wrote has been processed
+            done = acked - self._acked_base - self._released  # deleted by the flow, not released yet
+            if done >= len(self._awaiting):  # every ack row we wrote has been processed
+                gone = list(self._awaiting)
                 self._awaiting.clear()
                 self._batches.clear()
-                self._last_full_gc = now
-            elif now - self._last_full_gc >= GC_FULL_INTERVAL or len(self._awaiting) >= self._capacity // 2:
-                gone = self._gc_lookup(now)
+            elif now - self._last_full_gc >= GC_FULL_INTERVAL:
+                gone = self._gc_lookup(now, GC_BUDGET)  # also covers a flow that keeps no count
+            elif done > 0 and len(self._awaiting) >= self._capacity // 2:
+                gone = self._gc_lookup(now, done)
             else:
-                gone = []
+                gone = []  # the rest follows in a moment: wait rather than look up
         if gone:
+            self._released += len(gone)
             b = self._delivery.batch()
             for k in gone:
                 b.delete(k, self._acks_h)
@@ -337,14 +340,15 @@ class OutboxFollower:
                     gone.append(k)
         return gone
 
-    def _gc_lookup(self, now: float) -> list[bytes]:
-        """Slow path: look each waiting key up in the outbox, oldest first (bounded)."""
+    def _gc_lookup(self, now: float, done: int) -> list[bytes]:
+        """Slow path: look waiting keys up in the outbox, oldest first, until the ``done``
+        rows the flow deleted are found (bounded)."""
         self._last_full_gc = now
         gone: list[bytes] = []
         still: list[bytes] = []
         get = self._outbox.get
         for i, k in enumerate(self._awaiting):
-            if i >= GC_BUDGET:
+            if i >= GC_BUDGET or len(gone) >= done:
                 break
             (gone if get(k) is None else still).append(k)
         for k in gone:

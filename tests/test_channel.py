@@ -873,7 +873,7 @@ async def test_ack_rows_released_by_counting_without_lookups(stack_factory, coun
     s = await stack_factory(count_acked=count_acked)
     lookups = []
     real = s.follower._gc_lookup
-    s.follower._gc_lookup = lambda now: lookups.append(now) or real(now)
+    s.follower._gc_lookup = lambda now, limit: lookups.append(now) or real(now, limit)
     c = await Consumer.connect(s.url)
     ids = []
     for i in range(10):
