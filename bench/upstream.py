@@ -55,6 +55,8 @@ __all__ = ["generate_mixed", "mixed_path", "load_mixed", "BenchServer", "frame_i
 
 def mixed_path(cache_dir: str | Path, small: int, small_records: int, huge: int, huge_records: int,
                commits: int, seed: int = 0) -> Path:
+    if huge == 0:
+        huge_records = 0  # one name for "no huge repo"
     return Path(cache_dir) / f"synth-v2-s{small}x{small_records}-h{huge}x{huge_records}-c{commits}-s{seed}.pkl"
 
 
