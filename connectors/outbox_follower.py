@@ -32,9 +32,10 @@ Knowing when the flow is done with an ack row, cheapest first:
   started, minus the ack rows already released, is the number of waiting keys that are done
   with; when that is all of them (the usual case: ControlSource keeps up), all are released
   without a lookup.
-- Otherwise, once a second (or when the waiting acks reach half the capacity), waiting keys
-  are looked up in the outbox, oldest first, until that many gone rows are found (a point
-  lookup per event: the slow path).
+- Otherwise waiting keys are looked up in the outbox, oldest first (a point lookup per event:
+  the slow path): when the waiting acks reach half the capacity, until as many gone rows as
+  counted are found; and once a second while the count does not move at all (a flow that
+  keeps no count).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class OutboxFollower:
         self._batches: collections.deque[tuple[int, list[bytes]]] = collections.deque()  # (delivery seqno, keys)
         self._acked_base = 0  # count/outbox_acked/0 at start
         self._released = 0  # ack rows deleted since start (their outbox rows were seen gone)
+        self._acked_last = -1
+        self._acked_moved = time.monotonic()
         self._last_flush = self._last_gc = self._last_full_gc = self._last_scan = time.monotonic()
         self._stopping = False
         self._waiter: asyncio.Future | None = None
@@ -310,14 +313,16 @@ class OutboxFollower:
         else:
             acked = _counter(self._meta.get(meta_counter("outbox_acked", 0))) or 0
             done = acked - self._acked_base - self._released  # deleted by the flow, not released yet
+            if acked != self._acked_last:
+                self._acked_last, self._acked_moved = acked, now
             if done >= len(self._awaiting):  # every ack row we wrote has been processed
                 gone = list(self._awaiting)
                 self._awaiting.clear()
                 self._batches.clear()
-            elif now - self._last_full_gc >= GC_FULL_INTERVAL:
-                gone = self._gc_lookup(now, GC_BUDGET)  # also covers a flow that keeps no count
             elif done > 0 and len(self._awaiting) >= self._capacity // 2:
-                gone = self._gc_lookup(now, done)
+                gone = self._gc_lookup(now, done)  # the flow lags: find the rows it has done
+            elif now - self._acked_moved >= GC_FULL_INTERVAL and now - self._last_full_gc >= GC_FULL_INTERVAL:
+                gone = self._gc_lookup(now, GC_BUDGET)  # no count kept (or it stalled): look
             else:
                 gone = []  # the rest follows in a moment: wait rather than look up
         if gone:
