@@ -380,8 +380,8 @@ class ChannelTarget:
                     await self._drain(conn)
                 elif ready:
                     await asyncio.sleep(0)  # let acks and other sockets in between batches
-        except asyncio.CancelledError:
-            pass
+        except (asyncio.CancelledError, ConnectionError):
+            pass  # stopped, or the connection went while we waited for it to drain
         except Exception:
             log.exception("websocket writer failed", extra={"peer": conn.peer})
             conn.closed = True
