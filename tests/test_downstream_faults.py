@@ -167,6 +167,7 @@ class _Receiver:
         self.lock = threading.Lock()
         self.posts: list[tuple[dict, float, float, int]] = []
         self.hang_once = hang_once
+        self.hung_id = -1
         self.outcomes = {"ok": 0, "500": 0, "drop": 0, "slow": 0, "hang": 0}
         rec = self
 
@@ -182,13 +183,14 @@ class _Receiver:
                     roll = rec.r.random()
                     if rec.hang_once and ev["type"] == "record" and ev["live"]:
                         what, rec.hang_once, hang = "hang", 0.0, rec.hang_once
+                        rec.hung_id = ev["id"]
                     else:
                         what = "500" if roll < 0.1 else "drop" if roll < 0.15 else "slow" if roll < 0.25 else "ok"
                         hang = 0.0
                     rec.outcomes[what] += 1
-                if what == "hang":
+                if what == "hang":  # past the client's 30 s timeout: it has given up, no answer
                     time.sleep(hang)
-                if what == "drop":
+                if what in ("drop", "hang"):
                     with rec.lock:
                         rec.posts.append((ev, t0, time.monotonic(), 0))
                     self.close_connection = True
@@ -270,6 +272,10 @@ def test_webhook_failures_timeouts_and_slowness_lose_nothing(tmp_path):
         acked = rec.acked()
         assert len({e["id"] for e in acked}) == len(acked), "an event taken twice without a crash"
         assert rec.outcomes["500"] and rec.outcomes["drop"] and rec.outcomes["slow"], rec.outcomes
+        if FULL:  # the hung POST timed out on tapflow's side (30 s) and was posted again
+            hung = rec.hung_id
+            tries = sorted(t0 for ev, t0, _, _ in rec.posts if ev["id"] == hung)
+            assert len(tries) >= 2 and tries[1] - tries[0] >= 30, tries
         timer.report(posts=len(rec.posts), events=len(acked), outcomes=rec.outcomes, full=FULL)
     finally:
         svc.stop()
