@@ -18,7 +18,8 @@ Modes:
   until restart, §15.6).
 
 All clients pull from one shared queue, so each event goes to exactly one client; per-repo
-order is kept before the queue by ``connectors.scheduler``. A writer sends what is queued in
+order is kept before the queue by ``connectors.scheduler``. In ack mode a connection holds at
+most ``WINDOW`` unacked events, so a client that stalls cannot soak up the whole queue. A writer sends what is queued in
 one socket write (frames coalesced), which is most of the cost of delivery.
 """
 
@@ -45,6 +46,7 @@ _H_CODE = struct.Struct("!H")
 _H3 = struct.Struct("!BBQ")
 _U64_LIMIT = 1 << 64
 WRITE_BATCH = 512  # events per socket write at most
+WINDOW = 10_000  # ack mode: unacked events one connection may hold (a stalled client holds no more)
 WRITE_HIGH_WATER = 1 << 20  # bytes buffered in the transport before a writer waits
 
 
@@ -118,7 +120,7 @@ class _Flight:
 
 
 class _Conn:
-    __slots__ = ("ws", "transport", "protocol", "sent", "closed", "peer")
+    __slots__ = ("ws", "transport", "protocol", "sent", "closed", "peer", "window_open")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self.ws = ws
@@ -127,6 +129,8 @@ class _Conn:
         self.sent: set[int] = set()  # ids written here and not yet acked (ack mode)
         self.closed = False
         self.peer = request.remote
+        self.window_open = asyncio.Event()
+        self.window_open.set()
 
 
 class ChannelTarget:
@@ -134,8 +138,10 @@ class ChannelTarget:
 
     name = "channel"
 
-    def __init__(self, cfg: Config, on_taken: TakenCallback, *, write_batch: int = WRITE_BATCH) -> None:
+    def __init__(self, cfg: Config, on_taken: TakenCallback, *, write_batch: int = WRITE_BATCH,
+                 window: int = WINDOW) -> None:
         self._ack_mode = not cfg.disable_acks
+        self._window = window
         self._retry_timeout = cfg.retry_timeout
         self._on_taken = on_taken
         self._write_batch = write_batch
@@ -171,6 +177,7 @@ class ChannelTarget:
         """Drop every client's TCP connection, without a close frame (clients reconnect)."""
         for conn in list(self._conns):
             conn.closed = True
+            conn.window_open.set()
             if conn.transport is not None:
                 conn.transport.abort()
         self._have_ready.set()
@@ -215,8 +222,11 @@ class ChannelTarget:
         f = self._flights.get(event_id)
         if f is None:
             return  # unknown, or already taken: harmless
-        if f.conn is not None:
-            f.conn.sent.discard(event_id)
+        conn = f.conn
+        if conn is not None:
+            conn.sent.discard(event_id)
+            if not conn.window_open.is_set() and len(conn.sent) < self._window:
+                conn.window_open.set()
         self._sent.pop(event_id, None)
         self._take(f)
 
@@ -239,6 +249,7 @@ class ChannelTarget:
             del self._sent[f.ev.id]
             if f.conn is not None:
                 f.conn.sent.discard(f.ev.id)
+                f.conn.window_open.set()
                 f.conn = None
             self._enqueue(f)
         if due:
@@ -247,6 +258,7 @@ class ChannelTarget:
 
     def _requeue_connection(self, conn: _Conn) -> None:
         """A connection dropped: its unacked events go to the head of the queue, in id order."""
+        conn.window_open.set()
         back = []
         for i in conn.sent:
             f = self._flights.get(i)
@@ -337,15 +349,21 @@ class ChannelTarget:
         flights = self._flights
         sent = self._sent
         delivered = metrics().events_delivered
+        window = self._window if ack_mode else 1 << 62
         try:
             while not conn.closed:
                 if not ready:
                     self._have_ready.clear()
                     await self._have_ready.wait()
                     continue
+                room = min(self._write_batch, window - len(conn.sent))
+                if room <= 0:  # this client holds a full window of unacked events: others go first
+                    conn.window_open.clear()
+                    await conn.window_open.wait()
+                    continue
                 batch: list[_Flight] = []
                 parts: list[bytes] = []
-                while ready and len(batch) < self._write_batch:
+                while ready and len(batch) < room:
                     f = ready.popleft()
                     f.queued = False
                     if flights.get(f.ev.id) is not f:

@@ -884,3 +884,57 @@ async def test_ack_rows_released_by_counting_without_lookups(stack_factory, coun
     await _until(lambda: s.follower.awaiting_delete == 0, 3.0)
     assert (lookups == []) == count_acked
     await c.close()
+
+
+async def test_a_stalled_client_does_not_stall_the_others(stack_factory):
+    """A client that stops reading holds only what its socket buffers took; the other client
+    gets the rest and the API stays responsive."""
+    import base64 as b64
+
+    s = await stack_factory()
+    s.channel._window = 1000
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    key = b64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET /channel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    await writer.drain()
+    assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    # from here on the raw client reads nothing: its socket buffers fill up
+    await asyncio.sleep(0.05)
+    ids = []
+    for i in range(200):
+        ids += s.fake.push(did_n(1000 + i), 100)
+    await _until(lambda: s.channel.unacked == 1000 and s.follower.in_flight == len(ids), 10.0)
+    stalled = s.channel.unacked
+    c = await Consumer.connect(s.url)
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(s.url + "/health") as r:
+            assert r.status == 200
+    assert time.monotonic() - t0 < 1.0
+    got: set[int] = set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(got) < len(ids) - stalled:
+        msgs = await c.wait(len(c.msgs) + 1, 0.5)
+        new = [m["id"] for m in msgs if m["id"] not in got]
+        got.update(new)
+        await c.ack(*new)
+    assert len(got) == len(ids) - stalled
+    writer.close()
+    await c.close()
+
+
+async def test_window_reopens_as_the_client_acks(stack_factory):
+    s = await stack_factory()
+    s.channel._window = 3
+    c = await Consumer.connect(s.url)
+    ids = s.fake.push(did_n(20), 10)
+    assert [m["id"] for m in await c.wait(3, 1.0)] == ids[:3]
+    assert len(await c.wait(4, QUIET)) == 3  # the window is full
+    await c.ack(ids[0])
+    assert [m["id"] for m in await c.wait(4, 1.0)] == ids[:4]
+    for _ in range(10):
+        await c.ack(*[m["id"] for m in c.msgs])
+        await c.wait(len(c.msgs) + 1, 0.3)
+    assert sorted({m["id"] for m in c.msgs}) == ids
+    await c.close()
