@@ -303,6 +303,51 @@ def _cid_str(cid: bytes | None) -> str:
         return repr(cid)[:100]
 
 
+
+
+def _typed_ok(block: bytes) -> bool:
+    """True when every link field of a node block (``l``, ``t``, ``v``) is a link or null and every
+    key suffix a byte string, read with a decoder that keeps the two apart (cbrrr).
+
+    libipld returns links and byte strings alike, so a node holding a CID as a byte string (Go's
+    decoder refuses it) would otherwise pass as the same node with a link: the same records under
+    two root CIDs. ``verify`` calls it only when the block's length is not what the decoded node
+    encodes to with links as links (:func:`_encoded_size`: a CID written as a byte string is 3
+    bytes shorter, a key suffix written as a link 3 bytes longer), so the common path pays a sum.
+    Reading a proof does not check it; a proof node's types matter where the node is re-encoded,
+    and there the round trip (``_exact``) refuses it.
+    """
+    try:
+        d = cbrrr.decode_dag_cbor(block)
+        link = cbrrr.CID
+        left = d.get("l")
+        if left is not None and left.__class__ is not link:
+            return False
+        for e in d["e"]:
+            t = e.get("t")
+            if t is not None and t.__class__ is not link:
+                return False
+            if e.get("v").__class__ is not link or e.get("k").__class__ is not bytes:
+                return False
+    except Exception:  # not canonical DAG-CBOR, or not a node: refused too
+        return False
+    return True
+
+
+def _encoded_size(ents: list, left) -> int:
+    """Length of the canonical encoding of a node with these entries (links as links, key
+    suffixes as byte strings, no other fields); a node over 23 entries or with a suffix or prefix
+    over 255 bytes is counted short, so it takes the exact check."""
+    n = len(ents)
+    size = 7 + (n > 23) + (0 if left is None else 40)  # {"e": [...], "l": null | link}
+    for e in ents:
+        lk = len(e.get("k"))
+        size += 53 + lk + (lk > 23) + (e.get("p") > 23)  # {"k": bytes, "p": int, "t": null, "v": link}
+        if e.get("t") is not None:
+            size += 40
+    return size
+
+
 def _ref(node: Node, i: int):
     """Subtree ``i`` of ``node`` as it stands: None, a CID (not loaded) or a Node."""
     subs = node.subs
@@ -1035,6 +1080,10 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
         raise MSTPrefixError(f"MST node {_cid_str(node.cid)} has non-maximal prefix compression")
     if height < 0:
         raise MSTHeightError(f"MST node {_cid_str(node.cid)} is below layer 0")
+    block = node.block
+    if (block is not None and node.ents is not None and node.cid is not None and not node.stale
+            and len(block) != _encoded_size(node.ents, node.lcid) and not _typed_ok(block)):
+        raise MSTBadNode(f"MST node {_cid_str(node.cid)} holds a link where a byte string belongs, or the reverse")
     if height == 0:  # a leaf: no subtrees to visit
         if subs.count(None) != len(subs):
             raise MSTHeightError(f"MST node {_cid_str(node.cid)} on layer 0 has subtrees")
@@ -1120,6 +1169,7 @@ def _verify_leaf_block(cid: bytes, block: bytes, out: list, state: list) -> None
         pc = _CBOR_PREFIX
         pr = _RAW_PREFIX
         append = out.append
+        size = 0
         for e in ents:
             k = e["k"]
             p = e["p"]
@@ -1139,10 +1189,15 @@ def _verify_leaf_block(cid: bytes, block: bytes, out: list, state: list) -> None
                 raise MSTHeightError(f"MST key {key!r:.80} (height {key_height(key)}) on layer 0")
             if v.__class__ is not bytes or len(v) != 36 or (v[:4] != pc and v[:4] != pr):
                 raise MSTBadNode(f"MST value for {key!r:.80} is not a CID")
+            lk = len(k)
+            size += lk + (lk > 23) + (p > 23)
             append((key, v))
             prev = last = key
     except (KeyError, TypeError, AttributeError):
         raise MSTBadNode(f"MST node {_cid_str(cid)} is not a node map with well-formed entries") from None
+    n = len(ents)
+    if len(block) != size + 53 * n + 7 + (n > 23) and not _typed_ok(block):  # see _encoded_size
+        raise MSTBadNode(f"MST node {_cid_str(cid)} holds a link where a byte string belongs, or the reverse")
     state[1] = last
 
 

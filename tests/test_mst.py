@@ -728,3 +728,36 @@ def test_hostile_trees_raise_only_mst_errors():
                     invert_ops(t, ops[:rng.randint(1, len(ops))])
             except MSTError:
                 pass
+
+
+def test_links_written_as_byte_strings_are_refused():
+    """libipld reads a link and a 36-byte byte string alike; a node holding a CID as a byte string
+    where a link belongs (or a key suffix written as a link) is refused, as Go's decoder refuses
+    it: otherwise the same records would verify under two root CIDs."""
+    keys = [K["A0"], K["B1"], K["C0"]]
+    store, root = blocks_of(tree_of(keys))
+    good = cbrrr.decode_dag_cbor(store[root])
+    assert isinstance(good["l"], cbrrr.CID) and isinstance(good["e"][0]["v"], cbrrr.CID)
+    left_bytes = dict(good, l=good["l"].cid_bytes)
+    value_bytes = dict(good, e=[dict(good["e"][0], v=good["e"][0]["v"].cid_bytes)])
+    right_bytes = dict(good, e=[dict(good["e"][0], t=good["e"][0]["t"].cid_bytes)])
+    for node in (left_bytes, value_bytes, right_bytes):
+        bad = put(store, cbor.encode(node))
+        with pytest.raises(MSTBadNode):
+            MST.load(store, bad).verify()
+    # a leaf whose value is a byte string, below a well-formed root
+    leaf_cid = good["l"].cid_bytes
+    leaf = cbrrr.decode_dag_cbor(store[leaf_cid])
+    leaf["e"][0]["v"] = leaf["e"][0]["v"].cid_bytes
+    new_leaf = put(store, cbor.encode(leaf))
+    bad_root = put(store, cbor.encode(dict(good, l=cbrrr.CID(new_leaf))))
+    with pytest.raises(MSTBadNode):
+        MST.load(store, bad_root).verify()
+    # a key suffix written as a link (the bytes of a CID where a byte string belongs)
+    k_link = dict(good, e=[dict(good["e"][0], k=cbrrr.CID(CID1))])
+    with pytest.raises(MSTError):
+        MST.load(store, put(store, cbor.encode(k_link))).verify()
+    # a 36-byte key suffix that happens to look like a CID is fine as a byte string
+    t = MST.build([(b"a", CID1), (b"a" + CID1, CID1)])
+    s2, r2 = blocks_of(t)
+    assert MST.load(s2, r2).verify() == [(b"a", CID1), (b"a" + CID1, CID1)]
