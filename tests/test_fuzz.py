@@ -524,7 +524,8 @@ def mutate_ops(r: R, ops: list, s: Seed) -> list:
         elif f == 6:
             o[r.pick(["x", "blobs", "cid", "path"])] = interesting_value(r, s)
         elif f == 7:
-            o["path"] = str(o.get("path", "")) + r.pick(["/", "x", "/x", "\x00", "..", " "])
+            base = o.get("path") if isinstance(o.get("path"), str) else ""
+            o["path"] = base + r.pick(["/", "x", "/x", "\x00", "..", " "])
         else:
             ops[ops.index(o)] = interesting_value(r, s)
     return ops
@@ -1380,6 +1381,14 @@ def test_zz_report(capsys):
             top = ", ".join(f"{k} {v}" for k, v in STATS.outcomes.get(t, Counter()).most_common(8))
             lines.append(f"  {t:7s} {STATS.runs[t]:7d} runs, {STATS.seconds[t]:6.1f}s, slowest "
                          f"{STATS.slowest[t] * 1e3:6.1f} ms | {top}")
+    verdicts = Counter()
+    for t, c in STATS.outcomes.items():
+        for k, v in c.items():
+            if k.startswith(("accepted", "replay", "KNOWN", "verified_noncanonical")):
+                verdicts[f"{t}:{k}"] += v
+    if verdicts:
+        lines.append("  inputs that verified (each checked by the forgery oracle): "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())))
     with capsys.disabled():
         print("\n".join(lines))
 
