@@ -36,7 +36,7 @@ from tests.kafka_broker import broker_factory  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
-CAPACITY = 120
+CAPACITY = 60
 
 
 def _replay_service(srv: ReplayServer, tmp: Path, **extra: str):
@@ -44,16 +44,17 @@ def _replay_service(srv: ReplayServer, tmp: Path, **extra: str):
                         **extra)
 
 
-def _pds_repo_count(pds) -> int:
-    n, cursor = 0, ""
+def _pds_revs(pds) -> dict[str, str]:
+    """Every repo on the PDS with its current rev (listRepos): changes while the PDS writes."""
+    out, cursor = {}, ""
     while True:
         status, body = http_json("GET", f"{pds.url}/xrpc/com.atproto.sync.listRepos?limit=1000"
                                  + (f"&cursor={cursor}" if cursor else ""))
         assert status == 200, body
-        n += len(body["repos"])
+        out.update({r["did"]: r["rev"] for r in body["repos"]})
         cursor = body.get("cursor", "")
         if not cursor or not body["repos"]:
-            return n
+            return out
 
 
 # --- 1. a client that never acks ---------------------------------------------------------------
@@ -70,19 +71,19 @@ def test_never_acking_client_holds_the_firehose_with_bounded_memory(fault_pds, t
         wait_until(lambda: stat(svc, "outbox-buffer") >= CAPACITY, 120, "the outbox at capacity", svc=svc)
         timer.mark("at capacity")
         child = delivery_pid(svc)
-        samples = []  # (outbox depth, firehose cursor, PDS repos, child RSS MB)
+        samples = []  # (outbox depth, firehose cursor, PDS repos and revs, child RSS MB)
         for _ in range(8 if not FULL else 30):
-            samples.append((stat(svc, "outbox-buffer"), firehose_cursor(svc), _pds_repo_count(fault_pds), rss_mb(child)))
+            samples.append((stat(svc, "outbox-buffer"), firehose_cursor(svc), _pds_revs(fault_pds), rss_mb(child)))
             time.sleep(1.0)
         timer.mark("plateau observed")
         depths = [s[0] for s in samples]
         cursors = [s[1] for s in samples]
         rss = [s[3] for s in samples]
         # the plateau: near capacity, bounded above (a snapshot or one firehose batch may overshoot)
-        assert min(depths) >= CAPACITY * 0.9 and max(depths) <= CAPACITY + 150, depths
+        assert min(depths) >= CAPACITY * 0.9 and max(depths) <= CAPACITY + 100, depths
         # the firehose is held: the cursor stands still while the PDS keeps getting accounts
         assert cursors[-1] == cursors[len(cursors) // 2], cursors
-        assert samples[-1][2] > samples[0][2] or writer.runs > 1, "the PDS kept writing"
+        assert samples[-1][2] != samples[len(samples) // 2][2], "the PDS kept writing"
         assert max(rss) < 400 and max(rss) - rss[0] < 25, rss
         assert any(x.get("msg") == "firehose held: outbox at capacity" for x in _log(svc))
         n_lazy = len(lazy.events())
