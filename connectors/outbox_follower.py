@@ -64,7 +64,7 @@ GC_INTERVAL = 0.005
 GC_FULL_INTERVAL = 1.0
 GC_BUDGET = 20_000
 SAFETY_SCAN_INTERVAL = 1.0
-POLL_BUSY = 0.001
+POLL_BUSY = 0.002
 POLL_IDLE_MAX = 0.005
 READ_CHUNK = 5000  # rows per pass before yielding to the sockets
 META_ACKS_SEQNO = b"control/acks_seqno"
@@ -188,20 +188,30 @@ class OutboxFollower:
     # --- one step ------------------------------------------------------------------------
 
     def step(self) -> int:
-        """Catch up, offer new rows, write acks, forget deleted rows. Returns rows offered."""
+        """Catch up, offer new rows, write acks, forget deleted rows. Returns rows offered.
+
+        A catch-up costs 0.1-0.3 ms, so it is skipped when there is neither room to read
+        nor ack rows to release.
+        """
         now = time.monotonic()
-        self._flow.catch_up()
-        if now - self._last_scan >= self._safety_interval:
-            self._scan.update(range(self._shards))
-            self._last_scan = now
+        can_read = self._room() > 0
+        gc_due = bool(self._awaiting) and now - self._last_gc >= GC_INTERVAL
         n = 0
-        seq = self._flow.db.latest_sequence_number()
-        if seq != self._last_seq or self._more or self._scan:
-            self._last_seq = seq
-            n = self._read()
+        if can_read or gc_due:
+            self._flow.catch_up()
+        if can_read:
+            if now - self._last_scan >= self._safety_interval:
+                self._scan.update(range(self._shards))
+                self._last_scan = now
+            seq = self._flow.db.latest_sequence_number()
+            if seq != self._last_seq or self._more or self._scan:
+                self._last_seq = seq
+                n = self._read()
+        else:
+            self._more = True
         if self._ack_buf and (len(self._ack_buf) >= ACK_FLUSH_KEYS or now - self._last_flush >= ACK_FLUSH_INTERVAL):
             self.flush_acks()
-        if self._awaiting and now - self._last_gc >= GC_INTERVAL:
+        if gc_due:
             self._gc(now)
         return n
 
