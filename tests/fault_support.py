@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -93,6 +94,7 @@ def fault_pds():
         if _shared_pds:  # the first teardown (at the end of the session) stops it
             _shared_pds.clear()
             pds.stop()
+            shutil.rmtree(pds.run_dir, ignore_errors=True)
 
 
 def load(pds: Pds, out: Path, **env: str) -> dict:
