@@ -223,10 +223,12 @@ def test_webhook_mode_delivers_to_receiver(pds, tmp_path):
         assert svc.api("POST", "/repos/add", {"dids": [did]})[0] == 200
 
         def done():
+            # the receiver fails the first two POSTs on purpose: wait for their retries too
             with lock:
                 recs = {f"{e['record']['collection']}/{e['record']['rkey']}": e["record"]["cid"]
                         for e in received if e["type"] == "record"}
-            return recs == ledger["repos"][did]["records"]
+                identities = [e for e in received if e["type"] == "identity"]
+            return recs == ledger["repos"][did]["records"] and identities
 
         svc.wait_for(done, timeout=90, what="webhook deliveries")
         want = "Basic " + base64.b64encode(b"admin:s3cret").decode()
