@@ -41,6 +41,7 @@ from rocksdict import WriteOptions
 from config import Config
 from store.db import Database
 from store.layout import (
+    decode_counter,
     META_CONTROL_CURSOR,
     command_key,
     meta_counter_prefix,
@@ -71,18 +72,6 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
 
 def error(status: int, message: str) -> web.Response:
     return json_response({"message": message}, status)
-
-
-def _int(raw: bytes | None) -> int:
-    """A counter or cursor value: u64 big-endian (or ASCII digits)."""
-    if not raw:
-        return 0
-    if len(raw) == 8:
-        return int.from_bytes(raw, "big", signed=True)
-    try:
-        return int(raw)
-    except ValueError:
-        return 0
 
 
 def _valid_did(s: str) -> bool:
@@ -119,13 +108,13 @@ class CommandLog:
         self._db = delivery
         self._flow = flow
         self._cf = delivery.cf("commands")
-        last = _int(delivery.cf("dmeta").get(DMETA_COMMAND_SEQ))
+        last = decode_counter(delivery.cf("dmeta").get(DMETA_COMMAND_SEQ))
         it = self._cf.iter()
         it.seek_to_last()
         if it.valid():
             last = max(last, unpack_u64(it.key()))
         if flow is not None:
-            last = max(last, _int(flow.cf("meta").get(META_CONTROL_CURSOR)))
+            last = max(last, decode_counter(flow.cf("meta").get(META_CONTROL_CURSOR)))
         self.seq = last
         self._sync = WriteOptions()
         self._sync.sync = True
@@ -143,7 +132,7 @@ class CommandLog:
         """Delete commands the flow has applied everywhere; returns how many."""
         if self._flow is None:
             return 0
-        applied = _int(self._flow.cf("meta").get(META_CONTROL_CURSOR))
+        applied = decode_counter(self._flow.cf("meta").get(META_CONTROL_CURSOR))
         it = self._cf.iter()
         it.seek_to_first()
         keys = []
@@ -375,7 +364,7 @@ class Api:
             k = it.key()
             if not k.startswith(prefix):
                 break
-            total += _int(it.value())
+            total += decode_counter(it.value())
             it.next()
         return total
 
@@ -404,7 +393,7 @@ class Api:
         try:
             self.flow.catch_up()
             meta = self.flow.cf("meta")
-            firehose = 0 if self.cfg.outbox_only else _int(meta.get(META_FIREHOSE_SEQ))
+            firehose = 0 if self.cfg.outbox_only else decode_counter(meta.get(META_FIREHOSE_SEQ))
             if self.cfg.signal_collection:
                 raw = meta.get(meta_cursor_collection(self.cfg.relay_url, self.cfg.signal_collection))
             elif self.cfg.full_network:

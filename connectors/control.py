@@ -48,6 +48,7 @@ from config import Config
 from operators.items import AddRepo, RemoveRepo
 from store.db import Database, StoreError, open_delivery_db, open_flow_db
 from store.layout import (
+    decode_counter,
     META_CONTROL_CURSOR,
     command_key,
     meta_cmd_applied,
@@ -71,18 +72,6 @@ CONTROL_CURSOR = Gauge("tapflow_control_cursor", "highest API command seq applie
                        multiprocess_mode="livemax")
 
 
-def _decode_int(raw: bytes | None) -> int:
-    """A counter or cursor value: 8-byte big-endian (signed/unsigned agree for >= 0) or ASCII digits."""
-    if not raw:
-        return 0
-    if len(raw) == 8:
-        return int.from_bytes(raw, "big", signed=True)
-    try:
-        return int(raw)
-    except ValueError:
-        return 0
-
-
 def read_counter(db: Database, name: str) -> int:
     """Sum of ``count/<name>/<shard>`` over shards."""
     total = 0
@@ -93,7 +82,7 @@ def read_counter(db: Database, name: str) -> int:
         k = it.key()
         if not k.startswith(prefix):
             break
-        total += _decode_int(it.value())
+        total += decode_counter(it.value())
         it.next()
     return total
 
@@ -132,10 +121,10 @@ class ControlFollower:
         self.flow = flow_db if flow_db is not None else open_flow_db(cfg.data_dir)
         self.delivery: Database | None = None
         meta = self.flow.cf("meta")
-        self.cursor = _decode_int(meta.get(META_CONTROL_CURSOR))
+        self.cursor = decode_counter(meta.get(META_CONTROL_CURSOR))
         self.emitted = self.cursor  # highest command seq turned into items
         self._pending: deque[tuple[int, frozenset[int]]] = deque()  # (seq, shards) emitted, not all applied
-        self._acked_total = _decode_int(meta.get(meta_counter(OUTBOX_ACKED, 0)))
+        self._acked_total = decode_counter(meta.get(meta_counter(OUTBOX_ACKED, 0)))
         self._deleted_recent: set[bytes] = set()  # ack keys whose outbox row we deleted, until the acks row goes
         self._ack_batch = ack_batch
         self._max_items = max_items
@@ -226,7 +215,7 @@ class ControlFollower:
             ok = True
             for s in shards:
                 if s not in applied:
-                    applied[s] = _decode_int(meta.get(meta_cmd_applied(s)))
+                    applied[s] = decode_counter(meta.get(meta_cmd_applied(s)))
                 if applied[s] < seq:
                     ok = False
                     break

@@ -155,6 +155,18 @@ def unpack_u64(b: bytes) -> int:
     return _U64.unpack(b)[0]
 
 
+def decode_counter(raw: bytes | None) -> int:
+    """A counter or cursor value: 8-byte big-endian (signed/unsigned agree for >= 0) or ASCII digits."""
+    if not raw:
+        return 0
+    if len(raw) == 8:
+        return int.from_bytes(raw, "big", signed=True)
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
 def pack_i64(n: int) -> bytes:
     return _I64.pack(n)
 

@@ -27,13 +27,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.e2e_support import HARNESS, Pds, TapService, free_port, node_bin, start_client
+from tests.e2e_support import HARNESS, Pds, TapService, free_port, node_bin, start_client, state_from_events
 
 FULL = os.environ.get("FULL", "") == "1"
 SEED = int(os.environ.get("FAULT_SEED", "1729"))
@@ -187,18 +186,8 @@ class Consumer:
             r.stop()
 
 
-def apply_events(events: list[dict]) -> dict[str, dict[str, str]]:
-    """What a consumer applying every delivery in order holds: did -> {path: cid}."""
-    state: dict[str, dict[str, str]] = defaultdict(dict)
-    for e in events:
-        if e["type"] != "record":
-            continue
-        path = f"{e['collection']}/{e['rkey']}"
-        if e["action"] == "delete":
-            state[e["did"]].pop(path, None)
-        else:
-            state[e["did"]][path] = e["cid"]
-    return state
+# What a consumer applying every delivery in order holds: did -> {path: cid}.
+apply_events = state_from_events
 
 
 def state_diff(got: dict[str, dict[str, str]], want: dict[str, dict[str, str]]) -> dict:
