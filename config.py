@@ -129,6 +129,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kafka_replication", ("TAP_KAFKA_REPLICATION",), "1", "int", "replication factor of topics created at start"),
     Setting("kafka_only", ("TAP_KAFKA_ONLY",), "false", "bool", "deliver to Kafka only (no /channel, no webhook)"),
     Setting("webhook_concurrency", ("TAP_WEBHOOK_CONCURRENCY",), "64", "int", "webhook POSTs in flight at once"),
+    Setting("verify_workers", ("TAP_VERIFY_WORKERS",), "2", "int",
+            "processes that verify commits and repo CARs beside the flow (0 = verify in the flow process)"),
 )
 
 # Settings passed straight to the Kafka client: TAP_KAFKA_SECURITY_PROTOCOL -> security.protocol
@@ -178,6 +180,7 @@ class Config:
     kafka_replication: int = 1
     kafka_only: bool = False
     webhook_concurrency: int = 64
+    verify_workers: int = 2
     kafka_extra: tuple[tuple[str, str], ...] = field(default=())
 
     @property
@@ -276,7 +279,8 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
     for attr, env, low in (("shards", "TAP_SHARDS", 1), ("resync_parallelism", "TAP_RESYNC_PARALLELISM", 1),
                            ("outbox_capacity", "TAP_OUTBOX_CAPACITY", 1), ("ident_cache_size", "TAP_IDENT_CACHE_SIZE", 1),
                            ("kafka_partitions", "TAP_KAFKA_PARTITIONS", 1), ("kafka_replication", "TAP_KAFKA_REPLICATION", 1),
-                           ("webhook_concurrency", "TAP_WEBHOOK_CONCURRENCY", 1), ("max_car_size", "TAP_MAX_CAR_SIZE", 1024),
+                           ("webhook_concurrency", "TAP_WEBHOOK_CONCURRENCY", 1), ("verify_workers", "TAP_VERIFY_WORKERS", 0),
+                           ("max_car_size", "TAP_MAX_CAR_SIZE", 1024),
                            ("max_frame_size", "TAP_MAX_FRAME_SIZE", 1024), ("max_body_size", "TAP_MAX_BODY_SIZE", 1024)):
         if int(v[attr]) < low:  # type: ignore[arg-type]
             errors.append(f"{env}={v[attr]}: must be at least {low}")

@@ -21,6 +21,10 @@ from runtime.metrics import prepare_multiprocess  # noqa: E402  (before promethe
 
 prepare_multiprocess(_cfg.data_dir, fresh=True)
 
+from runtime.procpool import start_pool  # noqa: E402
+
+start_pool(_cfg.verify_workers)  # spawn-started, before any RocksDB opens
+
 from flows.dataflow import build_flow  # noqa: E402
 from runtime.service import start_service  # noqa: E402
 
