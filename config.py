@@ -90,7 +90,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("relay_url", ("TAP_RELAY_URL",), "https://relay1.us-east.bsky.network", "url",
             "relay for the firehose and listRepos/listReposByCollection"),
     Setting("firehose_parallelism", ("TAP_FIREHOSE_PARALLELISM",), "10", "int",
-            "accepted for compatibility; verification parallelism follows bytewax workers"),
+            "accepted for compatibility; verification parallelism is TAP_VERIFY_WORKERS"),
     Setting("resync_parallelism", ("TAP_RESYNC_PARALLELISM",), "5", "int", "repo fetches (getRepo) in flight at once"),
     Setting("outbox_parallelism", ("TAP_OUTBOX_PARALLELISM",), "1", "int", "accepted for compatibility; ordering never breaks in tapflow"),
     Setting("cursor_save_interval", ("TAP_CURSOR_SAVE_INTERVAL",), "1s", "duration", "firehose cursor persistence period"),

@@ -10,10 +10,12 @@ import os
 import sys
 
 from config import ConfigError, load_config
+from runtime.topology import TopologyError, check_topology
 
 try:
     _cfg = load_config()
-except ConfigError as _e:
+    check_topology(sys.argv, os.environ)
+except (ConfigError, TopologyError) as _e:
     print(str(_e), file=sys.stderr)
     raise SystemExit(2) from None
 
