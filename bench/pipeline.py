@@ -22,8 +22,10 @@ process used, so you can see who was the bottleneck on this 2-core machine):
   fully synced data set first, then 1M DIDs that stay pending (their PLC lookups hang),
   RSS after every batch of adds; then the 1M are removed and another 1M added: memory must
   not grow with repos ever seen.
-- ``two-procs``: whether the flow runs as 2 bytewax processes (``-i 0/1 -a ...``), and what
-  happens.
+- ``<measure>:1p``: the same measure with verification inside the flow process
+  (``TAP_VERIFY_WORKERS=0``: one process does everything but delivery); without the suffix the
+  flow runs with its verification pool (``TAP_VERIFY_WORKERS``, default 2 processes). bytewax's
+  own ``-w``/``-i/-a`` are refused by the service (``runtime/topology.py``).
 
 Per-core limits of the same run come from ``bench/protocol.py`` (imported), printed next to each
 figure. Data sets are cached under ``$HOME/.cache/tapflow-bench``. The last line holds the figures
@@ -478,79 +480,6 @@ def measure_rss(tmp: Path, args) -> dict:
         svc.cleanup()
 
 
-def probe_two_procs(path: Path, s: dict, tmp: Path, args) -> dict:
-    """Start the flow as 2 bytewax processes (``-i 0/1 -a ...``; 0.21 has no ``-p``) and report."""
-    from tests.e2e_support import free_port
-
-    up = Upstream(path, hold=True, log_dir=tmp)
-    svc = Service(up.url, tmp / "svc-2p", **{**args.env, "TAP_LOG_LEVEL": "info"})
-    addrs = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
-    procs = []
-    logs = []
-    try:
-        for i in range(2):
-            lp = tmp / f"2p-{i}.log"
-            logs.append(lp)
-            procs.append(subprocess.Popen([sys.executable, "-m", "bytewax.run", "flows.tap", "-i", str(i), "-a", addrs],
-                                          cwd=str(ROOT), env=svc.svc.env, stdout=open(lp, "wb"),
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-            time.sleep(0.5)
-        healthy = False
-        deadline = time.monotonic() + 30
-        from tests.e2e_support import http_json
-
-        while time.monotonic() < deadline and not healthy:
-            try:
-                healthy = http_json("GET", svc.url + "/health", timeout=2)[0] == 200
-            except OSError:
-                pass
-            time.sleep(0.5)
-        added = None
-        if healthy:
-            try:
-                svc.add(s["dids"][:50])
-                added = True
-            except Exception as e:  # noqa: BLE001
-                added = repr(e)
-            time.sleep(10)
-        state = [p.poll() for p in procs]
-        tails = []
-        for lp in logs:
-            lines = lp.read_text(errors="replace").splitlines()
-            interesting = [ln[:400] for ln in lines if any(w in ln.lower() for w in (
-                "error", "exception", "lock", "panic", "address", "started"))]
-            tails.append((interesting or lines)[-6:])
-        rc = None
-        if healthy:
-            try:
-                rc = http_json("GET", svc.url + "/stats/repo-count", timeout=5)[1]
-            except OSError as e:
-                rc = repr(e)
-        res = {"addresses": addrs, "healthy": healthy, "exit_codes": state, "repo_count": rc, "added": added,
-               "log_tails": tails, "ok": True}
-        log(f"two-procs: healthy={healthy} exit codes={state} repo-count={rc}")
-        for i, t in enumerate(tails):
-            for ln in t:
-                log(f"  proc {i}: {ln[:300]}")
-        return res
-    finally:
-        import signal as _signal
-
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, _signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, _signal.SIGKILL)
-        up.stop()
-        svc.cleanup()
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -563,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--huge-records", type=int, default=50_000)
     ap.add_argument("--commits", type=int, default=60_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default="backfill-channel,backfill-webhook,backfill-kafka,live,latency,rss,two-procs")
+    ap.add_argument("--only", default="backfill-channel,backfill-channel:1p,backfill-webhook,backfill-kafka,live,live:1p,"
+                                      "latency,rss")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--rate", type=float, default=1000.0, help="latency: commits/s")
     ap.add_argument("--latency-seconds", type=float, default=30.0)
@@ -604,21 +534,31 @@ def main(argv: list[str] | None = None) -> None:
         for run in range(args.runs):
             for m in only:
                 log(f"run {run + 1}/{args.runs}: {m}")
+                base, _, variant = m.partition(":")
+                margs = args
+                mtmp = tmp / m.replace(":", "-").replace("@", "-at-")
+                mtmp.mkdir(parents=True, exist_ok=True)
+                if variant == "1p":  # verification in the flow process itself
+                    margs = argparse.Namespace(**vars(args))
+                    margs.env = {**args.env, "TAP_VERIFY_WORKERS": "0"}
+                    if args.profile:
+                        margs.profile = args.profile / "1p"
                 try:
-                    if m.startswith("backfill-"):
-                        target = m.split("-", 1)[1]
+                    if variant not in ("", "1p"):
+                        log(f"unknown variant {variant}")
+                        continue
+                    if base.startswith("backfill-"):
+                        target = base.split("-", 1)[1]
                         if target == "kafka" and broker is None:
                             broker = KafkaBroker()
-                        r = measure_backfill(path, s, target, tmp, args, broker)
-                    elif m == "live":
-                        r = measure_live(path, s, tmp, args)
-                    elif m.startswith("latency"):
-                        rate = float(m.split("@", 1)[1]) if "@" in m else args.rate
-                        r = measure_live(path, s, tmp, args, rate=rate)
-                    elif m == "rss":
-                        r = measure_rss(tmp, args)
-                    elif m == "two-procs":
-                        r = probe_two_procs(path, s, tmp, args)
+                        r = measure_backfill(path, s, target, mtmp, margs, broker)
+                    elif base == "live":
+                        r = measure_live(path, s, mtmp, margs)
+                    elif base.startswith("latency"):
+                        rate = float(base.split("@", 1)[1]) if "@" in base else args.rate
+                        r = measure_live(path, s, mtmp, margs, rate=rate)
+                    elif base == "rss":
+                        r = measure_rss(tmp, margs)
                     else:
                         log(f"unknown measure {m}")
                         continue
@@ -672,16 +612,22 @@ def report(results: dict, limits: dict, s: dict, args) -> None:
         if best == best:
             fig[name] = round(best, 1) if best < 100 else round(best)
 
-    for m, unit in (("backfill-channel", "records/s"), ("backfill-webhook", "records/s"), ("backfill-kafka", "records/s")):
-        if m in results:
-            row(m.replace("-", "_") + "_records_per_s", results[m], "records_per_s", unit, lim_b,
-                "verify+JSON/core", n_key="expected")
-    if "live" in results:
-        row("live_commits_per_s", results["live"], "commits_per_s", "commits/s", lim_c, "verify/core", n_key="commits")
+    def sfx1p(m: str) -> str:
+        return "_1p" if m.endswith(":1p") else ""
+
+    for m in results:
+        base = m.partition(":")[0]
+        if base in ("backfill-channel", "backfill-webhook", "backfill-kafka"):
+            row(base.replace("-", "_") + "_records_per_s" + sfx1p(m), results[m], "records_per_s", "records/s",
+                lim_b, "verify+JSON/core", n_key="expected")
+        elif base == "live":
+            row("live_commits_per_s" + sfx1p(m), results[m], "commits_per_s", "commits/s", lim_c, "verify/core",
+                n_key="commits")
     for m in results:
         if not m.startswith("latency"):
             continue
-        sfx = "" if m == "latency" else "_at_" + m.split("@", 1)[1].split(".")[0]
+        base = m.partition(":")[0]
+        sfx = ("" if base == "latency" else "_at_" + base.split("@", 1)[1].split(".")[0]) + sfx1p(m)
         row("p50_ms" + sfx, results[m], "p50_ms", "ms", lower=True)
         row("p99_ms" + sfx, results[m], "p99_ms", "ms", lower=True)
         row("latency_commits_per_s" + sfx, results[m], "commits_per_s", "commits/s", n_key="commits")
@@ -711,10 +657,6 @@ def report(results: dict, limits: dict, s: dict, args) -> None:
                 fig[f"{name}_commits_per_s"] = round(v)
                 if live:
                     fig[f"live_vs_{name}"] = round(live / v, 2)
-    if "two-procs" in results:
-        r = results["two-procs"][-1]
-        fig["two_procs_healthy"] = int(bool(r.get("healthy")))
-        print(f"\ntwo bytewax processes (-i 0/1 -a): healthy={r.get('healthy')} exit codes={r.get('exit_codes')}")
     fig["limit_commit_verify_per_s"] = round(lim_c) if lim_c == lim_c else "nan"
     fig["limit_backfill_records_per_s"] = round(lim_b) if lim_b == lim_b else "nan"
     if limits.get("sig_us"):
