@@ -941,6 +941,12 @@ def main(argv: list[str] | None = None) -> None:
     load_s = time.time() - t0
     srv = ReplayServer(data, host=args.host, port=args.port, pds_count=args.pds_count, rate=args.rate,
                        hold=args.hold, repo_state=args.repo_state, keep_source=False)
+    serve_until_signalled(srv, load_s)
+
+
+def serve_until_signalled(srv: "ReplayServer", load_s: float) -> None:
+    """Start ``srv``, print its URLs as one JSON line (what a parent process waits for), serve
+    until SIGTERM/SIGINT."""
 
     async def serve() -> None:
         await srv.start_async()

@@ -32,8 +32,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import sys
 import time
 from array import array
 from pathlib import Path
@@ -41,7 +39,7 @@ from pathlib import Path
 from aiohttp import web
 
 from bench.gen import RepoSim, make_did, random_writes
-from bench.replay import (DEFAULT_CACHE_DIR, ReplayData, ReplayServer, RepoInfo, _SEQ_PATTERN, _SEQ_SENTINEL,
+from bench.replay import (DEFAULT_CACHE_DIR, ReplayData, ReplayServer, serve_until_signalled, RepoInfo, _SEQ_PATTERN, _SEQ_SENTINEL,
                           handle_for)
 from protocol import cbor
 from protocol.car import read_car
@@ -238,18 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     load_s = time.time() - t0
     srv = BenchServer(data, host=args.host, port=args.port, rate=args.rate, hold=args.hold,
                       repo_state=args.repo_state, hang_unknown=args.hang_unknown)
-
-    async def serve() -> None:
-        await srv.start_async()
-        print(json.dumps({**srv.urls(), "load_s": round(load_s, 2), "pid": os.getpid()}), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await srv.stop_async()
-
-    asyncio.run(serve())
+    serve_until_signalled(srv, load_s)
 
 
 if __name__ == "__main__":
