@@ -15,13 +15,12 @@ commits fell between getRepo and the snapshot stayed stale (no later commit to n
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from bench.replay import ReplayData, ReplayServer
-from tests.e2e_support import make_service, start_client
+from tests.e2e_support import make_service, start_client, state_from_events
 
 pytestmark = pytest.mark.e2e
 
@@ -33,20 +32,6 @@ def data() -> ReplayData:
     return ReplayData.generate(repos=REPOS, records=RECORDS, commits=COMMITS, seed=11)
 
 
-def _state_from_events(events: list[dict]) -> dict[str, dict[str, str]]:
-    """What a consumer applying the events holds: did -> {path: cid}."""
-    state: dict[str, dict[str, str]] = defaultdict(dict)
-    for e in events:
-        if e["type"] != "record":
-            continue
-        path = f"{e['collection']}/{e['rkey']}"
-        if e["action"] == "delete":
-            state[e["did"]].pop(path, None)
-        else:
-            state[e["did"]][path] = e["cid"]
-    return state
-
-
 def test_repos_added_while_live_are_fetched_once(data: ReplayData, tmp_path: Path):
     srv = ReplayServer(data, rate=RATE, hold=True, repo_state="head").start()
     final = {did: srv.records_at(did) for did in data.dids}
@@ -55,7 +40,7 @@ def test_repos_added_while_live_are_fetched_once(data: ReplayData, tmp_path: Pat
     client = start_client(svc, tmp_path, data.dids)
     try:
         srv.release()  # live commits flow while the repos are being fetched
-        svc.wait_for(lambda: all(_state_from_events(client.events()).get(d, {}) == final[d] for d in data.dids),
+        svc.wait_for(lambda: all(state_from_events(client.events()).get(d, {}) == final[d] for d in data.dids),
                      timeout=180, interval=0.5, what="consumer state equal to every repo's final state")
 
         def all_active() -> bool:
