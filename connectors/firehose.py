@@ -65,10 +65,10 @@ from runtime.shutdown import cap_awake, check_stop
 from config import USER_AGENT, Config
 from connectors.control import DepthGauge
 from connectors.http import LoopThread
-from operators.items import FirehoseAccount, FirehoseCommit, FirehoseIdentity, FirehoseSync, Item, Rejected
+from operators.items import FIREHOSE_ITEMS, FirehoseAccount, FirehoseCommit, FirehoseIdentity, FirehoseSync, Item, Rejected
 from protocol.cbor import CBORError, decode_multi
 from store.db import Database, open_flow_db
-from store.layout import meta_cursor_firehose, pack_u64, unpack_u64
+from store.layout import decode_counter, meta_cursor_firehose, meta_firehose_applied, pack_u64, shard_of, unpack_u64
 
 __all__ = ["FirehoseSource", "FirehoseClient", "Frame", "decode_frame", "META_STATS_SEQ", "dial_backoff"]
 
@@ -475,6 +475,9 @@ class _FirehosePartition(StatefulSourcePartition):
         self._batch = batch
         self._idle = timedelta(seconds=idle)
         self._emitted_seq = 0
+        # (seq, shard) of emitted firehose items not yet known to be applied by RepoLogic
+        self._unapplied: deque[tuple[int, int]] = deque()
+        self._shards = client.cfg.shards
         self._saved_seq = -1
         self._saved_recv = -1
         self._save_every = client.cfg.cursor_save_interval
@@ -487,9 +490,15 @@ class _FirehosePartition(StatefulSourcePartition):
         check_stop()
         pairs = self._c.drain(self._batch)
         items = []
+        unapplied = self._unapplied
         for seq, item in pairs:
             if item is not None:
                 items.append(item)
+                if seq is not None and type(item) in FIREHOSE_ITEMS and isinstance(item.did, str):
+                    try:
+                        unapplied.append((seq, shard_of(item.did, self._shards)))
+                    except Exception:  # not encodable: RepoLogic rejects it and records nothing
+                        pass
             if seq is not None:
                 self._emitted_seq = seq
         if time.monotonic() >= self._next_save:
@@ -504,9 +513,27 @@ class _FirehosePartition(StatefulSourcePartition):
     def snapshot(self) -> None:
         return None  # the cursor lives in RocksDB meta
 
+    def durable_seq(self) -> int:
+        """The cursor that is safe to save: every firehose item at or below it has been applied
+        (RepoLogic records ``fhapplied/<shard>`` in the WriteBatch of the item), so a crash
+        right after the save loses nothing; frames that carried no item only move it on."""
+        pending = self._unapplied
+        if pending:
+            meta = self._c.db.cf("meta")
+            applied: dict[int, int] = {}
+            while pending:
+                seq, shard = pending[0]
+                a = applied.get(shard)
+                if a is None:
+                    a = applied[shard] = decode_counter(meta.get(meta_firehose_applied(shard)))
+                if a < seq:
+                    return seq - 1
+                pending.popleft()
+        return self._emitted_seq
+
     def save_cursor(self) -> None:
         self._next_save = time.monotonic() + self._save_every
-        seq, recv = self._emitted_seq, self._c.received_seq
+        seq, recv = self.durable_seq(), self._c.received_seq
         if seq == self._saved_seq and recv == self._saved_recv:
             return
         db = self._c.db

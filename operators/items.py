@@ -146,6 +146,9 @@ Item = Union[
     FetchStarted, SnapshotChunk, FetchFailed, IdentityRefreshed, AddRepo, RemoveRepo,
 ]
 
+#: Items read from the firehose: their ``seq`` bounds the firehose cursor (see connectors.firehose).
+FIREHOSE_ITEMS = frozenset((FirehoseCommit, FirehoseSync, FirehoseIdentity, FirehoseAccount))
+
 
 @dataclass(slots=True)
 class Rejected:

@@ -116,6 +116,7 @@ from config import Config
 from operators.events import INVALID_HANDLE, identity_body, record_body, with_id
 from operators.filters import CollectionFilter
 from operators.items import (
+    FIREHOSE_ITEMS,
     AddRepo,
     FetchFailed,
     FetchStarted,
@@ -155,6 +156,7 @@ from store.layout import (
     encode_outbox_row,
     fetch_key,
     meta_cmd_applied,
+    meta_firehose_applied,
     meta_counter,
     outbox_key,
     pack_u64,
@@ -274,6 +276,7 @@ class _Batch:
         self.events: list[tuple[int, str, int, Optional[str], bytes]] = []
         self.counters: dict[tuple[str, int], int] = {}
         self.cmd: dict[int, int] = {}
+        self.fh: dict[int, int] = {}  # shard -> highest firehose seq applied in this batch
         self.fetch_queued = False
         self._undo: list[tuple] = []
 
@@ -473,6 +476,13 @@ class RepoLogic:
                     r = Rejected(did, source, "internal_error", f"{type(e).__name__}: {e}")
                 if r is not None:
                     rejected.append(r)
+            if type(item) in FIREHOSE_ITEMS and isinstance(did, str) and isinstance(item.seq, int):
+                try:
+                    s = shard_of(did, self.shards)
+                except Exception:  # not encodable: the firehose side skipped it too
+                    s = -1
+                if s >= 0 and item.seq > b.fh.get(s, 0):
+                    b.fh[s] = item.seq
             if isinstance(item, (AddRepo, RemoveRepo)) and isinstance(item.seq, int) and item.seq > 0:
                 try:
                     s = shard_of(did, self.shards) if isinstance(did, str) else 0
@@ -525,6 +535,11 @@ class RepoLogic:
             wb.put(key, pack_u64(max(0, cur + delta)), h_meta)
         for shard, seq in b.cmd.items():
             key = meta_cmd_applied(shard)
+            raw = meta.get(key)
+            if not raw or unpack_u64(raw) < seq:
+                wb.put(key, pack_u64(seq), h_meta)
+        for shard, seq in b.fh.items():
+            key = meta_firehose_applied(shard)
             raw = meta.get(key)
             if not raw or unpack_u64(raw) < seq:
                 wb.put(key, pack_u64(seq), h_meta)

@@ -147,6 +147,12 @@ def meta_cmd_applied(shard: int) -> bytes:
     return b"cmdapplied/" + _U16.pack(shard)
 
 
+def meta_firehose_applied(shard: int) -> bytes:
+    """Highest firehose seq whose item the shard's RepoLogic has applied (the firehose cursor
+    is saved only up to what every shard involved has applied)."""
+    return b"fhapplied/" + _U16.pack(shard)
+
+
 def pack_u64(n: int) -> bytes:
     return _U64.pack(n)
 

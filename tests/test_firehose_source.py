@@ -19,7 +19,7 @@ from operators.items import FirehoseAccount, FirehoseCommit, FirehoseIdentity, F
 from protocol import cbor
 from protocol.cid import cid_for_dag_cbor
 from store.db import open_flow_db
-from store.layout import meta_cursor_firehose, pack_u64, unpack_u64
+from store.layout import meta_cursor_firehose, meta_firehose_applied, pack_u64, shard_of, unpack_u64
 
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
 
@@ -393,8 +393,16 @@ async def test_partition_emits_saves_cursor_and_stats(tmp_path):
             await asyncio.sleep(0.1)
             part.next_batch()  # past the save interval
             meta = db.cf("meta")
+            # no RepoLogic applied the items: the cursor stays before the first of them
+            assert meta.get(meta_cursor_firehose(cfg.relay_url)) is None
+            assert unpack_u64(meta[META_STATS_SEQ]) == 3  # received, for /stats/cursors
+            applied = meta_firehose_applied(shard_of(DID, cfg.shards))
+            db.cf("meta")[applied] = pack_u64(1)  # what RepoLogic writes with the item of seq 1
+            part.save_cursor()
+            assert unpack_u64(meta[meta_cursor_firehose(cfg.relay_url)]) == 2  # 2 carried no item
+            db.cf("meta")[applied] = pack_u64(3)
+            part.save_cursor()
             assert unpack_u64(meta[meta_cursor_firehose(cfg.relay_url)]) == 3
-            assert unpack_u64(meta[META_STATS_SEQ]) == 3
             assert part.next_awake() is not None  # idle: no busy spin
         finally:
             part.close()
@@ -446,7 +454,8 @@ def test_in_a_real_bytewax_flow(tmp_path):
         op.output("out", op.map("name", s, lambda x: (type(x).__name__, x.seq)), TestingSink(out))
         run_main(flow)
         assert out == [("FirehoseCommit", 1), ("FirehoseIdentity", 2), ("FirehoseAccount", 3)]
-        assert unpack_u64(open_flow_db(cfg.data_dir).cf("meta")[meta_cursor_firehose(cfg.relay_url)]) == 3
+        # no RepoLogic in this flow: nothing was applied, so no cursor passes the items
+        assert open_flow_db(cfg.data_dir).cf("meta").get(meta_cursor_firehose(cfg.relay_url)) is None
     finally:
         loop.call_soon_threadsafe(loop.stop)
         th.join(2)

@@ -77,6 +77,26 @@ def test_add_is_pending_with_fetch_and_idempotent(env):
     assert env.cmd_applied(shard_of(D, 4)) == 8
 
 
+def test_firehose_items_record_the_applied_seq_per_shard(env):
+    """``fhapplied/<shard>`` is written with the item's effects: the firehose cursor never
+    passes an item RepoLogic has not applied (a kill -9 in between loses nothing)."""
+    from store.layout import meta_firehose_applied
+
+    def applied(d):
+        raw = env.db.cf("meta").get(meta_firehose_applied(shard_of(d, 4)))
+        return int.from_bytes(raw, "big") if raw else 0
+
+    env.active_repo(D, records={P1: cid("a")})
+    env.process(FirehoseIdentity(seq=41, did=D, handle=None), FirehoseIdentity(seq=40, did=D, handle=None))
+    assert applied(D) == 41  # the highest of the batch; never moves back
+    env.process(FirehoseIdentity(seq=7, did=D, handle=None))
+    assert applied(D) == 41
+    env.process(FirehoseIdentity(seq=42, did="not a did", handle=None))  # rejected, still done with
+    assert applied("not a did") == 42
+    env.process(AddRepo(D, seq=99))  # control items do not count
+    assert applied(D) == 41
+
+
 def test_add_does_not_touch_existing_repo(env):
     env.active_repo(D, records={P1: cid("a")})
     env.process(AddRepo(D, seq=3))
