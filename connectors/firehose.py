@@ -8,8 +8,10 @@ never waits. Items: ``FirehoseCommit``, ``FirehoseSync``, ``FirehoseIdentity``,
 
 Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
 
-- Cursor: ``meta[cursor/firehose/<relay url>]`` = the seq of the last *emitted* item,
-  saved every ``TAP_CURSOR_SAVE_INTERVAL`` and on close; ``?cursor=`` only when > 0;
+- Cursor: ``meta[cursor/firehose/<relay url>]`` = the seq up to which every emitted item
+  has been *applied* by RepoLogic (``fhapplied/<shard>``, written in the item's WriteBatch;
+  frames without an item just move it on), saved every ``TAP_CURSOR_SAVE_INTERVAL`` and on
+  close, so a crash never skips an event; ``?cursor=`` only when > 0;
   ``TAP_NO_REPLAY`` always connects at the live head. A reconnect within the process
   resumes after the last frame received (frames already queued will still be emitted).
 - Reconnect at once after a dropped connection; dial failures (and connections that die
