@@ -202,40 +202,46 @@ class _Stale(Exception):
 
 
 def _parse_head(head: bytes) -> tuple[int, int | None, bool, bool, str | None]:
-    """(status, content length or None, chunked, connection close, location) of a response head."""
+    """(status, content length or None, chunked, connection close, location) of a response head.
+    Looks up the four headers that matter in the lower-cased head (C-level scans, no per-line
+    Python work: this runs once per POST)."""
     if not head.startswith(b"HTTP/1.") or len(head) < 12 or head[12:13] not in (b" ", b"\r"):
         raise HttpError(f"not an HTTP/1.x status line: {head[:40]!r}")
     try:
         status = int(head[9:12])
     except ValueError:
         raise HttpError(f"bad status: {head[:40]!r}") from None
+    low = head.lower()
     close = head[5:8] == b"1.0"  # HTTP/1.0 closes unless it says keep-alive
     length = None
-    chunked = False
+    v = _value(low, b"\r\ncontent-length:")
+    if v is not None:
+        try:
+            length = int(v)
+        except ValueError:
+            raise HttpError(f"bad Content-Length: {v!r}") from None
+        if length < 0:
+            raise HttpError(f"bad Content-Length: {v!r}")
+    v = _value(low, b"\r\ntransfer-encoding:")
+    chunked = v is not None and b"chunked" in v
+    v = _value(low, b"\r\nconnection:")
+    if v == b"close":
+        close = True
+    elif v == b"keep-alive":
+        close = False
     location = None
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        name = name.strip().lower()
-        if name == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                raise HttpError(f"bad Content-Length: {value!r}") from None
-            if length < 0:
-                raise HttpError(f"bad Content-Length: {value!r}")
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-        elif name == b"connection":
-            v = value.strip().lower()
-            if v == b"close":
-                close = True
-            elif v == b"keep-alive":
-                close = False
-        elif name == b"location":
-            location = value.strip().decode("latin-1")
+    i = low.find(b"\r\nlocation:")
+    if i >= 0:  # from the original head: a URL keeps its case
+        location = head[i + 11:head.index(b"\r\n", i + 2)].strip().decode("latin-1")
     return status, length, chunked, close, location
+
+
+def _value(low: bytes, name: bytes) -> bytes | None:
+    """The stripped value of header ``name`` (b"\\r\\nname:") in a lower-cased head, or None."""
+    i = low.find(name)
+    if i < 0:
+        return None
+    return low[i + len(name):low.index(b"\r\n", i + 2)].strip()
 
 
 async def _drop(reader: asyncio.StreamReader, n: int) -> None:
