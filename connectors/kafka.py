@@ -753,9 +753,12 @@ class KafkaTarget:
         """No ack for stall_timeout s while events wait. If a broker was connected all that
         time, the producer is stuck (e.g. the cluster was replaced and no longer knows our
         producer id: librdkafka then bumps its epoch forever without reporting an error):
-        start over with a new producer. While no broker is connected, keep waiting."""
+        start over with a new producer. While no broker is connected, keep waiting; so while
+        every waiting event is a refused one or held behind one (their retries say why)."""
         since = self._connected_since
         if since is None:
+            return
+        if self._blocked and len(self._unacked) <= sum(1 + len(h) for _, h in self._blocked.values()):
             return
         now = time.monotonic()
         if now - max(since, self._last_progress) > self._stall_timeout:

@@ -384,7 +384,9 @@ async def test_refused_event_holds_back_newer_events_of_its_did(kafka_broker):
     producer with a higher message.max.bytes), the DID's events land in id order."""
     cfg = cfg_for(kafka_broker.bootstrap, kafka_partitions=2)
     taken: list[bytes] = []
-    t = KafkaTarget(cfg, taken.append, producer_overrides={"message.max.bytes": 2000})
+    # a short stall timeout: the watchdog must leave alone a target that only waits for a refused event
+    t = KafkaTarget(cfg, taken.append, stall_timeout=1,
+                    producer_overrides={"message.max.bytes": 2000, "statistics.interval.ms": 200})
     await t.start()
     ob = Outbox()
     first = ob.record("did:plc:s", "create", "a")
@@ -394,10 +396,11 @@ async def test_refused_event_holds_back_newer_events_of_its_did(kafka_broker):
     for ev in (first, big, newer[0], other, newer[1], newer[2]):
         t.offer(ev)
     await wait_for(lambda: len(taken) == 2, 30, "the events that are not behind the refused one")
-    await asyncio.sleep(1.5)  # at least one retry of the big one
+    await asyncio.sleep(2.5)  # at least one retry of the big one, and past the stall timeout
     st = t.stats()
     assert set(taken) == {first.key, other.key}
     assert st.blocked_dids == 1 and st.held == 3 and st.unacked == 4
+    assert t.resets == 0
     assert st.produced[cfg.kafka_topic_prefix + "events"] == 2, "newer events of did:plc:s must not be produced"
 
     t._conf["message.max.bytes"] = 1_000_000  # the operator raises the limit; a new producer takes it
