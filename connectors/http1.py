@@ -112,7 +112,9 @@ class Http1Client:
 
     async def _post_own(self, body: bytes) -> tuple[int, str | None]:
         """One POST to the URL on a pooled connection. A kept-alive connection the server closed
-        while it was idle fails before any answer: then once more on a new connection."""
+        while it was idle fails before any answer: then once more on a new connection (if the
+        server did read that request before closing, it sees it twice: the webhook is
+        at-least-once anyway)."""
         req = self._post_head + str(len(body)).encode() + b"\r\n\r\n" + body
         idle = self._idle
         while idle:
