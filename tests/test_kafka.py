@@ -190,6 +190,15 @@ def test_producer_config_defaults_passthrough_and_guards():
     conf = ck.producer_config(load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_ENABLE_IDEMPOTENCE": "false"},
                                           dotenv=None))
     assert conf["max.in.flight.requests.per.connection"] == 1
+    # the stall timeout is ours, not librdkafka's; metadata requests never create topics
+    cfg = load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_STALL_TIMEOUT": "3s"}, dotenv=None)
+    assert cfg.kafka_stall_timeout == 3.0 and not any("stall" in k for k, _ in cfg.kafka_extra)
+    assert ck.producer_config(cfg)["allow.auto.create.topics"] is False
+    assert "allow.auto.create.topics" not in ck._admin_config(cfg)
+    assert KafkaTarget(cfg, lambda k: None)._stall_timeout == 3.0
+    assert load_config({}, dotenv=None).kafka_stall_timeout < 60
+    with pytest.raises(Exception, match="TAP_KAFKA_STALL_TIMEOUT"):
+        load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_STALL_TIMEOUT": "0s"}, dotenv=None)
 
 
 def test_bad_passthrough_setting_is_a_clear_error():
