@@ -128,13 +128,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kafka_partitions", ("TAP_KAFKA_PARTITIONS",), "8", "int", "partitions of topics created at start"),
     Setting("kafka_replication", ("TAP_KAFKA_REPLICATION",), "1", "int", "replication factor of topics created at start"),
     Setting("kafka_only", ("TAP_KAFKA_ONLY",), "false", "bool", "deliver to Kafka only (no /channel, no webhook)"),
+    Setting("kafka_stall_timeout", ("TAP_KAFKA_STALL_TIMEOUT",), "10s", "duration",
+            "no Kafka ack this long while events wait and a broker is up: recreate missing topics, restart the producer"),
     Setting("webhook_concurrency", ("TAP_WEBHOOK_CONCURRENCY",), "64", "int", "webhook POSTs in flight at once"),
     Setting("verify_workers", ("TAP_VERIFY_WORKERS",), "2", "int",
             "processes that verify commits and repo CARs beside the flow (0 = verify in the flow process)"),
 )
 
 # Settings passed straight to the Kafka client: TAP_KAFKA_SECURITY_PROTOCOL -> security.protocol
-_KAFKA_OWN = {"TAP_KAFKA_BOOTSTRAP", "TAP_KAFKA_TOPIC_PREFIX", "TAP_KAFKA_PARTITIONS", "TAP_KAFKA_REPLICATION", "TAP_KAFKA_ONLY"}
+_KAFKA_OWN = {"TAP_KAFKA_BOOTSTRAP", "TAP_KAFKA_TOPIC_PREFIX", "TAP_KAFKA_PARTITIONS", "TAP_KAFKA_REPLICATION", "TAP_KAFKA_ONLY",
+              "TAP_KAFKA_STALL_TIMEOUT"}
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class Config:
     kafka_partitions: int = 8
     kafka_replication: int = 1
     kafka_only: bool = False
+    kafka_stall_timeout: float = 10.0
     webhook_concurrency: int = 64
     verify_workers: int = 2
     kafka_extra: tuple[tuple[str, str], ...] = field(default=())
@@ -290,6 +294,8 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
         errors.append("TAP_RETRY_TIMEOUT: must be positive")
     if float(v["cursor_save_interval"]) <= 0:  # type: ignore[arg-type]
         errors.append("TAP_CURSOR_SAVE_INTERVAL: must be positive")
+    if float(v["kafka_stall_timeout"]) <= 0:  # type: ignore[arg-type]
+        errors.append("TAP_KAFKA_STALL_TIMEOUT: must be positive")
     wh = str(v["webhook_url"])
     if wh and not wh.startswith(("http://", "https://")):
         errors.append(f"TAP_WEBHOOK_URL={wh!r}: must start with http:// or https://")

@@ -1,8 +1,16 @@
-"""Throughput of the Kafka delivery target from a pre-filled outbox.
+"""Throughput of the Kafka delivery target: verified backfill into Kafka, and the target alone.
 
-    python bench/kafka.py                      # starts a throw-away tansu broker (../shared/kafka)
-    python bench/kafka.py --bootstrap HOST:PORT --events 300000 --runs 3 --all
+    python -m bench.kafka                      # starts a throw-away tansu broker (../shared/kafka)
+    python -m bench.kafka --bootstrap HOST:PORT --events 300000 --runs 3 --all
+    python -m bench.kafka --no-verified        # the target only (no service run)
 
+**Verified backfill** (``--verified``, on by default): the whole service (flow + delivery child
+with ``TAP_KAFKA_ONLY``) backfills the captured data set (bench.pipeline's ``backfill-kafka``:
+every repo fetched, verified, its records produced to ``<prefix>events`` + ``<prefix>records``)
+while a Kafka consumer counts the records; records/s until the consumer has them all, and the
+CPU per record of the flow and of the delivery child.
+
+**Target only**: 
 Fills a RocksDB outbox (a temp data dir, not timed) with synthetic record events (90%
 creates of ~150-byte posts, 5% updates, 5% deletes, a few identity events) spread over
 many DIDs and shards, then times, per configuration, two paths until ``on_taken`` was called
@@ -13,9 +21,10 @@ for every event (the broker acked both messages of each record event: ``<prefix>
 - ``target``: ``offer`` of events already read into memory (the target's own cost).
 
 At most ``--window`` events are unacked at once, as the delivery child does (outbox capacity).
-Prints a table with the event-loop thread's CPU per event, then ``kafka_target_records_per_s=N``
-and, last, ``kafka_records_per_s=N``: record events/s of the default configuration on the
-outbox path (best run); one record event = 2 Kafka messages.
+Prints a table with the event-loop thread's CPU per event and the process's (librdkafka's
+threads included), then ``kafka_target_records_per_s=N`` and ``kafka_records_per_s=N``: record
+events/s of the default configuration on the target and outbox paths (best run; one record
+event = 2 Kafka messages), and, last, ``kafka_verified_backfill_records_per_s=N``.
 """
 
 from __future__ import annotations
@@ -114,6 +123,7 @@ async def run_once(bootstrap: str, data_dir: Path, window: int, overrides: dict,
         OutboxEvent.from_row(k, v) for k, v in open_flow_db(data_dir).cf("outbox").items())
     t0 = time.perf_counter()
     c0 = time.thread_time()
+    p0 = time.process_time()
     offered = 0
     for ev in source:
         t.offer(ev)
@@ -130,10 +140,12 @@ async def run_once(bootstrap: str, data_dir: Path, window: int, overrides: dict,
         await wait_any(wake, 0.5)
     dt = time.perf_counter() - t0
     cpu = time.thread_time() - c0
+    pcpu = time.process_time() - p0
     st = t.stats()
     await t.stop()
     msgs = sum(st.acked.values())
-    return {"events": offered, "messages": msgs, "seconds": dt, "cpu": cpu, "failed": sum(st.failed.values()),
+    return {"events": offered, "messages": msgs, "seconds": dt, "cpu": cpu, "pcpu": pcpu,
+            "failed": sum(st.failed.values()),
             "resets": st.resets}
 
 
@@ -142,6 +154,25 @@ async def wait_any(ev: asyncio.Event, timeout: float) -> None:
         await asyncio.wait_for(ev.wait(), timeout)
     except asyncio.TimeoutError:
         pass
+
+
+def verified_backfill(bootstrap: str, a: argparse.Namespace) -> dict:
+    """bench.pipeline's backfill-kafka (the whole service, TAP_KAFKA_ONLY) against ``bootstrap``."""
+    from bench import pipeline
+
+    ns = argparse.Namespace(data=a.data, resync_parallelism=8, env={}, profile=a.profile, timeout=900,
+                            small=5000, small_records=150, huge=5, huge_records=50_000, commits=60_000, seed=0)
+    path = pipeline.captured(ns) if a.data == "captured" else (
+        pipeline.synthetic(ns) if a.data == "synthetic" else Path(a.data))
+    s = pipeline.summary(path)
+    tmp = Path(tempfile.mkdtemp(prefix="tapflow-bench-kafka-verified-"))
+    try:
+        return pipeline.measure_backfill(path, s, "kafka", tmp, ns, argparse.Namespace(bootstrap=bootstrap))
+    except Exception as e:  # report it in the table, keep the other figures
+        print(f"verified backfill failed: {e!r}", flush=True)
+        return {"ok": False}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def proc_cpu(pid: int | None) -> float:
@@ -181,6 +212,10 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=100_000, help="most unacked events at once")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--all", action="store_true", help="also compare compression and linger settings")
+    ap.add_argument("--no-verified", dest="verified", action="store_false",
+                    help="skip the verified backfill through the whole service")
+    ap.add_argument("--data", default="captured", help="verified backfill: bench.pipeline's --data")
+    ap.add_argument("--profile", type=Path, default=None, help="verified backfill: py-spy profiles into DIR")
     a = ap.parse_args()
 
     port = pid = None
@@ -215,21 +250,43 @@ def main() -> int:
                         best = max(best, eps)
                     if not over and mode == "target":
                         best_target = max(best_target, eps)
-        hdr = (f"{'config':27} {'path':6} {'run':>3} {'events':>7} {'msgs':>7} {'seconds':>7} {'events/s':>8} "
-               f"{'msgs/s':>8} {'MB/s':>5} {'cpu us/ev':>9} {'cpu-bound ev/s':>14} {'broker cpu s':>12} {'failed':>6}")
+        verified = verified_backfill(bootstrap, a) if a.verified else None
+        hdr = (f"{'config':27} {'path':8} {'run':>3} {'events':>7} {'msgs':>7} {'seconds':>7} {'events/s':>8} "
+               f"{'msgs/s':>8} {'MB/s':>5} {'cpu us/ev':>9} {'proc us/ev':>10} {'cpu-bound ev/s':>14} "
+               f"{'broker cpu s':>12} {'failed':>6}")
         print(hdr)
         print("-" * len(hdr))
         for name, mode, r, res, eps, bcpu in rows:
             us = res["cpu"] / res["events"] * 1e6
-            print(f"{name:27} {mode:6} {r:>3} {res['events']:>7} {res['messages']:>7} {res['seconds']:>7.2f} "
+            print(f"{name:27} {mode:8} {r:>3} {res['events']:>7} {res['messages']:>7} {res['seconds']:>7.2f} "
                   f"{eps:>8.0f} {res['messages'] / res['seconds']:>8.0f} {nbytes / res['seconds'] / 1e6:>5.1f} "
-                  f"{us:>9.1f} {1e6 / us:>14.0f} {bcpu:>12.1f} {res['failed']:>6}")
-        print("path: outbox = RocksDB outbox read + OutboxEvent.from_row + offer; target = offer of pre-read events.")
+                  f"{us:>9.1f} {res['pcpu'] / res['events'] * 1e6:>10.1f} {1e6 / us:>14.0f} {bcpu:>12.1f} "
+                  f"{res['failed']:>6}")
+        if verified is not None:
+            v = verified
+            cpu = v.get("watch", {}).get("cpu_s", {})
+            n = v.get("expected") or 1
+            print(f"{'verified backfill (service)':27} {'verified':8} {1:>3} {v.get('records', 0):>7} {'':>7} "
+                  f"{v.get('elapsed_s', float('nan')):>7.2f} {v.get('records_per_s', 0):>8.0f} {'':>8} {'':>5} "
+                  f"{'':>9} {cpu.get('delivery', 0) / n * 1e6:>10.1f} {'':>14} {'':>12} "
+                  f"{'' if v.get('ok') else 'FAIL':>6}")
+        print("path: outbox = RocksDB outbox read + OutboxEvent.from_row + offer; target = offer of pre-read events;")
+        print("verified = the whole service backfilling the captured repos (fetch, verify, produce), records/s until")
+        print("a consumer read them all; its proc us/ev is the delivery child's CPU per record (flow: below).")
         print("cpu us/ev = CPU of the event-loop thread per event (offer, delivery reports, on_taken, reading);")
-        print("cpu-bound ev/s = what that thread could do on a core of its own. One event = 2 Kafka messages")
-        print(f"(events + records topics). Load average now {os.getloadavg()[0]:.1f}.")
+        print("proc us/ev = CPU of the whole process per event (librdkafka's threads included);")
+        print("cpu-bound ev/s = what the event-loop thread could do on a core of its own. One event = 2 Kafka")
+        print(f"messages (events + records topics). Load average now {os.getloadavg()[0]:.1f}.")
+        if verified is not None and verified.get("ok"):
+            cpu = verified["watch"]["cpu_s"]
+            n = verified["expected"]
+            print(f"verified backfill: flow {cpu.get('flow', 0) / n * 1e6:.0f} us/record, delivery "
+                  f"{cpu.get('delivery', 0) / n * 1e6:.0f} us/record (CPU); machine busy "
+                  f"{verified['watch']['machine_busy_cores']:.2f} of {verified['watch']['machine_cores']:.1f} cores")
         print(f"kafka_target_records_per_s={best_target:.0f}")
         print(f"kafka_records_per_s={best:.0f}")
+        vps = verified["records_per_s"] if verified and verified.get("ok") else 0.0
+        print(f"kafka_verified_backfill_records_per_s={vps:.0f}")
     finally:
         close_all()
         shutil.rmtree(tmp, ignore_errors=True)

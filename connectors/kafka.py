@@ -18,7 +18,7 @@ An event is *taken* (``on_taken(key)``, on the event loop thread) only when the 
 acked every message produced for it (acks=all, idempotent producer). Until then it stays
 in the outbox, so a crash at any point loses nothing (at-least-once: after a crash or a
 producer reset a message can appear twice, never out of order relative to the ones before
-it for the same key, apart from the rare case described at ``_message_failed``).
+it for the same key, apart from the rare case described at ``_block``).
 
 Runnable example (a broker on 127.0.0.1:19092)::
 
@@ -51,10 +51,16 @@ Errors: librdkafka retries by itself. ``message.timeout.ms`` defaults to 0 (infi
 so while the broker is away messages wait in the producer and nothing is taken. A fatal
 producer error (idempotence state lost), a timed-out message or any other error that is not
 about one message resets the producer: a new producer re-produces every unacked event in
-offer order. So does the stall watchdog when a connected broker acks nothing for
-``stall_timeout`` seconds (a replaced, empty cluster that does not know our producer id:
-librdkafka then bumps its epoch forever without reporting). A message the broker refuses for
-good (e.g. too large) is counted, logged, and retried with backoff; it is never taken.
+offer order, after creating any topic the cluster lost. The producer never auto-creates a
+topic (``allow.auto.create.topics=false``: a metadata request would otherwise create ours
+with the broker's defaults). When nothing is acked for ``stall_timeout / 4`` s (at most 2 s)
+while events wait, a metadata request checks that both topics exist, and a missing one
+(a broker that came back empty) resets at once; when a connected broker acks nothing for
+``stall_timeout`` s (``TAP_KAFKA_STALL_TIMEOUT``, 10 s: a replaced cluster that does not
+know our producer id, where librdkafka bumps its epoch forever without reporting), the
+watchdog resets. A message refused for good (e.g. too large) is counted, logged, and retried
+with backoff; it is never taken, and newer events of its DID wait behind it (``_block``),
+so per-key order holds.
 """
 
 from __future__ import annotations
@@ -103,6 +109,9 @@ PRODUCER_DEFAULTS: dict[str, object] = {
     "partitioner": "murmur2_random",    # Java clients' partitioner: key -> partition is stable and shared
     "statistics.interval.ms": 5000,     # broker states for the stall watchdog
     "message.max.bytes": MAX_MESSAGE_BYTES,
+    # never let a metadata request create our topics with the broker's defaults (wrong partition
+    # count, a records topic that is not compacted): a missing topic is recreated by us (_reset)
+    "allow.auto.create.topics": False,
 }
 PERMANENT_HINT = {
     KafkaError.MSG_SIZE_TOO_LARGE: "raise the broker's/topic's max.message.bytes or TAP_KAFKA_MESSAGE_MAX_BYTES",
@@ -383,6 +392,8 @@ class KafkaStats:
     taken: int
     resets: int
     broker_up: bool
+    blocked_dids: int = 0   # DIDs whose newer events wait for a refused older one
+    held: int = 0           # events waiting behind a refused event of their DID
 
 
 class KafkaTarget:
@@ -398,7 +409,7 @@ class KafkaTarget:
     def __init__(self, cfg: Config, on_taken: Callable[[bytes], None], *,
                  producer_overrides: Mapping[str, object] | None = None,
                  create_topics: bool = True, setup_timeout: float = 15.0,
-                 poll_interval: float = 0.002, stop_timeout: float = 10.0, stall_timeout: float = 60.0):
+                 poll_interval: float = 0.002, stop_timeout: float = 10.0, stall_timeout: float | None = None):
         if not cfg.kafka_bootstrap:
             raise KafkaSetupError("TAP_KAFKA_BOOTSTRAP is empty")
         self.cfg = cfg
@@ -410,7 +421,11 @@ class KafkaTarget:
         self._setup_timeout = setup_timeout
         self._poll_interval = poll_interval
         self._stop_timeout = stop_timeout
-        self._stall_timeout = stall_timeout
+        self._stall_timeout = cfg.kafka_stall_timeout if stall_timeout is None else stall_timeout
+        # no ack for this long while events wait: ask the broker whether our topics still exist
+        self._topic_check_after = min(2.0, self._stall_timeout / 4) if self._stall_timeout else 0.0
+        self._topic_check: asyncio.Future | None = None
+        self._last_topic_check = 0.0
         self._last_progress = time.monotonic()
         self._connected_since: float | None = None  # statistics say a broker is UP, continuously since
         self._epochs = 0                    # idempotent producer epoch bumps (statistics)
@@ -424,6 +439,8 @@ class KafkaTarget:
         self._backlog: deque[_Pending] = deque()    # not all messages handed to the producer yet
         self._retry: list[tuple[float, int, _Pending, int]] = []  # (due, seq, pend, msg index)
         self._retry_seq = 0
+        # DID -> (the refused event that blocks it, its newer events held back in offer order)
+        self._blocked: dict[str, tuple[_Pending, deque[_Pending]]] = {}
         self._taken: list[bytes] = []
         self._resetting = False
         self._reset_task: asyncio.Task | None = None
@@ -482,6 +499,7 @@ class KafkaTarget:
         self._unacked.clear()
         self._backlog.clear()
         self._retry.clear()
+        self._blocked.clear()
         self._push_metrics()
 
     # -- offering --
@@ -505,6 +523,10 @@ class KafkaTarget:
         if not unacked:
             self._last_progress = time.monotonic()
         unacked[key] = pend
+        if self._blocked and ev.did in self._blocked:
+            pend.msgs = msgs
+            self._blocked[ev.did][1].append(pend)  # behind the refused event of its DID
+            return
         if self._backlog or self._resetting:
             pend.msgs = msgs
             self._backlog.append(pend)
@@ -516,9 +538,9 @@ class KafkaTarget:
         try:
             for topic, mkey, value, headers in msgs:
                 if headers is None:
-                    produce(topic, value, mkey, on_delivery=dr)
+                    produce(topic, value, mkey, -1, dr)
                 else:
-                    produce(topic, value, mkey, headers=headers, on_delivery=dr)
+                    produce(topic, value, mkey, -1, dr, None, 0, headers)
                 i += 1
         except (BufferError, KafkaException):
             pend.msgs = msgs
@@ -550,9 +572,9 @@ class KafkaTarget:
             topic, key, value, headers = msgs[i]
             try:
                 if headers is None:
-                    produce(topic, value, key, on_delivery=dr)
+                    produce(topic, value, key, -1, dr)
                 else:
-                    produce(topic, value, key, headers=headers, on_delivery=dr)
+                    produce(topic, value, key, -1, dr, None, 0, headers)
             except BufferError:
                 return False
             except KafkaException as e:
@@ -572,6 +594,12 @@ class KafkaTarget:
             self._taken.append(key)
             self._acked[1] += pend.nrec
             self._acked[0] += pend.n - pend.nrec
+            if self._blocked:
+                b = self._blocked.get(pend.ev.did)
+                if b is not None and b[0] is pend:  # the refused event is in: release its DID, in order
+                    del self._blocked[pend.ev.did]
+                    self._backlog.extend(b[1])
+                    self._wake.set()
 
     def _report_failed(self, pend: _Pending, err: KafkaError, msg) -> None:
         """A delivery report with an error: find which of pend's messages it was."""
@@ -588,13 +616,10 @@ class KafkaTarget:
         self._message_failed(pend, i, err)
 
     def _message_failed(self, pend: _Pending, i: int, err: KafkaError) -> None:
-        """Message i of pend failed. Errors about this message alone: retry it with backoff.
+        """Message i of pend failed. Errors about this message alone: retry it with backoff,
+        and block its DID (``_block``) so that no newer event of that DID overtakes it.
         Anything else (fatal, timeouts, broker/topic level): reset the producer, which
         re-produces every unacked event in offer order, the only way to keep per-key order.
-
-        A message retried alone lands after newer messages of the same key; that happens only
-        for errors that are permanent for that message (e.g. too large), where all one can
-        do is wait for the operator to change a limit.
         """
         code = err.code() if isinstance(err, KafkaError) else None
         if code in _PURGED:
@@ -613,6 +638,34 @@ class KafkaTarget:
                       "in the outbox", i, pend.ev.id, pend.ev.did, err, f" ({hint})" if hint else "", pend.backoff)
         self._retry_seq += 1
         heapq.heappush(self._retry, (now + pend.backoff, self._retry_seq, pend, i))
+        self._block(pend)
+
+    def _block(self, pend: _Pending) -> None:
+        """Hold back every newer event of pend's DID until pend is acked (then ``_done`` puts
+        them in the backlog, in order). Newer events of the DID already handed to the
+        producer are produced again after pend (their old reports are ignored): when the
+        refusal came from the producer itself (too large for message.max.bytes, the usual
+        case) there are none, as ``offer`` blocks the DID before it takes the next event.
+        When the broker refused (a topic limit below ours), a newer message may already be
+        in the partition before pend; the repeat after pend keeps the last occurrences, and
+        so the compacted records topic, in order."""
+        did = pend.ev.did
+        b = self._blocked.get(did)
+        if b is not None and b[0] is pend:
+            return  # refused again
+        held: deque[_Pending] = deque()
+        unacked = self._unacked
+        after = False
+        for key, q in list(unacked.items()):  # offer order
+            if q is pend:
+                after = True
+            elif after and q.ev.did == did:
+                q.dead = True  # its reports, backlog and retry entries are void
+                fresh = unacked[key] = _Pending(self, q.ev, q.n, q.nrec)
+                held.append(fresh)
+        self._blocked[did] = (pend, held)
+        if held:
+            log.warning("Kafka: %d newer events of %s wait behind the refused event %d", len(held), did, pend.ev.id)
 
     def _error_cb(self, gen: int, err: KafkaError) -> None:
         if gen != self._gen:
@@ -668,6 +721,9 @@ class KafkaTarget:
                 self._retry_due(p)
             bl = self._backlog
             while bl and not self._resetting:
+                if bl[0].dead:  # replaced by _block
+                    bl.popleft()
+                    continue
                 if not self._send(bl[0]):
                     p.poll(0)  # serve reports so the queue frees up for the next tick
                     break
@@ -684,9 +740,12 @@ class KafkaTarget:
                     log.exception("on_taken callback failed for %r", k)
         elif not self._unacked:
             self._last_progress = time.monotonic()
-        elif (self._stall_timeout and not self._resetting and self._running
-              and time.monotonic() - self._last_progress > self._stall_timeout):
-            self._check_stall()
+        elif self._stall_timeout and not self._resetting and self._running:
+            idle = time.monotonic() - self._last_progress
+            if idle > self._topic_check_after:
+                self._maybe_check_topics()
+            if idle > self._stall_timeout:
+                self._check_stall()
         self._push_metrics()
         return served
 
@@ -694,14 +753,41 @@ class KafkaTarget:
         """No ack for stall_timeout s while events wait. If a broker was connected all that
         time, the producer is stuck (e.g. the cluster was replaced and no longer knows our
         producer id: librdkafka then bumps its epoch forever without reporting an error):
-        start over with a new producer. While no broker is connected, keep waiting."""
+        start over with a new producer. While no broker is connected, keep waiting; so while
+        every waiting event is a refused one or held behind one (their retries say why)."""
         since = self._connected_since
         if since is None:
+            return
+        if self._blocked and len(self._unacked) <= sum(1 + len(h) for _, h in self._blocked.values()):
             return
         now = time.monotonic()
         if now - max(since, self._last_progress) > self._stall_timeout:
             self._start_reset(f"no broker ack for {now - self._last_progress:.0f}s while connected "
                               f"({self._epochs} producer epoch bumps)")
+
+    def _maybe_check_topics(self) -> None:
+        """No ack for a while: ask the broker (in a thread) whether our topics still exist. A
+        broker that came back empty no longer has them, and librdkafka would only fail the
+        messages after topic.metadata.propagation.max.ms (30 s), or never (epoch bumps)."""
+        now = time.monotonic()
+        p = self._producer
+        if p is None or self._topic_check is not None or now - self._last_topic_check < self._topic_check_after:
+            return
+        self._last_topic_check = now
+        fut = self._loop.run_in_executor(None, missing_topics, p, (self.events_topic, self.records_topic), 5.0)
+        self._topic_check = fut
+        fut.add_done_callback(partial(self._topics_checked, self._gen))
+
+    def _topics_checked(self, gen: int, fut: asyncio.Future) -> None:
+        self._topic_check = None
+        try:
+            missing = fut.result()
+        except Exception as e:  # advisory; the stall watchdog is the fallback
+            log.debug("Kafka topic check failed: %r", e)
+            return
+        if missing and gen == self._gen and self._running and not self._resetting and self._unacked:
+            self._start_reset(f"topic {', '.join(missing)} missing on the broker (did it come back empty?); "
+                              "creating it again")
 
     def _stats_cb(self, gen: int, text: str) -> None:
         if gen != self._gen:
@@ -776,6 +862,7 @@ class KafkaTarget:
         self._unacked = fresh
         self._backlog = deque(fresh.values())
         self._retry.clear()
+        self._blocked.clear()  # re-produced in offer order; a refusal blocks its DID again
         log.error("Kafka producer reset (%s): %d unacked events will be produced again, in order, in %.1fs",
                   reason, len(fresh), self._reset_backoff)
         self._reset_task = self._loop.create_task(self._reset(), name="kafka-reset")
@@ -800,6 +887,7 @@ class KafkaTarget:
                     await asyncio.sleep(self._reset_backoff)
         finally:
             self._resetting = False
+            self._last_progress = time.monotonic()
             self._wake.set()
         self._loop.call_later(60.0, self._calm)
 
@@ -814,7 +902,7 @@ class KafkaTarget:
         t = (self.events_topic, self.records_topic)
         return KafkaStats(dict(zip(t, self._produced)), dict(zip(t, self._acked)), dict(zip(t, self._failed)),
                           len(self._backlog), len(self._unacked), self.taken + len(self._taken), self.resets,
-                          self._broker_up)
+                          self._broker_up, len(self._blocked), sum(len(h) for _, h in self._blocked.values()))
 
 
 class _RdLog:
@@ -838,6 +926,21 @@ class _RdLog:
         self.log_.log(level, fmt, *args)
 
 
+def missing_topics(p: Producer, topics: tuple[str, ...], timeout: float) -> list[str]:
+    """Those of ``topics`` the cluster says do not exist (UNKNOWN_TOPIC_OR_PART); [] when the
+    broker cannot be asked. Never creates a topic (allow.auto.create.topics=false)."""
+    out = []
+    for t in topics:
+        try:
+            md = p.list_topics(t, timeout=timeout)
+        except KafkaException:
+            return []
+        tm = md.topics.get(t)
+        if tm is None or (tm.error is not None and tm.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+            out.append(t)
+    return out
+
+
 def _dispose(box: list) -> None:
     """Drop the producer in ``box`` without waiting for the broker (its unacked events stay in
     the outbox or are produced again). Runs in an executor thread: every _Pending of this
@@ -854,5 +957,6 @@ def _dispose(box: list) -> None:
     del p
 
 
-__all__ = ["KafkaTarget", "KafkaSetupError", "KafkaStats", "build_messages", "ensure_topics", "producer_config",
+__all__ = ["KafkaTarget", "KafkaSetupError", "KafkaStats", "build_messages", "ensure_topics", "missing_topics",
+           "producer_config",
            "client_config", "PRODUCER_DEFAULTS"]

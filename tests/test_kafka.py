@@ -190,6 +190,15 @@ def test_producer_config_defaults_passthrough_and_guards():
     conf = ck.producer_config(load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_ENABLE_IDEMPOTENCE": "false"},
                                           dotenv=None))
     assert conf["max.in.flight.requests.per.connection"] == 1
+    # the stall timeout is ours, not librdkafka's; metadata requests never create topics
+    cfg = load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_STALL_TIMEOUT": "3s"}, dotenv=None)
+    assert cfg.kafka_stall_timeout == 3.0 and not any("stall" in k for k, _ in cfg.kafka_extra)
+    assert ck.producer_config(cfg)["allow.auto.create.topics"] is False
+    assert "allow.auto.create.topics" not in ck._admin_config(cfg)
+    assert KafkaTarget(cfg, lambda k: None)._stall_timeout == 3.0
+    assert load_config({}, dotenv=None).kafka_stall_timeout < 60
+    with pytest.raises(Exception, match="TAP_KAFKA_STALL_TIMEOUT"):
+        load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_STALL_TIMEOUT": "0s"}, dotenv=None)
 
 
 def test_bad_passthrough_setting_is_a_clear_error():
@@ -375,6 +384,82 @@ async def test_message_refused_for_good_is_never_taken(kafka_broker):
     await t.stop()
     assert set(taken) == {small.key, small2.key}
     assert st.failed[cfg.kafka_topic_prefix + "events"] >= 2 and st.unacked == 1
+
+
+@pytest.mark.kafka
+async def test_refused_event_holds_back_newer_events_of_its_did(kafka_broker):
+    """A message refused for good must not be overtaken by newer events of its DID: they wait
+    (not produced, not taken) until it is in; other DIDs go on. Once the limit is raised (a new
+    producer with a higher message.max.bytes), the DID's events land in id order."""
+    cfg = cfg_for(kafka_broker.bootstrap, kafka_partitions=2)
+    taken: list[bytes] = []
+    # a short stall timeout: the watchdog must leave alone a target that only waits for a refused event
+    t = KafkaTarget(cfg, taken.append, stall_timeout=1,
+                    producer_overrides={"message.max.bytes": 2000, "statistics.interval.ms": 200})
+    await t.start()
+    ob = Outbox()
+    first = ob.record("did:plc:s", "create", "a")
+    big = ob.record("did:plc:s", "create", "b", text="x" * 5000)
+    newer = [ob.record("did:plc:s", "create", f"c{i}") for i in range(3)]
+    other = ob.record("did:plc:t", "create", "d")
+    for ev in (first, big, newer[0], other, newer[1], newer[2]):
+        t.offer(ev)
+    await wait_for(lambda: len(taken) == 2, 30, "the events that are not behind the refused one")
+    await asyncio.sleep(2.5)  # at least one retry of the big one, and past the stall timeout
+    st = t.stats()
+    assert set(taken) == {first.key, other.key}
+    assert st.blocked_dids == 1 and st.held == 3 and st.unacked == 4
+    assert t.resets == 0
+    assert st.produced[cfg.kafka_topic_prefix + "events"] == 2, "newer events of did:plc:s must not be produced"
+
+    t._conf["message.max.bytes"] = 1_000_000  # the operator raises the limit; a new producer takes it
+    t._start_reset("test: limit raised")
+    await wait_for(lambda: len(set(taken)) == 6, 30, "everything after the limit was raised")
+    st = t.stats()
+    await t.stop()
+    assert st.blocked_dids == 0 and st.held == 0
+    msgs = read_all(kafka_broker.bootstrap, cfg.kafka_topic_prefix + "events")
+    ids = [orjson.loads(m.value())["id"] for m in sorted(msgs, key=lambda m: m.offset()) if m.key() == b"did:plc:s"]
+    assert ids == [first.id, big.id] + [e.id for e in newer]
+
+
+@pytest.mark.kafka
+async def test_broker_back_empty_gets_its_topics_back_as_configured(broker_factory):
+    """tansu restarted on the same port has no topics. The producer must not auto-create them
+    with the broker's defaults (tansu: 4 partitions, delete policy): the target notices the
+    missing topics well before the old 60 s watchdog (default TAP_KAFKA_STALL_TIMEOUT), creates
+    them as configured and delivers what waited, in order."""
+    broker = broker_factory("tansu")
+    cfg = cfg_for(broker.bootstrap, kafka_partitions=2)
+    assert cfg.kafka_stall_timeout < 60
+    taken: list[bytes] = []
+    t = KafkaTarget(cfg, taken.append)
+    await t.start()
+    ob = Outbox()
+    before = [ob.record(f"did:plc:e{i % 3}", "create", f"a{i}") for i in range(30)]
+    for ev in before:
+        t.offer(ev)
+    await wait_for(lambda: len(taken) == 30, 30, "events before the restart")
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, broker.restart)
+    after = [ob.record(f"did:plc:e{i % 3}", "create", f"b{i}") for i in range(60)]
+    for ev in after:
+        t.offer(ev)
+    await wait_for(lambda: len(set(taken)) == 90, 40, "events after the restart")
+    resets = t.resets
+    await t.stop()
+    assert resets >= 1
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    md = admin.list_topics(timeout=10)
+    et, rt = cfg.kafka_topic_prefix + "events", cfg.kafka_topic_prefix + "records"
+    assert len(md.topics[et].partitions) == 2 and len(md.topics[rt].partitions) == 2
+    res = ConfigResource(ConfigResource.Type.TOPIC, rt)
+    assert admin.describe_configs([res])[res].result(timeout=10)["cleanup.policy"].value == "compact"
+    msgs = read_all(broker.bootstrap, et)
+    for d in range(3):
+        did = f"did:plc:e{d}"
+        ids = [orjson.loads(m.value())["id"] for m in sorted(msgs, key=lambda m: m.offset()) if m.key() == did.encode()]
+        assert list(dict.fromkeys(ids)) == [e.id for e in after if e.did == did], (d, ids)
 
 
 @pytest.mark.kafka

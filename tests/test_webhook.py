@@ -181,3 +181,147 @@ def test_backoff_schedule():
     for n, base in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 10), (10, 10), (63, 10), (10_000, 10)]:
         for _ in range(20):
             assert base <= backoff(n) < base + 1
+
+
+# --- connectors.http1: the client under the webhook, against real servers ---------------------
+
+from connectors.http1 import Http1Client, HttpError  # noqa: E402
+
+
+async def _raw_server(answer):
+    """A TCP server: ``answer(request_bytes, n)`` gives the bytes to send back for the n-th
+    request on any connection (None: close without answering). Returns (url, requests, stop)."""
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                requests.append(head + await reader.readexactly(length))
+                out = answer(requests[-1], len(requests))
+                if out is None:
+                    break
+                writer.write(out)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def stop():
+        server.close()
+        await server.wait_closed()
+    return f"http://127.0.0.1:{port}/hook?x=1", requests, stop
+
+
+async def test_http1_keeps_the_connection_and_reads_every_body_kind():
+    answers = {1: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+               2: b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nT: 1\r\n\r\n",
+               3: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+               4: b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n"}
+    url, requests, stop = await _raw_server(lambda req, n: answers[n])
+    c = Http1Client(url, {"Content-Type": "application/json", "User-Agent": USER_AGENT}, auth="Basic eA==",
+                    size=2, timeout=5)
+    try:
+        assert [await c.post(b'{"id":%d}' % i) for i in range(4)] == [200, 201, 204, 503]
+        assert c.connects == 1  # one kept-alive connection for all four
+        head = requests[0].split(b"\r\n")
+        assert head[0] == b"POST /hook?x=1 HTTP/1.1"
+        assert {b"Host: 127.0.0.1:" + url.split(":")[2].split("/")[0].encode(), b"Content-Length: 8",
+                b"Authorization: Basic eA==", b"Content-Type: application/json"} <= set(head)
+        assert requests[3].endswith(b'\r\n\r\n{"id":3}')
+    finally:
+        await c.close()
+        await stop()
+
+
+async def test_http1_reconnects_when_the_server_closed_an_idle_connection():
+    # the 2nd request is never answered: the server closes the connection (its idle timeout race)
+    def answer(req, n):
+        return None if n == 2 else b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    url, requests, stop = await _raw_server(answer)
+    c = Http1Client(url, {}, size=4, timeout=5)
+    try:
+        assert await c.post(b"a") == 200
+        assert await c.post(b"b") == 200  # stale connection: sent again on a new one, no error
+        assert c.connects == 2 and len(requests) == 3
+    finally:
+        await c.close()
+        await stop()
+
+
+async def test_http1_body_to_end_of_connection_and_garbage():
+    answers = {1: b"HTTP/1.0 200 OK\r\n\r\nno length, ends at close", 2: b"SSH-2.0-OpenSSH\r\n\r\n"}
+    url, _, stop = await _raw_server(lambda req, n: None)
+    await stop()
+    with pytest.raises(OSError):  # nothing listens any more
+        await Http1Client(url, {}, timeout=5).post(b"x")
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(1)
+        writer.write(answers[len(seen) + 1])
+        seen.append(1)
+        await writer.drain()
+        writer.close()
+    seen: list[int] = []
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    c = Http1Client(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", {}, timeout=5)
+    try:
+        assert await c.post(b"x") == 200
+        assert not c._idle  # read to the close, not pooled
+        with pytest.raises(HttpError):
+            await c.post(b"x")
+    finally:
+        await c.close()
+        server.close()
+
+
+async def test_http1_times_out_a_silent_server():
+    url, _, stop = await _raw_server(lambda req, n: b"")  # reads, never answers
+    c = Http1Client(url, {}, timeout=0.3)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            await c.post(b"x")
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        await c.close()
+        await stop()
+
+
+async def test_http1_over_https(tmp_path):
+    import ssl
+    import subprocess
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    got = []
+
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        got.append(head + await reader.readexactly(2))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        untrusting = Http1Client(f"https://localhost:{port}/h", {}, timeout=5)
+        with pytest.raises(ssl.SSLError):  # a self-signed certificate is refused by default
+            await untrusting.post(b"{}")
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        c = Http1Client(f"https://localhost:{port}/h", {}, timeout=5, ssl_context=client_ctx)
+        assert await c.post(b"{}") == 200
+        assert got[-1].startswith(b"POST /h HTTP/1.1\r\nHost: localhost:%d\r\n" % port)
+        await c.close()
+    finally:
+        server.close()
