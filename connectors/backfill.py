@@ -87,6 +87,7 @@ from operators.items import (
 )
 from operators.filters import CollectionFilter
 from protocol.snapshot import PackedChunk, PackedSnapshot, SnapshotFailed, pack_snapshot
+from protocol.snapshot import warm as warm_pool_worker
 from protocol.snapshot import record_json as _record_json
 from runtime import procpool
 from store.db import Database, open_flow_db
@@ -205,6 +206,10 @@ class Backfiller:
     def start(self) -> None:
         if self.cfg.outbox_only:
             return
+        p = procpool.pool()
+        if p is not None:  # start the workers now (they spawn on demand), not at the first repo
+            for _ in range(max(1, self.cfg.verify_workers)):
+                p.submit(warm_pool_worker)
         self._thread.start(self._run)
 
     def stop(self) -> None:

@@ -83,9 +83,21 @@ def body_head(did: str, rev: str) -> bytes:
 def record_tail(rkey: str, cid: str, record_json: bytes | None) -> bytes:
     """The body after the collection (which needs no escaping, nor does ``rkey``: both are checked syntax)."""
     if record_json is None:
-        return b'","rkey":"' + rkey.encode() + b'",' + CREATE_ACTION + b',"cid":"' + cid.encode() + b'"}'
-    return (b'","rkey":"' + rkey.encode() + b'",' + CREATE_ACTION + b',"record":' + record_json
-            + b',"cid":"' + cid.encode() + b'"}')
+        return _TAIL_NO_RECORD % (rkey.encode(), cid.encode())
+    return _TAIL % (rkey.encode(), record_json, cid.encode())
+
+
+_TAIL = b'","rkey":"%b",' + CREATE_ACTION + b',"record":%b,"cid":"%b"}'
+_TAIL_NO_RECORD = b'","rkey":"%b",' + CREATE_ACTION + b',"cid":"%b"}'
+# the same with the head (up to and including the collection) in front: one format op per record
+_BODY = b"%b" + _TAIL
+_BODY_NO_RECORD = b"%b" + _TAIL_NO_RECORD
+
+
+def warm() -> None:
+    """Import what ``pack_snapshot`` needs (run once per pool worker at service start)."""
+    import protocol.commit  # noqa: F401
+    import protocol.keys  # noqa: F401
 
 
 def record_json(block: bytes | None) -> bytes | None:
@@ -151,7 +163,11 @@ def _pack(repo, keep: Callable[[str], bool] | None, chunk_size: int, secs: float
         path = coll + "/" + rkey
         keys.append(prefix + path.encode())
         cids.append(cid)
-        bodies.append(h + record_tail(rkey, tostr(cid), conv(block)))
+        j = conv(block)
+        if j is None:
+            bodies.append(_BODY_NO_RECORD % (h, rkey.encode(), tostr(cid).encode()))
+        else:
+            bodies.append(_BODY % (h, rkey.encode(), j, tostr(cid).encode()))
         last = path
         if len(keys) >= chunk_size:
             chunks.append(_chunk(keys, cids, bodies, last))
