@@ -98,8 +98,10 @@ __all__ = ["BackfillSource", "Backfiller", "record_json", "PDS_BACKOFF_S", "CHUN
 _log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 500
-#: Per ``poll``: at most this many chunks, for at most this long (one RepoLogic activation).
+#: Per ``poll`` (one RepoLogic activation): at most this many chunks, holding at most about
+#: this many records (~40 ms of RepoLogic), for at most this long.
 POLL_MAX_CHUNKS = 64
+POLL_MAX_RECORDS = 8000
 POLL_BUDGET_S = 0.05
 PDS_BACKOFF_S = 10.0
 #: An answered row that RepoLogic has not deleted after this long is fetched again (by kind).
@@ -229,12 +231,15 @@ class Backfiller:
     def has_output(self) -> bool:
         return bool(self._out) or self._job is not None or bool(self._ready)
 
-    def poll(self, budget: float = POLL_BUDGET_S, max_chunks: int = POLL_MAX_CHUNKS) -> list:
-        """Items ready now: answers, then snapshot chunks for at most ``budget`` seconds.
+    def poll(self, budget: float = POLL_BUDGET_S, max_chunks: int = POLL_MAX_CHUNKS,
+             max_records: int = POLL_MAX_RECORDS) -> list:
+        """Items ready now: answers, then snapshot chunks (at most ``max_chunks`` holding at
+        most about ``max_records`` records, for at most ``budget`` seconds).
 
-        A chunk is ready-made (the pool packed it), so handing out many costs little here,
-        and each call is one RepoLogic activation and one WriteBatch: the more records per
-        call, the less bytewax scheduling and RocksDB write overhead per record.
+        A chunk is ready-made (the pool packed it), so handing one out costs next to nothing
+        here; each call becomes one RepoLogic activation and one WriteBatch, so many small
+        repos' chunks travel together. ``max_records`` bounds the activation: RepoLogic
+        spends ~5 us per record, and live commits wait while it runs.
         """
         out: list = []
         q = self._out
@@ -248,11 +253,12 @@ class Backfiller:
         if self._job is None:
             return out
         deadline = time.perf_counter() + budget
-        n = 0
-        while self._job is not None and n < max_chunks:
+        n = records = 0
+        while self._job is not None and n < max_chunks and records < max_records:
             item = self._next_chunk(self._job)
             out.append(item)
             n += 1
+            records += item.count
             if item.last:
                 self._finish(self._job.key, repo=True)
                 self._job = self._ready.popleft() if self._ready else None
