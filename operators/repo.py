@@ -105,10 +105,11 @@ import random
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from bisect import bisect_right
 from dataclasses import dataclass, fields
-from itertools import islice, repeat
+from itertools import count, islice, repeat
+from operator import itemgetter
 from typing import Any, Callable, Iterable, Optional
 
 import orjson
@@ -202,6 +203,7 @@ def _increasing(keys: list[bytes]) -> bool:
 
 
 _LT = bytes.__lt__
+_drain = deque(maxlen=0).extend  # run an iterator at C speed, keeping nothing
 
 
 def retry_backoff(retries_before: int, rand: float) -> float:
@@ -554,6 +556,9 @@ class RepoLogic:
             for prefix in b.cleared[cf]:
                 wb.delete_range(prefix, _prefix_end(prefix), h)
             for bucket in b.kv[cf].values():
+                if len(bucket) > 8 and None not in bucket.values():  # a snapshot's rows: puts only
+                    _drain(map(wb.put, bucket.keys(), bucket.values(), repeat(h)))
+                    continue
                 for k, v in bucket.items():
                     if v is None:
                         wb.delete(k, h)
@@ -562,11 +567,10 @@ class RepoLogic:
         if b.events:
             h_out = db.handle("outbox")
             eid = self.ids.take(len(b.events))
-            per_shard: dict[int, int] = {}
             put = wb.put
             okey = outbox_key
             ldid, lflags, lkind, head, mid = None, -1, None, b"", b""
-            for shard, did, flags, kind, body in b.events:
+            for eid, (shard, did, flags, kind, body) in zip(count(eid), b.events):
                 if kind is None:
                     row = encode_outbox_row(did, flags, body)
                 else:  # one format op per row: flags|did|\0 + {"id":N,"type":kind,kind:body}
@@ -575,9 +579,7 @@ class RepoLogic:
                         head, mid = outbox_row_head(did, flags) + ID_HEAD, kind_mid(kind)
                     row = b"%b%d%b%b}" % (head, eid, mid, body)
                 put(okey(shard, eid), row, h_out)
-                per_shard[shard] = per_shard.get(shard, 0) + 1
-                eid += 1
-            for shard, n in per_shard.items():
+            for shard, n in Counter(map(itemgetter(0), b.events)).items():
                 b.count("outbox", shard, n)
         meta = db.cf("meta")
         h_meta = db.handle("meta")
