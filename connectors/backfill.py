@@ -103,6 +103,10 @@ CHUNK_SIZE = 500
 POLL_MAX_CHUNKS = 64
 POLL_MAX_RECORDS = 8000
 POLL_BUDGET_S = 0.05
+#: CARs up to this size (a few dozen records: ~1 ms of work) are verified on the fetch loop
+#: itself: measured on 30-record repos, a pool task cost the flow process more (hand-off
+#: threads, wake-up pipes) than doing the work, and the pool worker twice the work.
+INLINE_CAR_BYTES = 16 << 10
 PDS_BACKOFF_S = 10.0
 #: An answered row that RepoLogic has not deleted after this long is fetched again (by kind).
 #: RepoLogic applies an answer milliseconds after it is emitted; a row still there much later
@@ -512,10 +516,13 @@ class Backfiller:
                     chunks=deque(snap.chunks))
 
     async def _verify(self, car: bytes, signing_key: str, did: str) -> PackedSnapshot:
-        """``pack_snapshot`` in the verification pool (a thread when there is none, or it broke)."""
+        """``pack_snapshot`` in the verification pool (a thread when there is none, or it broke;
+        inline for a small CAR)."""
         task = partial(pack_snapshot, car, signing_key, did, allow_partial=not self.cfg.resync_deletes,
                        max_car_size=self.cfg.max_car_size, keep=self._keep, chunk_size=self.chunk_size)
         # allow_partial: with resync deletes on, a hole in the MST would read as deletions
+        if len(car) <= INLINE_CAR_BYTES:
+            return task()  # cheaper here than the pool's per-task cost (hand-offs, wake-ups)
         p = procpool.pool()
         if p is not None:
             try:
