@@ -189,6 +189,7 @@ class Backfiller:
         self.done_timeout = dict(DONE_TIMEOUT_S, **(done_timeout or {}))
         self.claim_timeout = claim_timeout
         self._keep = _collection_filter(cfg)
+        self._keep_wire = _collection_filter(cfg)  # for pool tasks: never called here, so its memo stays empty
         self._thread = LoopThread("backfill")
         self._verify_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-verify")
         self._lock = threading.Lock()
@@ -518,11 +519,12 @@ class Backfiller:
     async def _verify(self, car: bytes, signing_key: str, did: str) -> PackedSnapshot:
         """``pack_snapshot`` in the verification pool (a thread when there is none, or it broke;
         inline for a small CAR)."""
-        task = partial(pack_snapshot, car, signing_key, did, allow_partial=not self.cfg.resync_deletes,
-                       max_car_size=self.cfg.max_car_size, keep=self._keep, chunk_size=self.chunk_size)
         # allow_partial: with resync deletes on, a hole in the MST would read as deletions
-        if len(car) <= INLINE_CAR_BYTES:
-            return task()  # cheaper here than the pool's per-task cost (hand-offs, wake-ups)
+        task = partial(pack_snapshot, car, signing_key, did, allow_partial=not self.cfg.resync_deletes,
+                       max_car_size=self.cfg.max_car_size, keep=self._keep_wire, chunk_size=self.chunk_size)
+        if len(car) <= INLINE_CAR_BYTES:  # cheaper here than the pool's per-task cost (hand-offs, wake-ups)
+            return pack_snapshot(car, signing_key, did, allow_partial=not self.cfg.resync_deletes,
+                                 max_car_size=self.cfg.max_car_size, keep=self._keep, chunk_size=self.chunk_size)
         p = procpool.pool()
         if p is not None:
             try:
