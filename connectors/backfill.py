@@ -32,11 +32,13 @@ is never fetched twice; one DID is never fetched twice at once.
 - Back-pressure: no new fetch starts while the outbox holds ``>= TAP_OUTBOX_CAPACITY`` events.
   In ``TAP_OUTBOX_ONLY`` mode nothing is fetched.
 
-Threads: the network side (scan, identity, download) runs on an asyncio loop in a daemon
-thread; the CPU-heavy verification runs in a one-thread executor (so the loop keeps serving
-other downloads); turning records into JSON chunks happens in ``next_batch`` on the bytewax
-thread, a few chunks per call, so a big repo is converted only as fast as the flow takes it
-and memory holds one CAR per fetch slot.
+Threads and processes: the network side (scan, identity, download) runs on an asyncio loop
+in a daemon thread; verification AND the conversion of every record to its event body run
+in the verification process pool (``runtime.procpool``, ``protocol.snapshot.pack_snapshot``;
+a one-thread executor when the pool is off), which returns the records packed in chunks of
+a few large ``bytes`` (cheap to unpickle). ``next_batch`` on the bytewax thread only hands
+ready chunks out, up to ``POLL_MAX_CHUNKS`` per call; memory holds one packed repo (about
+its CAR's size) per fetch slot.
 
 Example::
 
@@ -60,9 +62,11 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator
+from functools import partial
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import orjson
@@ -80,9 +84,12 @@ from operators.items import (
     IdentityRefreshed,
     ResolvedIdentity,
     SnapshotChunk,
-    SnapshotRecord,
 )
-from protocol.cid import cid_to_str
+from operators.filters import CollectionFilter
+from protocol.snapshot import PackedChunk, PackedSnapshot, SnapshotFailed, pack_snapshot
+from protocol.snapshot import warm as warm_pool_worker
+from protocol.snapshot import record_json as _record_json
+from runtime import procpool
 from store.db import Database, open_flow_db
 from store.layout import parse_fetch_key
 
@@ -91,6 +98,15 @@ __all__ = ["BackfillSource", "Backfiller", "record_json", "PDS_BACKOFF_S", "CHUN
 _log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 500
+#: Per ``poll`` (one RepoLogic activation): at most this many chunks, holding at most about
+#: this many records (~40 ms of RepoLogic), for at most this long.
+POLL_MAX_CHUNKS = 64
+POLL_MAX_RECORDS = 8000
+POLL_BUDGET_S = 0.05
+#: CARs up to this size (a few dozen records: ~1 ms of work) are verified on the fetch loop
+#: itself: measured on 30-record repos, a pool task cost the flow process more (hand-off
+#: threads, wake-up pipes) than doing the work, and the pool worker twice the work.
+INLINE_CAR_BYTES = 16 << 10
 PDS_BACKOFF_S = 10.0
 #: An answered row that RepoLogic has not deleted after this long is fetched again (by kind).
 #: RepoLogic applies an answer milliseconds after it is emitted; a row still there much later
@@ -110,61 +126,15 @@ RECORDS = Counter("tapflow_backfill_records", "snapshot records emitted")
 IN_FLIGHT = Gauge("tapflow_backfill_in_flight", "repo fetches in flight", multiprocess_mode="livemax")
 
 
-def _record_json_fallback() -> Callable[[bytes], bytes | None]:
-    try:  # Go Tap's bytes, or None where Go (or the official client) would fail on the record
-        from protocol.atjson import event_record_json
-
-        return event_record_json
-    except ImportError:
-        pass
-    try:
-        from protocol.atjson import record_to_json_bytes
-
-        return record_to_json_bytes
-    except ImportError:  # without protocol.atjson: same data model, sorted keys
-        from protocol.cbor import CBORError, decode_atjson
-
-        def conv(block: bytes) -> bytes | None:
-            try:
-                obj = decode_atjson(block)
-            except CBORError:
-                return None
-            if not isinstance(obj, dict):
-                return None
-            try:
-                return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-            except TypeError:
-                return None
-
-        return conv
-
-
-_to_json: Callable[[bytes], bytes | None] | None = None
-
-
 def record_json(block: bytes | None) -> bytes | None:
     """Record block -> atproto JSON bytes, or None (block missing or not atproto data)."""
-    global _to_json
-    if block is None:
-        return None
-    if _to_json is None:
-        _to_json = _record_json_fallback()
-    try:
-        return _to_json(block)
-    except Exception:
-        return None
+    return _record_json(block)
 
 
-def _collection_filter(cfg: Config) -> Callable[[str], bool] | None:
+def _collection_filter(cfg: Config) -> CollectionFilter | None:
+    """The filter, or None when it keeps everything (it travels to the pool: it must pickle)."""
     if not cfg.collection_filters:
         return None
-    try:
-        from operators.filters import CollectionFilter
-    except ImportError:
-        pats = tuple(p for p in cfg.collection_filters if p)
-        exact = {p for p in pats if not p.endswith("*")}
-        prefixes = tuple(p[:-1] for p in pats if p.endswith("*"))
-        return lambda c: c in exact or (bool(prefixes) and c.startswith(prefixes))
     f = CollectionFilter(cfg.collection_filters)
     return None if f.matches_all else f
 
@@ -187,19 +157,17 @@ def _host_of(url: str) -> str:
 
 @dataclass
 class _Job:
-    """A repo snapshot being turned into chunks (bytewax thread)."""
+    """A verified, packed repo snapshot being handed out chunk by chunk (bytewax thread)."""
 
     key: bytes
     did: str
     identity: ResolvedIdentity
     rev: str
     data_cid: str
-    records: Iterator[Any]
-    keep: Callable[[str], bool] | None
+    chunks: deque[PackedChunk] = field(repr=False)
     after: str = ""
     first: bool = True
     emitted: int = 0
-    repo: Any = field(default=None, repr=False)
 
 
 class Backfiller:
@@ -221,6 +189,7 @@ class Backfiller:
         self.done_timeout = dict(DONE_TIMEOUT_S, **(done_timeout or {}))
         self.claim_timeout = claim_timeout
         self._keep = _collection_filter(cfg)
+        self._keep_wire = _collection_filter(cfg)  # for pool tasks: never called here, so its memo stays empty
         self._thread = LoopThread("backfill")
         self._verify_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-verify")
         self._lock = threading.Lock()
@@ -244,6 +213,10 @@ class Backfiller:
     def start(self) -> None:
         if self.cfg.outbox_only:
             return
+        p = procpool.pool()
+        if p is not None:  # start the workers now (they spawn on demand), not at the first repo
+            for _ in range(max(1, self.cfg.verify_workers)):
+                p.submit(warm_pool_worker)
         self._thread.start(self._run)
 
     def stop(self) -> None:
@@ -263,8 +236,16 @@ class Backfiller:
     def has_output(self) -> bool:
         return bool(self._out) or self._job is not None or bool(self._ready)
 
-    def poll(self, budget: float = 0.01, max_chunks: int = 8) -> list:
-        """Items ready now: answers, then snapshot chunks for at most ``budget`` seconds."""
+    def poll(self, budget: float = POLL_BUDGET_S, max_chunks: int = POLL_MAX_CHUNKS,
+             max_records: int = POLL_MAX_RECORDS) -> list:
+        """Items ready now: answers, then snapshot chunks (at most ``max_chunks`` holding at
+        most about ``max_records`` records, for at most ``budget`` seconds).
+
+        A chunk is ready-made (the pool packed it), so handing one out costs next to nothing
+        here; each call becomes one RepoLogic activation and one WriteBatch, so many small
+        repos' chunks travel together. ``max_records`` bounds the activation: RepoLogic
+        spends ~5 us per record, and live commits wait while it runs.
+        """
         out: list = []
         q = self._out
         while q:
@@ -277,56 +258,39 @@ class Backfiller:
         if self._job is None:
             return out
         deadline = time.perf_counter() + budget
-        n = 0
-        while self._job is not None and n < max_chunks:
+        n = records = 0
+        while self._job is not None and n < max_chunks and records < max_records:
             item = self._next_chunk(self._job)
             out.append(item)
             n += 1
-            if isinstance(item, FetchFailed) or item.last:
+            records += item.count
+            if item.last:
                 self._finish(self._job.key, repo=True)
                 self._job = self._ready.popleft() if self._ready else None
             if time.perf_counter() >= deadline:
                 break
         return out
 
-    def _next_chunk(self, job: _Job) -> SnapshotChunk | FetchFailed:
-        records: list[SnapshotRecord] = []
-        keep = job.keep
-        size = self.chunk_size
-        last = True
-        try:
-            for rec in job.records:
-                if keep is not None and not keep(rec.collection):
-                    continue
-                records.append(SnapshotRecord(f"{rec.collection}/{rec.rkey}", cid_to_str(rec.cid),
-                                              record_json(rec.block)))
-                if len(records) >= size:
-                    last = False
-                    break
-        except Exception as e:  # verify_repo checked everything; this is a bug guard
-            _log.exception("snapshot iteration failed", extra={"did": job.did})
-            FETCHES.labels("repo", "failed").inc()
-            return FetchFailed(did=job.did, fetch_key=job.key, error=f"failed to read repo from CAR: {e}")
-        if not last:
-            # peek: a chunk that happens to end exactly at the end of the repo is the last one
-            try:
-                nxt = next(job.records)
-            except StopIteration:
-                last = True
-            else:
-                job.records = _prepend(nxt, job.records)
-        chunk = SnapshotChunk(did=job.did, fetch_key=job.key, rev=job.rev, data_cid=job.data_cid,
-                              identity=job.identity if job.first else None, records=records,
-                              after=job.after, first=job.first, last=last)
+    def _next_chunk(self, job: _Job) -> SnapshotChunk:
+        chunks = job.chunks
+        c = chunks.popleft() if chunks else None
+        last = not chunks
+        if c is None:  # an empty repo (or everything filtered out): one empty, first and last chunk
+            chunk = SnapshotChunk(did=job.did, fetch_key=job.key, rev=job.rev, data_cid=job.data_cid,
+                                  identity=job.identity if job.first else None, count=0, keys=b"",
+                                  cids=b"", bodies=b"", after=job.after, first=job.first, last=True)
+        else:
+            chunk = SnapshotChunk(did=job.did, fetch_key=job.key, rev=job.rev, data_cid=job.data_cid,
+                                  identity=job.identity if job.first else None, count=c.count, keys=c.keys,
+                                  cids=c.cids, bodies=c.bodies, after=job.after, first=job.first, last=last,
+                                  last_path=c.last_path)
+            job.after = c.last_path
+            job.emitted += c.count
+            RECORDS.inc(c.count)
         job.first = False
-        if records:
-            job.after = records[-1].path
-        job.emitted += len(records)
-        RECORDS.inc(len(records))
         if last:
             FETCHES.labels("repo", "ok").inc()
             self.stats["repos_ok"] += 1
-            job.repo = None
             _log.info("repo snapshot emitted", extra={"did": job.did, "rev": job.rev, "records": job.emitted})
         return chunk
 
@@ -489,8 +453,6 @@ class Backfiller:
             self._ready.append(job)
 
     async def _fetch_repo(self, key: bytes, did: str) -> _Job | None:
-        from protocol.commit import BadSignature, CommitMismatch, verify_repo
-
         d = self.directory
         d.purge(did)
         try:
@@ -532,33 +494,46 @@ class Backfiller:
             self._fail(key, did, f"failed to get repo: {e}")
             return None
         CAR_BYTES.inc(len(car))
-        allow_partial = not self.cfg.resync_deletes  # with deletes on, a hole would read as deletions
-
-        def verify() -> tuple[Any, float]:
-            t = time.perf_counter()
-            r = verify_repo(car, pubkey, did, allow_partial=allow_partial, max_car_size=self.cfg.max_car_size)
-            return r, time.perf_counter() - t
-
         try:
-            repo, secs = await asyncio.get_running_loop().run_in_executor(self._verify_pool, verify)
-        except BadSignature as e:
-            self._fail(key, did, f"failed to verify signature: {e}")
+            snap = await self._verify(car, resolved.signing_key, did)
+        except SnapshotFailed as e:
+            what = {"signature": "failed to verify signature", "key": "failed to get public key"}
+            self._fail(key, did, f"{what.get(e.kind, 'failed to read repo from CAR')}: {e}")
             return None
-        except CommitMismatch as e:
-            self._fail(key, did, f"failed to read repo from CAR: {e}")
+        except Exception as e:  # the pool itself failed (a worker died): answer, retry later
+            _log.exception("repo verification failed to run", extra={"did": did})
+            self._fail(key, did, f"failed to read repo from CAR: {type(e).__name__}: {e}")
             return None
-        except Exception as e:
-            self._fail(key, did, f"failed to read repo from CAR: {e}")
-            return None
+        del car
+        secs = snap.verify_seconds
         VERIFY_SECONDS.observe(secs)
         self.verify_seconds.append(secs)
         if len(self.verify_seconds) > 1000:
             del self.verify_seconds[:500]
-        if getattr(repo, "missing_nodes", 0):
+        if snap.missing_nodes:
             _log.warning("repo CAR lacks MST subtrees; their records are skipped",
-                         extra={"did": did, "missing_nodes": repo.missing_nodes})
-        return _Job(key=key, did=did, identity=resolved, rev=repo.rev,
-                    data_cid=cid_to_str(repo.data_cid), records=repo.records(), keep=self._keep, repo=repo)
+                         extra={"did": did, "missing_nodes": snap.missing_nodes})
+        return _Job(key=key, did=did, identity=resolved, rev=snap.rev, data_cid=snap.data_cid,
+                    chunks=deque(snap.chunks))
+
+    async def _verify(self, car: bytes, signing_key: str, did: str) -> PackedSnapshot:
+        """``pack_snapshot`` in the verification pool (a thread when there is none, or it broke;
+        inline for a small CAR)."""
+        # allow_partial: with resync deletes on, a hole in the MST would read as deletions
+        task = partial(pack_snapshot, car, signing_key, did, allow_partial=not self.cfg.resync_deletes,
+                       max_car_size=self.cfg.max_car_size, keep=self._keep_wire, chunk_size=self.chunk_size)
+        if len(car) <= INLINE_CAR_BYTES:  # cheaper here than the pool's per-task cost (hand-offs, wake-ups)
+            return pack_snapshot(car, signing_key, did, allow_partial=not self.cfg.resync_deletes,
+                                 max_car_size=self.cfg.max_car_size, keep=self._keep, chunk_size=self.chunk_size)
+        p = procpool.pool()
+        if p is not None:
+            try:
+                return await asyncio.wrap_future(p.submit(task))
+            except (BrokenProcessPool, RuntimeError) as e:  # a dead worker, or the pool shut down
+                if isinstance(e, RuntimeError) and "shutdown" not in str(e):
+                    raise
+                _log.error("verification pool unusable; verifying on a thread", extra={"error": str(e)})
+        return await asyncio.get_running_loop().run_in_executor(self._verify_pool, task)
 
     async def _await_claim(self, key: bytes, did: str) -> None:
         """Wait until RepoLogic has applied our ``FetchStarted`` (the repo shows ``resyncing``
@@ -600,11 +575,6 @@ def _fetch_wakeup() -> threading.Event | None:
     except Exception:
         return None
     return FETCH_WAKEUP
-
-
-def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
 
 
 # --- bytewax ----------------------------------------------------------------------------------

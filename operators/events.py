@@ -35,7 +35,15 @@ def identity_body(*, did: str, handle: str, is_active: bool, status: str) -> byt
     return orjson.dumps({"did": did, "handle": handle or INVALID_HANDLE, "is_active": is_active, "status": status})
 
 
-def with_id(event_id: int, kind: str, body: bytes) -> bytes:
-    """The full event: ``{"id":N,"type":kind,kind:body}``."""
+ID_HEAD = b'{"id":'
+
+
+def kind_mid(kind: str) -> bytes:
+    """What follows the id in an event of ``kind``: ``,"type":kind,kind:`` (the body and ``}`` follow)."""
     k = kind.encode()
-    return b'{"id":' + str(event_id).encode() + b',"type":"' + k + b'","' + k + b'":' + body + b"}"
+    return b',"type":"' + k + b'","' + k + b'":'
+
+
+def with_id(event_id: int, kind: str, body: bytes) -> bytes:
+    """The full event: ``{"id":N,"type":kind,kind:body}`` (``ID_HEAD``, N, ``kind_mid(kind)``, body, ``}``)."""
+    return b"%b%d%b%b}" % (ID_HEAD, event_id, kind_mid(kind), body)

@@ -78,6 +78,8 @@ class FetchStarted:
 
 @dataclass(slots=True)
 class SnapshotRecord:
+    """One snapshot record as tests and tools write it (``SnapshotChunk.of_records``)."""
+
     path: str  # collection/rkey
     cid: str
     record_json: bytes | None  # atproto JSON, None when the block is missing or not atproto data
@@ -85,12 +87,17 @@ class SnapshotRecord:
 
 @dataclass(slots=True)
 class SnapshotChunk:
-    """Part of a verified ``getRepo`` snapshot, records in key order.
+    """Part of a verified ``getRepo`` snapshot: ``count`` records in strictly increasing key order.
 
     ``after`` is the last path of the previous chunk ("" for the first): this chunk covers
     paths in (after, last path of this chunk], or (after, end] when ``last``. RepoLogic
     merges each chunk with its record index over that range, so vanished records are found
     without holding the whole repo in memory.
+
+    The records are packed as ``protocol.snapshot`` builds them in the verification pool
+    (``keys``: ``did \\0 path`` joined by ``\\n``; ``cids``: 36-byte binary CIDs back to back;
+    ``bodies``: each record's event body, action ``create``, joined by ``\\n``), so the flow
+    process neither converts records nor formats CIDs; ``unpack()`` splits them.
     """
 
     did: str
@@ -98,10 +105,57 @@ class SnapshotChunk:
     rev: str
     data_cid: str
     identity: ResolvedIdentity | None  # set on the first chunk
-    records: list[SnapshotRecord]
+    count: int
+    keys: bytes
+    cids: bytes
+    bodies: bytes
     after: str
     first: bool
     last: bool
+    last_path: str = ""  # path of the last record ("" when empty)
+
+    def unpack(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """(record keys, binary CIDs, event bodies), ``count`` each."""
+        if not self.count:
+            return [], [], []
+        from protocol.snapshot import split_cids
+
+        return self.keys.split(b"\n"), split_cids(self.cids, self.count), self.bodies.split(b"\n")
+
+    @property
+    def records(self) -> list[SnapshotRecord]:
+        """The records as ``SnapshotRecord`` (path, CID string, record JSON bytes): for tests and tools."""
+        from protocol.cid import cid_to_str
+
+        keys, cids, bodies = self.unpack()
+        out = []
+        for k, c, body in zip(keys, cids, bodies):
+            path = k[k.index(b"\x00") + 1:].decode()
+            end = body.rindex(b',"cid":"')
+            i = body.find(b',"record":')
+            out.append(SnapshotRecord(path, cid_to_str(c), body[i + 10:end] if 0 <= i < end else None))
+        return out
+
+    @classmethod
+    def of_records(cls, *, did: str, fetch_key: bytes, rev: str, data_cid: str,
+                   identity: ResolvedIdentity | None, records: list[SnapshotRecord], after: str,
+                   first: bool, last: bool) -> "SnapshotChunk":
+        """Pack ``records`` (sorted and de-duplicated by path here) as the verification pool would."""
+        from protocol.cid import cid_from_str
+        from protocol.snapshot import body_head, record_tail
+
+        head = body_head(did, rev)
+        byp = {r.path: r for r in records if "/" in r.path}
+        keys, cids, bodies = [], [], []
+        for p in sorted(byp):
+            r = byp[p]
+            coll, _, rkey = p.partition("/")
+            keys.append(did.encode() + b"\x00" + p.encode())
+            cids.append(cid_from_str(r.cid))
+            bodies.append(head + coll.encode() + record_tail(rkey, r.cid, r.record_json))
+        return cls(did=did, fetch_key=fetch_key, rev=rev, data_cid=data_cid, identity=identity,
+                   count=len(keys), keys=b"\n".join(keys), cids=b"".join(cids), bodies=b"\n".join(bodies),
+                   after=after, first=first, last=last, last_path=max(byp) if byp else "")
 
 
 @dataclass(slots=True)

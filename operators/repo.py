@@ -105,15 +105,18 @@ import random
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from bisect import bisect_right
 from dataclasses import dataclass, fields
+from itertools import count, islice, repeat
+from operator import itemgetter
 from typing import Any, Callable, Iterable, Optional
 
 import orjson
 from bytewax.operators import StatefulBatchLogic
 
 from config import Config
-from operators.events import INVALID_HANDLE, identity_body, record_body, with_id
+from operators.events import ID_HEAD, INVALID_HANDLE, identity_body, kind_mid, record_body
 from operators.filters import CollectionFilter
 from operators.items import (
     FIREHOSE_ITEMS,
@@ -141,7 +144,8 @@ from operators.verify import (
     default_verify_sync,
     op_collections,
 )
-from protocol.cid import cid_from_str, cid_to_str
+from protocol.cid import cid_from_str
+from protocol.snapshot import CREATE_ACTION, UPDATE_ACTION
 from store.db import Database, StoreError
 from store.ids import IdAllocator
 from store.layout import (
@@ -159,6 +163,7 @@ from store.layout import (
     meta_firehose_applied,
     meta_counter,
     outbox_key,
+    outbox_row_head,
     pack_u64,
     record_key,
     record_path,
@@ -192,6 +197,15 @@ _DID_RE = re.compile(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")
 def valid_did(did: Any) -> bool:
     """atproto DID syntax (and therefore safe in ``did \\0 ...`` keys)."""
     return isinstance(did, str) and len(did) <= 2048 and _DID_RE.match(did) is not None
+
+
+def _increasing(keys: list[bytes]) -> bool:
+    """Strictly increasing (C-speed pairwise compare)."""
+    return all(map(_LT, keys, islice(keys, 1, None)))
+
+
+_LT = bytes.__lt__
+_drain = deque(maxlen=0).extend  # run an iterator at C speed, keeping nothing
 
 
 def retry_backoff(retries_before: int, rand: float) -> float:
@@ -258,6 +272,16 @@ _KV_CFS = ("records", "resync_buf", "fetch_q")
 _NOPREFIX = b""
 
 
+class _Bucket(dict):
+    """The overlay rows of one DID prefix; ``hi`` bounds every key ever put in it (a chunk's
+    range scan skips the bucket when it lies below the range: no quadratic rescans)."""
+
+    __slots__ = ("hi",)
+
+    def __init__(self) -> None:
+        self.hi = b""
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """Smallest key above every key starting with ``prefix`` (prefixes end in \\0 here)."""
     return prefix[:-1] + bytes((prefix[-1] + 1,))
@@ -301,6 +325,11 @@ class _Batch:
                     bucket.pop(key, None)
                 else:
                     bucket[key] = old
+            elif entry[0] == "n":  # kv_put_many of keys the bucket did not hold
+                _, cf, prefix, keys = entry
+                pop = self.kv[cf][prefix].pop
+                for key in keys:
+                    pop(key, None)
             else:  # "c"
                 _, cf, prefix, old_bucket, was_cleared = entry
                 if old_bucket is None:
@@ -343,15 +372,39 @@ class _Batch:
         """Put ``value``, or delete when ``value`` is None."""
         bucket = self.kv[cf].get(prefix)
         if bucket is None:
-            bucket = self.kv[cf][prefix] = {}
+            bucket = self.kv[cf][prefix] = _Bucket()
             self._undo.append(("c", cf, prefix, None, prefix in self.cleared[cf]))
         self._undo.append(("k", cf, prefix, key, bucket.get(key, _MISSING)))
         bucket[key] = value
+        if key > bucket.hi:
+            bucket.hi = key
+
+    def kv_put_many(self, cf: str, prefix: bytes, keys: list[bytes], values: list[bytes]) -> None:
+        """``kv_put`` of distinct ``keys`` in increasing order (the caller keeps both lists as they are).
+
+        Keys the bucket does not hold yet (a snapshot's chunks cover disjoint ranges, so
+        that is every chunk of a repo in practice) take one undo entry for all of them,
+        not one tuple each; otherwise this falls back to ``kv_put`` per key.
+        """
+        if not keys:
+            return
+        bucket = self.kv[cf].get(prefix)
+        if bucket is None:
+            bucket = self.kv[cf][prefix] = _Bucket()
+            self._undo.append(("c", cf, prefix, None, prefix in self.cleared[cf]))
+        elif bucket and not bucket.keys().isdisjoint(keys):
+            for k, v in zip(keys, values):
+                self.kv_put(cf, prefix, k, v)
+            return
+        self._undo.append(("n", cf, prefix, keys))
+        bucket.update(zip(keys, values))
+        if keys[-1] > bucket.hi:
+            bucket.hi = keys[-1]
 
     def kv_clear(self, cf: str, prefix: bytes) -> None:
         """Delete every row starting with ``prefix``."""
         self._undo.append(("c", cf, prefix, self.kv[cf].get(prefix), prefix in self.cleared[cf]))
-        self.kv[cf][prefix] = {}
+        self.kv[cf][prefix] = _Bucket()
         self.cleared[cf].add(prefix)
 
     def kv_scan(self, cf: str, prefix: bytes, lo: Optional[bytes] = None,
@@ -369,7 +422,7 @@ class _Batch:
                     rows.append((k, it.value()))
                 it.next()
         bucket = self.kv[cf].get(prefix)
-        if bucket:
+        if bucket and (lo is None or bucket.hi > lo):
             merged = dict(rows)
             for k, v in bucket.items():
                 if (lo is None or k > lo) and (hi is None or k <= hi):
@@ -383,6 +436,10 @@ class _Batch:
     def emit(self, shard: int, did: str, flags: int, kind: Optional[str], body: bytes) -> None:
         """Queue an outbox row; ``kind`` None = ``body`` is the whole payload (internal rows)."""
         self.events.append((shard, did, flags, kind, body))
+
+    def emit_many(self, shard: int, did: str, flags: int, kind: str, bodies: list[bytes]) -> None:
+        """``emit`` of many bodies of one DID, shard, flags and kind."""
+        self.events.extend(zip(repeat(shard), repeat(did), repeat(flags), repeat(kind), bodies))
 
     def count(self, name: str, shard: int, delta: int) -> None:
         if delta:
@@ -509,6 +566,9 @@ class RepoLogic:
             for prefix in b.cleared[cf]:
                 wb.delete_range(prefix, _prefix_end(prefix), h)
             for bucket in b.kv[cf].values():
+                if len(bucket) > 8 and None not in bucket.values():  # a snapshot's rows: puts only
+                    _drain(map(wb.put, bucket.keys(), bucket.values(), repeat(h)))
+                    continue
                 for k, v in bucket.items():
                     if v is None:
                         wb.delete(k, h)
@@ -517,14 +577,19 @@ class RepoLogic:
         if b.events:
             h_out = db.handle("outbox")
             eid = self.ids.take(len(b.events))
-            per_shard: dict[int, int] = {}
             put = wb.put
-            for shard, did, flags, kind, body in b.events:
-                payload = with_id(eid, kind, body) if kind is not None else body
-                put(outbox_key(shard, eid), encode_outbox_row(did, flags, payload), h_out)
-                per_shard[shard] = per_shard.get(shard, 0) + 1
-                eid += 1
-            for shard, n in per_shard.items():
+            okey = outbox_key
+            ldid, lflags, lkind, head, mid = None, -1, None, b"", b""
+            for eid, (shard, did, flags, kind, body) in zip(count(eid), b.events):
+                if kind is None:
+                    row = encode_outbox_row(did, flags, body)
+                else:  # one format op per row: flags|did|\0 + {"id":N,"type":kind,kind:body}
+                    if did is not ldid or flags != lflags or kind != lkind:
+                        ldid, lflags, lkind = did, flags, kind
+                        head, mid = outbox_row_head(did, flags) + ID_HEAD, kind_mid(kind)
+                    row = b"%b%d%b%b}" % (head, eid, mid, body)
+                put(okey(shard, eid), row, h_out)
+            for shard, n in Counter(map(itemgetter(0), b.events)).items():
                 b.count("outbox", shard, n)
         meta = db.cf("meta")
         h_meta = db.handle("meta")
@@ -877,69 +942,78 @@ class RepoLogic:
         return None
 
     def _merge_chunk(self, b: _Batch, did: str, shard: int, st: RepoState, item: SnapshotChunk) -> None:
-        """Diff one chunk against the record index over (snap_pos, chunk end]."""
-        recs = {}
-        for r in item.records:
-            p = r.path
-            if isinstance(p, str) and "/" in p and p not in recs:
-                recs[p] = r
-        lo = st.snap_pos
-        paths = sorted(p for p in recs if p > lo)  # paths up to lo were merged by earlier chunks
+        """Diff one chunk against the record index over (snap_pos, chunk end].
+
+        Keys, CIDs and event bodies arrive ready (``protocol.snapshot``): a record the index
+        lacks costs a dict entry and a list entry, with no per-record Python work; when the
+        index has no rows in the chunk's range (a first sync) the whole chunk goes in at once.
+        """
+        keys, cids, bodies = item.unpack()
         prefix = did_prefix(did)
+        plen = len(prefix)
+        n = len(keys)
+        if n and not (len(cids) == n == len(bodies) and keys[0].startswith(prefix)
+                      and keys[-1].startswith(prefix) and _increasing(keys)):
+            # sorted keys whose first and last have the prefix all have it
+            raise ValueError("malformed snapshot chunk (keys out of order or of another repo)")
+        lo = record_key(did, st.snap_pos) if st.snap_pos else None
+        if lo is not None and n and keys[0] <= lo:  # merged by earlier chunks
+            i = bisect_right(keys, lo)
+            keys, cids, bodies = keys[i:], cids[i:], bodies[i:]
+            n = len(keys)
         if item.last:
-            hi_path = None
-        elif paths:
-            hi_path = paths[-1]
+            hi = None
+        elif n:
+            hi = keys[-1]
         else:
             return
-        stored = b.kv_scan("records", prefix, record_key(did, lo) if lo else None,
-                           record_key(did, hi_path) if hi_path is not None else None)
         keep = self.filter
-        rev = item.rev
-        delta = 0
-        i = j = 0
-        n, m = len(paths), len(stored)
-        plen = len(prefix)
-        while i < n or j < m:
-            sp = paths[i] if i < n else None
-            kp = stored[j][0][plen:].decode() if j < m else None
-            if kp is None or (sp is not None and sp < kp):  # only in the snapshot
-                delta += self._snap_put(b, did, shard, prefix, recs[sp], "create", keep, rev)
-                i += 1
-            elif sp is None or kp < sp:  # only in the index: vanished
-                delta += self._snap_vanished(b, did, shard, prefix, stored[j][0], kp, keep, rev)
-                j += 1
-            else:
-                rec = recs[sp]
-                try:  # string compare: binary->string is 3x cheaper than string->binary
-                    same = cid_to_str(stored[j][1]) == rec.cid
-                except ValueError:
-                    same = False  # an unreadable index row: overwrite it
-
-                if not same:
-                    self._snap_put(b, did, shard, prefix, rec, "update", keep, rev)
-                i += 1
-                j += 1
+        stored = b.kv_scan("records", prefix, lo, hi)
+        if not stored:  # nothing to diff against: every record is a create
+            if n and not keep.matches_all:  # BackfillSource filtered already; a cheap guard
+                sel = [i for i, k in enumerate(keys) if keep(k[plen:k.index(b"/", plen)].decode())]
+                if len(sel) != n:
+                    keys, cids, bodies = [keys[i] for i in sel], [cids[i] for i in sel], [bodies[i] for i in sel]
+                    n = len(keys)
+            b.kv_put_many("records", prefix, keys, cids)
+            b.emit_many(shard, did, 0, "record", bodies)
+            delta = n
+        else:
+            delta = self._diff(b, did, shard, prefix, keys, cids, bodies, stored, keep, item.rev)
         st.records += delta
         b.count("records", shard, delta)
-        if hi_path is not None:
-            st.snap_pos = hi_path
+        if hi is not None:
+            st.snap_pos = hi[plen:].decode()
 
-    def _snap_put(self, b: _Batch, did: str, shard: int, prefix: bytes, rec, action: str,
-                  keep: CollectionFilter, rev: str) -> int:
-        """Store and emit a created/updated snapshot record; returns the index size change."""
-        collection, _, rkey = rec.path.partition("/")
-        if not keep(collection):
-            return 0
-        try:
-            cid = cid_from_str(rec.cid)
-        except ValueError:
-            self.stats["snapshot_bad_cid"] += 1
-            return 0
-        b.kv_put("records", prefix, prefix + rec.path.encode(), cid)
-        b.emit(shard, did, 0, "record", record_body(live=False, did=did, rev=rev, collection=collection, rkey=rkey,
-                                                   action=action, cid=rec.cid, record_json=rec.record_json))
-        return 1 if action == "create" else 0
+    def _diff(self, b: _Batch, did: str, shard: int, prefix: bytes, keys: list[bytes], cids: list[bytes],
+              bodies: list[bytes], stored: list[tuple[bytes, bytes]], keep: CollectionFilter, rev: str) -> int:
+        """Merge sorted snapshot records with sorted index rows; returns the index size change."""
+        plen = len(prefix)
+        delta = 0
+        i = j = 0
+        n, m = len(keys), len(stored)
+        kv_put, emit = b.kv_put, b.emit
+        every = keep.matches_all
+        while i < n or j < m:
+            k = keys[i] if i < n else None
+            sk = stored[j][0] if j < m else None
+            if sk is None or (k is not None and k < sk):  # only in the snapshot
+                if every or keep(k[plen:k.index(b"/", plen)].decode()):
+                    kv_put("records", prefix, k, cids[i])
+                    emit(shard, did, 0, "record", bodies[i])
+                    delta += 1
+                i += 1
+            elif k is None or sk < k:  # only in the index: vanished
+                delta += self._snap_vanished(b, did, shard, prefix, sk, sk[plen:].decode(), keep, rev)
+                j += 1
+            else:  # a filtered collection's row stays as it is
+                if stored[j][1] != cids[i] and (every or keep(k[plen:k.index(b"/", plen)].decode())):
+                    # an unreadable index row differs too: overwritten
+                    kv_put("records", prefix, k, cids[i])
+                    emit(shard, did, 0, "record", bodies[i].replace(CREATE_ACTION, UPDATE_ACTION, 1))
+                i += 1
+                j += 1
+        return delta
 
     def _snap_vanished(self, b: _Batch, did: str, shard: int, prefix: bytes, key: bytes, path: str,
                        keep: CollectionFilter, rev: str) -> int:

@@ -121,9 +121,9 @@ def snapshot(d: str, fk: bytes, r: str, data: str, records: dict[str, str], *, c
     out = []
     after = ""
     for i, g in enumerate(groups):
-        out.append(SnapshotChunk(did=d, fetch_key=fk, rev=r, data_cid=data,
-                                 identity=ident if i == 0 else None, records=g, after=after,
-                                 first=i == 0, last=i == len(groups) - 1))
+        out.append(SnapshotChunk.of_records(did=d, fetch_key=fk, rev=r, data_cid=data,
+                                            identity=ident if i == 0 else None, records=g, after=after,
+                                            first=i == 0, last=i == len(groups) - 1))
         if g:
             after = g[-1].path
     return out
