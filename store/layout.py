@@ -19,8 +19,14 @@ RocksDB *secondary* instance):
 ``delivery/`` (written only by the delivery process; the dataflow reads it as secondary):
 
 - ``commands``   ``seq u64 BE`` -> orjson ``{"op": "add"|"remove", "dids": [...]}``
-- ``acks``       outbox key -> b"" : events every delivery target has taken
-- ``dmeta``      delivery-side counters and state
+- ``acks``       ``ackbatch/ | batch no u64 BE`` -> the 10-byte outbox keys (``shard u16 | id
+                 u64``) of one flush, concatenated: events every delivery target has taken.
+                 Batch numbers increase across restarts (``dmeta`` ``acks/batch``). The flow's
+                 ControlSource processes batches in order after its cursor (flow ``meta``
+                 ``control/ackbatch``, which is also what it publishes back); the delivery
+                 child deletes batch rows up to that number. Keys of exactly 10 bytes are the
+                 per-event rows of older versions: converted into batches once at start.
+- ``dmeta``      delivery-side counters and state (``commands/seq``, ``acks/batch``)
 
 Counters that several threads would update live per shard (``count/<name>/<shard>``) or
 per single writer, so no read-modify-write races exist; readers sum them.
@@ -119,6 +125,8 @@ def parse_fetch_key(key: bytes) -> tuple[int, int, str]:
 
 META_ID_RESERVED = b"ids/reserved"
 META_CONTROL_CURSOR = b"control/cursor"
+#: Highest ack batch (``data/delivery`` ``acks``) whose outbox rows ControlSource has deleted.
+META_ACKS_DONE = b"control/ackbatch"
 
 
 def meta_cursor_firehose(relay_url: str) -> bytes:
@@ -179,3 +187,57 @@ def unpack_i64(b: bytes) -> int:
 
 def command_key(seq: int) -> bytes:
     return _U64.pack(seq)
+
+
+ACKBATCH_PREFIX = b"ackbatch/"
+OUTBOX_KEY_LEN = 10
+#: ``dmeta``: the number of the last ack batch written (batch numbers never go back).
+DMETA_ACK_BATCH = b"acks/batch"
+
+
+def ackbatch_key(batch: int) -> bytes:
+    return ACKBATCH_PREFIX + _U64.pack(batch)
+
+
+def parse_ackbatch_key(key: bytes) -> int:
+    return _U64.unpack_from(key, len(ACKBATCH_PREFIX))[0]
+
+
+def split_outbox_keys(value: bytes) -> list[bytes]:
+    """The outbox keys of an ack batch row (a trailing partial key is ignored)."""
+    n = OUTBOX_KEY_LEN
+    return [value[i:i + n] for i in range(0, len(value) - n + 1, n)]
+
+
+def outbox_key_runs(keys: list[bytes]) -> list[tuple[bytes, bytes, int]]:
+    """``(first key, key after the last, count)`` per run of consecutive ids of one shard.
+
+    Sorted and de-duplicated; keys that are not 10 bytes are dropped. A run names every
+    possible key in ``[first, after)``, so deleting that range deletes exactly the run.
+    """
+    runs: list[tuple[bytes, bytes, int]] = []
+    prev_shard = b""
+    prev_id = first = -1
+    count = 0
+    for k in sorted(set(keys)):
+        if len(k) != OUTBOX_KEY_LEN:
+            continue
+        shard, i = k[:2], int.from_bytes(k[2:], "big")
+        if shard == prev_shard and i == prev_id + 1:
+            prev_id = i
+            count += 1
+            continue
+        if count:
+            runs.append((prev_shard + _U64.pack(first), _after(prev_shard, prev_id), count))
+        prev_shard, first, prev_id, count = shard, i, i, 1
+    if count:
+        runs.append((prev_shard + _U64.pack(first), _after(prev_shard, prev_id), count))
+    return runs
+
+
+def _after(shard: bytes, last_id: int) -> bytes:
+    """The smallest key after ``shard | last_id`` (the next shard's prefix after id 2**64-1)."""
+    if last_id < 0xFFFF_FFFF_FFFF_FFFF:
+        return shard + _U64.pack(last_id + 1)
+    s = int.from_bytes(shard, "big")
+    return _U16.pack(s + 1) if s < 0xFFFF else b"\xff\xff\xff"
