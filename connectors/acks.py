@@ -227,8 +227,8 @@ class AckApplier:
         short: list[tuple[int, bytes]] = []  # (run index, key)
         for i, (lo, hi, n) in enumerate(runs):
             if n < RUN_SCAN_MIN:
-                first = int.from_bytes(lo[2:], "big")
-                short += [(i, lo[:2] + (first + j).to_bytes(8, "big")) for j in range(n)]
+                first = int.from_bytes(lo, "big")
+                short += [(i, (first + j).to_bytes(OUTBOX_KEY_LEN, "big")) for j in range(n)]
                 continue
             ro = ReadOptions()
             ro.set_iterate_upper_bound(hi)

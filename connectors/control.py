@@ -16,8 +16,9 @@ follows that database as a RocksDB *secondary* from the flow process and
 
 Polling: a catch-up lists and opens files of the delivery DB, so it runs only when
 ``store.db.ChangeWatch`` sees the delivery DB's files change (or once a second), and the
-partition wakes every 5 ms while commands or acks keep coming, backing off to 50 ms when
-nothing new arrives (a ``/repos/add`` is picked up within about 50 ms of its write).
+partition wakes every 5 ms while commands keep coming (20 ms while only ack batches do),
+backing off to 50 ms when nothing new arrives (a ``/repos/add`` is picked up within about
+50 ms of its write).
 A delivery database that does not exist yet (the child starts after the flow) is waited for.
 
 Example (a flow with only this input)::
@@ -68,8 +69,10 @@ __all__ = ["ControlSource", "ControlFollower", "outbox_depth", "read_counter", "
 _log = logging.getLogger(__name__)
 
 CMD_ITEMS = Counter("tapflow_control_commands", "API repo commands turned into flow items, per DID", ["op"])
-#: Seconds between rounds while commands or acks arrive, and the most when idle.
+#: Seconds between rounds while commands arrive, while only ack batches arrive (no hurry:
+#: fewer, larger deletions and bytewax activations), and the most when nothing arrives.
 BUSY_INTERVAL = 0.005
+ACK_INTERVAL = 0.02
 IDLE_MAX = 0.05
 
 CONTROL_CURSOR = Gauge("tapflow_control_cursor", "highest API command seq applied by every shard involved",
@@ -133,7 +136,8 @@ class ControlFollower:
         self._last_open_try = 0.0
         self._watch: ChangeWatch | None = None
         self._seen_seq = -1  # delivery sequence number of the last round that read commands and acks
-        self.active = False  # the last round found new commands or ack batches
+        self.got_commands = False  # the last round read new commands
+        self.got_acks = False  # the last round applied ack batches
         CONTROL_CURSOR.set(self.cursor)
 
     # --- delivery database -------------------------------------------------------
@@ -160,8 +164,8 @@ class ControlFollower:
 
     def poll(self) -> list:
         """Catch up (if the delivery DB changed), return new command items, advance the
-        command cursor, apply new ack batches. Sets ``active``."""
-        self.active = False
+        command cursor, apply new ack batches. Sets ``got_commands`` and ``got_acks``."""
+        self.got_commands = self.got_acks = False
         d = self._delivery()
         if d is None:
             return []
@@ -174,9 +178,10 @@ class ControlFollower:
         items: list = []
         seq = d.db.latest_sequence_number()
         if seq != self._seen_seq:
+            emitted = self.emitted
             items = self._read_commands(d)
-            batches = self.acks.apply(d) is not None
-            self.active = bool(items) or batches
+            self.got_commands = self.emitted != emitted
+            self.got_acks = self.acks.apply(d) is not None
             if len(items) < self._max_items and not self.acks.more:
                 self._seen_seq = seq  # everything up to seq is read (else: the rest next round)
         self.advance_cursor()
@@ -252,24 +257,33 @@ class ControlFollower:
 
 
 class _ControlPartition(StatefulSourcePartition):
-    """Wakes every ``interval`` while rounds find something, doubling up to ``idle_max`` when not."""
+    """Wakes every ``interval`` while commands come, every ``ack_interval`` while only acks
+    come, and backs off (doubling) up to ``idle_max`` while nothing new comes."""
 
-    def __init__(self, follower: ControlFollower, interval: float, idle_max: float | None = None) -> None:
+    def __init__(self, follower: ControlFollower, interval: float, idle_max: float | None = None,
+                 ack_interval: float | None = None) -> None:
         self._f = follower
         self._busy = interval
         self._idle_max = max(interval, idle_max if idle_max is not None else IDLE_MAX)
+        self._acks = min(self._idle_max, max(interval, ack_interval if ack_interval is not None else ACK_INTERVAL))
         self._wait = interval
         self._awake = datetime.now(timezone.utc)
 
     def next_batch(self) -> Iterable:
         check_stop()
+        commands = acks = False
         try:
             items = self._f.poll()
-            active = self._f.active
+            commands, acks = self._f.got_commands, self._f.got_acks
         except Exception:
             _log.exception("control source round failed; retrying")
-            items, active = [], False
-        self._wait = self._busy if active else min(self._wait * 2, self._idle_max)
+            items = []
+        if commands:
+            self._wait = self._busy
+        elif acks:
+            self._wait = self._acks
+        else:
+            self._wait = min(self._wait * 2, self._idle_max)
         self._awake = datetime.now(timezone.utc) + timedelta(seconds=self._wait)
         return items
 
@@ -282,7 +296,8 @@ class _ControlPartition(StatefulSourcePartition):
 
 class ControlSource(FixedPartitionedSource):
     """One partition following ``data/delivery`` (see module doc): a round every ``interval`` s
-    while commands or acks arrive, backing off to ``idle_max`` s when nothing new comes."""
+    while commands arrive (``ACK_INTERVAL`` while only acks do), backing off to ``idle_max`` s
+    when nothing new comes."""
 
     def __init__(self, cfg: Config, interval: float = BUSY_INTERVAL, flow_db: Database | None = None,
                  idle_max: float = IDLE_MAX) -> None:

@@ -210,34 +210,27 @@ def split_outbox_keys(value: bytes) -> list[bytes]:
 
 
 def outbox_key_runs(keys: list[bytes]) -> list[tuple[bytes, bytes, int]]:
-    """``(first key, key after the last, count)`` per run of consecutive ids of one shard.
+    """``(first key, key after the last, count)`` per run of consecutive outbox keys.
 
-    Sorted and de-duplicated; keys that are not 10 bytes are dropped. A run names every
-    possible key in ``[first, after)``, so deleting that range deletes exactly the run.
+    Sorted and de-duplicated; keys that are not 10 bytes are dropped. A key read as an 80-bit
+    big-endian number is ``shard * 2**64 + id``, so a run is a range of consecutive numbers and
+    deleting ``[first, after)`` deletes exactly the keys of the run, nothing else.
     """
+    from_bytes = int.from_bytes
+    nums = sorted({from_bytes(k, "big") for k in keys if len(k) == OUTBOX_KEY_LEN})
     runs: list[tuple[bytes, bytes, int]] = []
-    prev_shard = b""
-    prev_id = first = -1
-    count = 0
-    for k in sorted(set(keys)):
-        if len(k) != OUTBOX_KEY_LEN:
-            continue
-        shard, i = k[:2], int.from_bytes(k[2:], "big")
-        if shard == prev_shard and i == prev_id + 1:
-            prev_id = i
-            count += 1
-            continue
-        if count:
-            runs.append((prev_shard + _U64.pack(first), _after(prev_shard, prev_id), count))
-        prev_shard, first, prev_id, count = shard, i, i, 1
-    if count:
-        runs.append((prev_shard + _U64.pack(first), _after(prev_shard, prev_id), count))
+    if not nums:
+        return runs
+    first = prev = nums[0]
+    for x in nums[1:]:
+        if x != prev + 1:
+            runs.append((first.to_bytes(10, "big"), _after_key(prev), prev - first + 1))
+            first = x
+        prev = x
+    runs.append((first.to_bytes(10, "big"), _after_key(prev), prev - first + 1))
     return runs
 
 
-def _after(shard: bytes, last_id: int) -> bytes:
-    """The smallest key after ``shard | last_id`` (the next shard's prefix after id 2**64-1)."""
-    if last_id < 0xFFFF_FFFF_FFFF_FFFF:
-        return shard + _U64.pack(last_id + 1)
-    s = int.from_bytes(shard, "big")
-    return _U16.pack(s + 1) if s < 0xFFFF else b"\xff\xff\xff"
+def _after_key(last: int) -> bytes:
+    """The smallest key after the 10-byte key ``last`` (past every key for the largest one)."""
+    return (last + 1).to_bytes(10, "big") if last < (1 << 80) - 1 else b"\xff" * 10 + b"\x00"

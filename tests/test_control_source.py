@@ -303,12 +303,14 @@ def test_outbox_key_runs():
     from store.layout import outbox_key_runs
 
     k = outbox_key
-    keys = [k(2, 7), k(1, 3), k(1, 1), k(1, 2), k(1, 2), k(1, 5), k(2, 2**64 - 1), k(2, 2**64 - 2), b"short"]
+    keys = [k(2, 7), k(1, 3), k(1, 1), k(1, 2), k(1, 2), k(1, 5), k(2, 2**64 - 1), k(2, 2**64 - 2), b"short",
+            k(65535, 2**64 - 1)]
     assert outbox_key_runs(keys) == [
         (k(1, 1), k(1, 4), 3),
         (k(1, 5), k(1, 6), 1),
         (k(2, 7), k(2, 8), 1),
-        (k(2, 2**64 - 2), b"\x00\x03", 2),  # up to the next shard's prefix
+        (k(2, 2**64 - 2), k(3, 0), 2),  # the range ends before the next shard's first key
+        (k(65535, 2**64 - 1), b"\xff" * 10 + b"\x00", 1),
     ]
     assert outbox_key_runs([]) == []
 
@@ -353,3 +355,11 @@ def test_partition_backs_off_when_idle_and_wakes_up_on_commands(cfg, child):
     child.send(cmds=[[1, "add", ["did:plc:a"]]])
     assert list(part.next_batch()) == [AddRepo("did:plc:a", 1)]
     assert wait_s() <= 0.005
+    for _ in range(10):
+        part.next_batch()
+    flow = open_flow_db(cfg.data_dir)
+    keys = put_outbox(flow, 3)
+    child.send(batches=[[1, [k.hex() for k in keys]]])
+    assert list(part.next_batch()) == []
+    assert 0.005 < wait_s() <= 0.02  # acks only: no hurry
+    assert present(flow, keys) == []
