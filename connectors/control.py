@@ -174,6 +174,8 @@ class ControlFollower:
                 d.catch_up()
             except Exception as e:
                 _log.warning("delivery catch-up failed: %s", e)
+                if self._watch is not None:
+                    self._watch.reset()  # try again next round
                 return []
         items: list = []
         seq = d.db.latest_sequence_number()

@@ -131,6 +131,7 @@ class OutboxFollower:
                 n = self.step()
             except Exception:  # StoreError, or RocksDB's own errors from catch-up and reads
                 log.exception("outbox follower step failed; retrying in 0.5 s")
+                self._watch.reset()  # the catch-up may not have happened
                 n = 0
                 idle = 0.5
             if n:

@@ -117,6 +117,10 @@ class ChangeWatch:
             return True
         return False
 
+    def reset(self) -> None:
+        """The next ``changed`` answers True (e.g. the catch-up it asked for failed)."""
+        self._last_true = float("-inf")
+
     def _look(self) -> bool:
         mtime = os.stat(self._path).st_mtime_ns
         changed = False

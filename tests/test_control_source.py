@@ -363,3 +363,33 @@ def test_partition_backs_off_when_idle_and_wakes_up_on_commands(cfg, child):
     assert list(part.next_batch()) == []
     assert 0.005 < wait_s() <= 0.02  # acks only: no hurry
     assert present(flow, keys) == []
+
+
+def test_ack_log_numbers_keep_increasing_across_restarts_and_releases(tmp_path):
+    """AckLog (the child) and AckApplier (the flow) back to back, in one process."""
+    from connectors.acks import AckApplier, AckLog
+    from store.db import _open_db
+    from store.layout import DELIVERY_CFS, FLOW_CFS
+
+    flow = _open_db(tmp_path / "flow", FLOW_CFS, None)
+    delivery = _open_db(tmp_path / "delivery", DELIVERY_CFS, None)
+    keys = put_outbox(flow, 6)
+    log = AckLog(delivery, flow)
+    assert log.load() == 0
+    assert (log.write(keys[:2]), log.write(keys[2:3])) == (1, 2) and log.waiting == 3
+    assert log.release() == 0  # the flow has applied nothing yet
+    applier = AckApplier(flow)
+    assert applier.apply(delivery) == 3 and applier.done == 2
+    assert log.release() == 3 and log.waiting == 0 and list(delivery.cf("acks").keys()) == []
+    log2 = AckLog(delivery, flow)  # restart: every batch row is gone, the number is not
+    assert log2.load() == 0 and log2.write(keys[3:4]) == 3
+    log3 = AckLog(delivery, flow)  # restart with batch 3 not applied: its key is acked, skip it
+    assert log3.load() == 1 and log3.skip == {keys[3]} and log3.write(keys[4:5]) == 4
+    assert applier.apply(delivery) == 2
+    assert log3.release() == 2 and log3.skip == set()
+    delivery.close()
+    fresh = _open_db(tmp_path / "delivery2", DELIVERY_CFS, None)  # a new delivery DB, same flow
+    log4 = AckLog(fresh, flow)
+    assert log4.load() == 0 and log4.write(keys[5:]) == 5  # after the flow's cursor, never below
+    flow.close()
+    fresh.close()
