@@ -9,8 +9,10 @@ Runs in the delivery child (``connectors.delivery_main``) on its event loop::
 What it does, every few milliseconds:
 
 1. Look whether ``data/flow``'s files changed (``store.db.ChangeWatch``: two ``stat`` calls)
-   and ``catch_up`` with the flow's primary only then (or once a second): polling stays at
-   2-5 ms for delivery latency, and an idle round costs a few µs instead of a catch-up.
+   and ``catch_up`` with the flow's primary only then (or once a second). Rounds follow each
+   other every 2 ms while rows come; when idle the follower sleeps up to 100 ms and the
+   flow's next write wakes it at once (``runtime.dirnotify``, inotify on ``data/flow``), or,
+   without inotify, polls every 2-5 ms (an idle round then costs a few µs, not a catch-up).
 2. Per shard, read the rows after that shard's cursor, in id order (one writer per shard
    commits in id order, so a cursor per shard never misses a row), and offer each event to
    every target. The shard's ``count/outbox/<shard>`` counter (written in the same batch as
@@ -41,6 +43,7 @@ from connectors.acks import AckLog
 from connectors.targets import AckTracker, DeliveryTarget, TakenCallback, metrics
 from store.db import ChangeWatch, Database
 from store.layout import meta_counter, shard_prefix, unpack_i64
+from runtime.dirnotify import DirNotify
 from store.outbox import OutboxEvent
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ ACK_FLUSH_KEYS = 1000
 SAFETY_SCAN_INTERVAL = 1.0
 CATCH_UP_MAX_QUIET = 1.0  # catch up at least this often even if the files look unchanged
 POLL_BUSY = 0.002
-POLL_IDLE_MAX = 0.005
+POLL_IDLE_MAX = 0.005  # idle polling without inotify
+POLL_IDLE_NOTIFIED = 0.1  # idle sleep when the flow's writes wake the follower
 READ_CHUNK = 5000  # rows per pass before yielding to the sockets
 
 
@@ -110,6 +114,9 @@ class OutboxFollower:
         self._last_flush = self._last_scan = time.monotonic()
         self._stopping = False
         self._waiter: asyncio.Future | None = None
+        self._idle = False  # sleeping with nothing to do: a flow write or an ack wakes it
+        self._notify = DirNotify(flow.path, self._on_flow_write)
+        self._idle_max = POLL_IDLE_MAX
         self._safety_interval = safety_scan_interval
         self.offered = 0
 
@@ -118,6 +125,8 @@ class OutboxFollower:
     async def start(self) -> None:
         """Start the targets and pick up the ack batches left by a previous run."""
         self.tracker.bind_loop(asyncio.get_running_loop())
+        if self._notify.start(asyncio.get_running_loop()):
+            self._idle_max = POLL_IDLE_NOTIFIED
         self._flow.catch_up()
         self._acks.load()
         for t in self.targets:
@@ -138,12 +147,17 @@ class OutboxFollower:
                 idle = POLL_BUSY
                 await asyncio.sleep(0) if n >= READ_CHUNK else await self._sleep(POLL_BUSY)
             else:
-                await self._sleep(idle)
-                idle = min(idle * 2, POLL_IDLE_MAX)
+                self._idle = True
+                try:  # acks waiting for their flush cap the sleep
+                    await self._sleep(min(idle, ACK_FLUSH_INTERVAL) if self._ack_buf else idle)
+                finally:
+                    self._idle = False
+                idle = min(idle * 2, self._idle_max)
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake()
+        self._notify.close()
         for t in self.targets:
             try:
                 await t.stop()
@@ -264,7 +278,11 @@ class OutboxFollower:
 
     def _completed(self, key: bytes) -> None:
         self._ack_buf.append(key)
-        if len(self._ack_buf) >= ACK_FLUSH_KEYS or self._more:
+        if len(self._ack_buf) >= ACK_FLUSH_KEYS or self._more or self._idle:
+            self._wake()
+
+    def _on_flow_write(self) -> None:
+        if self._idle:
             self._wake()
 
     def flush_acks(self) -> None:

@@ -971,3 +971,50 @@ async def test_window_reopens_as_the_client_acks(stack_factory):
         await c.wait(len(c.msgs) + 1, 0.3)
     assert sorted({m["id"] for m in c.msgs}) == ids
     await c.close()
+
+
+async def test_dir_notify_wakes_on_writes_and_new_files(tmp_path):
+    from runtime.dirnotify import DirNotify
+
+    calls = []
+    ev = asyncio.Event()
+    n = DirNotify(tmp_path, lambda: (calls.append(1), ev.set()))
+    assert n.start(asyncio.get_running_loop())  # Linux: the follower relies on it to sleep long
+    try:
+        f = tmp_path / "000001.log"
+        f.write_bytes(b"x")  # a new file
+        await asyncio.wait_for(ev.wait(), 2.0)
+        ev.clear()
+        with open(f, "ab") as fh:  # an append (a WAL write)
+            fh.write(b"y")
+        await asyncio.wait_for(ev.wait(), 2.0)
+        ev.clear()
+        (tmp_path / "000001.log").read_bytes()  # reading wakes nobody
+        await asyncio.sleep(0.1)
+        assert not ev.is_set()
+    finally:
+        n.close()
+
+
+async def test_idle_follower_is_woken_by_the_flows_write(stack_factory):
+    """Idle, the follower sleeps up to 100 ms; the flow's writes reach it while it sleeps
+    (inotify) and every event still arrives."""
+    from connectors.outbox_follower import POLL_IDLE_NOTIFIED
+
+    s = await stack_factory()
+    f = s.follower
+    assert f._idle_max == POLL_IDLE_NOTIFIED
+    seen_idle: list[bool] = []
+    real = f._notify._callback
+    f._notify._callback = lambda: (seen_idle.append(f._idle), real())
+    c = await Consumer.connect(s.url)
+    for i in range(3):
+        await asyncio.sleep(0.5)  # long idle: the follower's sleep has grown to its maximum
+        seen_idle.clear()
+        ids = s.fake.push(did_n(500 + i), 1)
+        msgs = await c.wait(i + 1, 2.0)
+        assert msgs[-1]["id"] == ids[0]
+        assert seen_idle and seen_idle[0]  # the write's notification found the follower asleep
+        await c.ack(ids[0])
+    await _until(lambda: s.fake.rows() == 0)
+    await c.close()
