@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 DMETA_COMMAND_SEQ = b"commands/seq"
 META_FIREHOSE_SEQ = b"stats/firehose_seq"
-OUTBOX_ACKED = "outbox_acked"
+OUTBOX_ACKED = "outbox_acked"  # written by ControlSource (connectors.acks.AckApplier)
 LIST_DEFAULT_LIMIT = 100
 LIST_MAX_LIMIT = 1000
 

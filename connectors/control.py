@@ -2,7 +2,7 @@
 
 The delivery child owns ``data/delivery``: the HTTP API writes ``/repos/add`` and
 ``/repos/remove`` into its ``commands`` column family (synced, before answering 200) and
-the delivery targets write ``acks`` (outbox keys every target has taken). This source
+the outbox follower writes ack batches into ``acks`` (``connectors.acks``). This source
 follows that database as a RocksDB *secondary* from the flow process and
 
 - emits one ``AddRepo`` / ``RemoveRepo`` per DID of every command after ``control/cursor``
@@ -10,10 +10,15 @@ follows that database as a RocksDB *secondary* from the flow process and
 - persists ``control/cursor`` only up to a seq that every shard involved has applied
   (``cmdapplied/<shard> >= seq``), so a crash replays unapplied commands (add is
   idempotent; order per DID is kept because one DID always lands on one shard);
-- deletes acked rows from ``data/flow`` ``outbox`` in batches and adds the number actually
-  deleted to ``count/outbox_acked/0`` in the same WriteBatch (single writer; keys already
-  gone, e.g. acks seen again after a restart, are skipped and not counted).
+- applies the ack batches after its ack cursor (``connectors.acks.AckApplier``): deletes the
+  outbox rows, counts those present in ``count/outbox_acked/0`` and moves ``control/ackbatch``
+  in one WriteBatch (single writer); the child reads that cursor to release its batches.
 
+Polling: a catch-up lists and opens files of the delivery DB, so it runs only when
+``store.db.ChangeWatch`` sees the delivery DB's files change (or once a second), and the
+partition wakes every 5 ms while commands keep coming (20 ms while only ack batches do),
+backing off to 50 ms when nothing new arrives (a ``/repos/add`` is picked up within about
+50 ms of its write).
 A delivery database that does not exist yet (the child starts after the flow) is waited for.
 
 Example (a flow with only this input)::
@@ -46,13 +51,13 @@ from prometheus_client import Counter, Gauge
 from runtime.shutdown import cap_awake, check_stop
 from config import Config
 from operators.items import AddRepo, RemoveRepo
-from store.db import Database, StoreError, open_delivery_db, open_flow_db
+from connectors.acks import OUTBOX_ACKED, AckApplier
+from store.db import ChangeWatch, Database, StoreError, open_delivery_db, open_flow_db
 from store.layout import (
     decode_counter,
     META_CONTROL_CURSOR,
     command_key,
     meta_cmd_applied,
-    meta_counter,
     meta_counter_prefix,
     pack_u64,
     shard_of,
@@ -63,11 +68,13 @@ __all__ = ["ControlSource", "ControlFollower", "outbox_depth", "read_counter", "
 
 _log = logging.getLogger(__name__)
 
-#: Counter name of deleted (acked) outbox rows; ControlSource is its only writer (shard 0).
-OUTBOX_ACKED = "outbox_acked"
-
 CMD_ITEMS = Counter("tapflow_control_commands", "API repo commands turned into flow items, per DID", ["op"])
-ACKED_DELETED = Counter("tapflow_outbox_acked_deleted", "outbox rows deleted after every delivery target acked them")
+#: Seconds between rounds while commands arrive, while only ack batches arrive (no hurry:
+#: fewer, larger deletions and bytewax activations), and the most when nothing arrives.
+BUSY_INTERVAL = 0.005
+ACK_INTERVAL = 0.02
+IDLE_MAX = 0.05
+
 CONTROL_CURSOR = Gauge("tapflow_control_cursor", "highest API command seq applied by every shard involved",
                        multiprocess_mode="livemax")
 
@@ -116,7 +123,7 @@ class ControlFollower:
     """Commands -> items and acks -> outbox deletions, without bytewax (see module doc)."""
 
     def __init__(self, cfg: Config, flow_db: Database | None = None, *,
-                 ack_batch: int = 5000, max_items: int = 10_000) -> None:
+                 max_ack_keys: int = 50_000, max_items: int = 10_000) -> None:
         self.cfg = cfg
         self.flow = flow_db if flow_db is not None else open_flow_db(cfg.data_dir)
         self.delivery: Database | None = None
@@ -124,11 +131,13 @@ class ControlFollower:
         self.cursor = decode_counter(meta.get(META_CONTROL_CURSOR))
         self.emitted = self.cursor  # highest command seq turned into items
         self._pending: deque[tuple[int, frozenset[int]]] = deque()  # (seq, shards) emitted, not all applied
-        self._acked_total = decode_counter(meta.get(meta_counter(OUTBOX_ACKED, 0)))
-        self._deleted_recent: set[bytes] = set()  # ack keys whose outbox row we deleted, until the acks row goes
-        self._ack_batch = ack_batch
+        self.acks = AckApplier(self.flow, max_keys=max_ack_keys)
         self._max_items = max_items
         self._last_open_try = 0.0
+        self._watch: ChangeWatch | None = None
+        self._seen_seq = -1  # delivery sequence number of the last round that read commands and acks
+        self.got_commands = False  # the last round read new commands
+        self.got_acks = False  # the last round applied ack batches
         CONTROL_CURSOR.set(self.cursor)
 
     # --- delivery database -------------------------------------------------------
@@ -144,6 +153,7 @@ class ControlFollower:
             return None
         try:
             self.delivery = open_delivery_db(self.cfg.data_dir, secondary=True)
+            self._watch = ChangeWatch(self.delivery.path)
             _log.info("following the delivery database", extra={"path": str(self.delivery.path)})
         except StoreError as e:
             _log.debug("delivery database not ready: %s", e)
@@ -153,18 +163,30 @@ class ControlFollower:
     # --- one round ------------------------------------------------------------------
 
     def poll(self) -> list:
-        """Catch up, return new command items, advance the cursor, delete acked rows."""
+        """Catch up (if the delivery DB changed), return new command items, advance the
+        command cursor, apply new ack batches. Sets ``got_commands`` and ``got_acks``."""
+        self.got_commands = self.got_acks = False
         d = self._delivery()
         if d is None:
             return []
-        try:
-            d.catch_up()
-        except Exception as e:
-            _log.warning("delivery catch-up failed: %s", e)
-            return []
-        items = self._read_commands(d)
+        if self._watch is None or self._watch.changed():
+            try:
+                d.catch_up()
+            except Exception as e:
+                _log.warning("delivery catch-up failed: %s", e)
+                if self._watch is not None:
+                    self._watch.reset()  # try again next round
+                return []
+        items: list = []
+        seq = d.db.latest_sequence_number()
+        if seq != self._seen_seq:
+            emitted = self.emitted
+            items = self._read_commands(d)
+            self.got_commands = self.emitted != emitted
+            self.got_acks = self.acks.apply(d) is not None
+            if len(items) < self._max_items and not self.acks.more:
+                self._seen_seq = seq  # everything up to seq is read (else: the rest next round)
         self.advance_cursor()
-        self.delete_acked(d)
         return items
 
     def _read_commands(self, d: Database) -> list:
@@ -231,74 +253,40 @@ class ControlFollower:
             CONTROL_CURSOR.set(new)
         return self.cursor
 
-    def delete_acked(self, d: Database) -> int:
-        """Delete outbox rows named in ``acks``; returns how many rows were actually deleted."""
-        outbox = self.flow.cf("outbox")
-        h = self.flow.handle("outbox")
-        it = d.cf("acks").iter()
-        it.seek_to_first()
-        seen: set[bytes] = set()
-        todo: list[bytes] = []
-        deleted = 0
-        complete = True
-        while it.valid():
-            k = it.key()
-            seen.add(k)
-            if k not in self._deleted_recent:
-                todo.append(k)
-                if len(todo) >= self._ack_batch:
-                    deleted += self._delete(outbox, h, todo)
-                    todo = []
-                    if deleted >= 4 * self._ack_batch:  # enough for one round; the rest next time
-                        complete = False
-                        break
-            it.next()
-        if todo:
-            deleted += self._delete(outbox, h, todo)
-        if complete:
-            # acks rows the child has pruned need no memory any more
-            self._deleted_recent &= seen
-        return deleted
-
-    def _delete(self, outbox, h, keys: list[bytes]) -> int:
-        values = outbox.get(keys)
-        present = [k for k, v in zip(keys, values) if v is not None]
-        self._deleted_recent.update(keys)
-        if not present:
-            return 0
-        b = self.flow.batch()
-        for k in present:
-            b.delete(k, h)
-        self._acked_total += len(present)
-        b.put(meta_counter(OUTBOX_ACKED, 0), pack_u64(self._acked_total), self.flow.handle("meta"))
-        try:
-            self.flow.write(b)
-        except StoreError:
-            self._acked_total -= len(present)
-            self._deleted_recent.difference_update(keys)
-            raise
-        ACKED_DELETED.inc(len(present))
-        return len(present)
-
     @property
     def pending_commands(self) -> int:
         return len(self._pending)
 
 
 class _ControlPartition(StatefulSourcePartition):
-    def __init__(self, follower: ControlFollower, interval: float) -> None:
+    """Wakes every ``interval`` while commands come, every ``ack_interval`` while only acks
+    come, and backs off (doubling) up to ``idle_max`` while nothing new comes."""
+
+    def __init__(self, follower: ControlFollower, interval: float, idle_max: float | None = None,
+                 ack_interval: float | None = None) -> None:
         self._f = follower
-        self._interval = timedelta(seconds=interval)
+        self._busy = interval
+        self._idle_max = max(interval, idle_max if idle_max is not None else IDLE_MAX)
+        self._acks = min(self._idle_max, max(interval, ack_interval if ack_interval is not None else ACK_INTERVAL))
+        self._wait = interval
         self._awake = datetime.now(timezone.utc)
 
     def next_batch(self) -> Iterable:
         check_stop()
+        commands = acks = False
         try:
             items = self._f.poll()
+            commands, acks = self._f.got_commands, self._f.got_acks
         except Exception:
             _log.exception("control source round failed; retrying")
             items = []
-        self._awake = datetime.now(timezone.utc) + self._interval
+        if commands:
+            self._wait = self._busy
+        elif acks:
+            self._wait = self._acks
+        else:
+            self._wait = min(self._wait * 2, self._idle_max)
+        self._awake = datetime.now(timezone.utc) + timedelta(seconds=self._wait)
         return items
 
     def next_awake(self) -> datetime | None:
@@ -309,15 +297,19 @@ class _ControlPartition(StatefulSourcePartition):
 
 
 class ControlSource(FixedPartitionedSource):
-    """One partition following ``data/delivery`` (see module doc); catches up every ``interval`` s."""
+    """One partition following ``data/delivery`` (see module doc): a round every ``interval`` s
+    while commands arrive (``ACK_INTERVAL`` while only acks do), backing off to ``idle_max`` s
+    when nothing new comes."""
 
-    def __init__(self, cfg: Config, interval: float = 0.005, flow_db: Database | None = None) -> None:
+    def __init__(self, cfg: Config, interval: float = BUSY_INTERVAL, flow_db: Database | None = None,
+                 idle_max: float = IDLE_MAX) -> None:
         self.cfg = cfg
         self.interval = interval
+        self.idle_max = idle_max
         self._flow_db = flow_db
 
     def list_parts(self) -> list[str]:
         return ["control"]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _ControlPartition:
-        return _ControlPartition(ControlFollower(self.cfg, self._flow_db), self.interval)
+        return _ControlPartition(ControlFollower(self.cfg, self._flow_db), self.interval, self.idle_max)

@@ -9,7 +9,7 @@ secondary and owns ``data/delivery``:
 - the HTTP API listens on ``TAP_BIND`` (``connectors.api``);
 - SIGTERM / SIGINT stop it cleanly: WebSocket clients are dropped at the TCP level (no close
   frame, so official clients reconnect to the next process), taken events are flushed to
-  ``acks``; everything else is redelivered by the next process.
+  ``acks`` as a last ack batch; everything else is redelivered by the next process.
 
 Logs are JSON lines on stdout. Metrics go to prometheus_client's multiprocess directory that
 the flow process serves on ``TAP_METRICS_LISTEN``; run alone (no ``TAPFLOW_PARENT_PID``), this

@@ -8,7 +8,11 @@ Runs in the delivery child (``connectors.delivery_main``) on its event loop::
 
 What it does, every few milliseconds:
 
-1. ``catch_up`` with the flow's primary; nothing more if the flow wrote nothing.
+1. Look whether ``data/flow``'s files changed (``store.db.ChangeWatch``: two ``stat`` calls)
+   and ``catch_up`` with the flow's primary only then (or once a second). Rounds follow each
+   other every 2 ms while rows come; when idle the follower sleeps up to 100 ms and the
+   flow's next write wakes it at once (``runtime.dirnotify``, inotify on ``data/flow``), or,
+   without inotify, polls every 2-5 ms (an idle round then costs a few µs, not a catch-up).
 2. Per shard, read the rows after that shard's cursor, in id order (one writer per shard
    commits in id order, so a cursor per shard never misses a row), and offer each event to
    every target. The shard's ``count/outbox/<shard>`` counter (written in the same batch as
@@ -16,32 +20,18 @@ What it does, every few milliseconds:
    and deleted rows leave behind; a bounded scan of every shard each second is the safety
    net. After a restart every row is read again: redelivery (invariant 2).
 3. Stop reading while ``cfg.outbox_capacity`` events are offered and not yet taken by every
-   target, or as many acked rows wait for the flow to delete them: memory stays bounded.
-4. Events taken by every target are written to ``acks`` in ``data/delivery`` (batched every
-   10 ms or 1000 keys). The flow's ControlSource deletes their outbox rows; once a row is gone
-   (seen through the secondary) its ack row is deleted and nothing of the event is kept.
-
-Knowing when the flow is done with an ack row, cheapest first:
-
-- ``meta[control/acks_seqno]`` (u64), if the flow's ControlSource publishes it: the
-  ``data/delivery`` sequence number up to which it has processed *every* ack row (written with
-  its deletions, after a complete pass over a caught-up snapshot). Whole ack batches are then
-  released at once: each batch remembers the delivery sequence number right after its write.
-- Counting: ``count/outbox_acked/0`` grows by exactly the outbox rows ControlSource deleted,
-  and it deletes only rows named by our ack rows, each once. Its growth since this process
-  started, minus the ack rows already released, is the number of waiting keys that are done
-  with; when that is all of them (the usual case: ControlSource keeps up), all are released
-  without a lookup.
-- Otherwise waiting keys are looked up in the outbox, oldest first (a point lookup per event:
-  the slow path): when the waiting acks reach half the capacity, until as many gone rows as
-  counted are found; and once a second while the count does not move at all (a flow that
-  keeps no count).
+   target, or as many acked events wait for the flow to delete them: memory stays bounded.
+4. Events taken by every target are written as one ack batch per flush (every 10 ms or 1000
+   keys) into ``acks`` of ``data/delivery`` (``connectors.acks.AckLog``). The flow's
+   ControlSource deletes their outbox rows and publishes the number of the last batch it
+   applied (``meta`` ``control/ackbatch``); once that is visible here the batch rows are
+   deleted and the events forgotten. Keys acked by a previous process whose batches are not
+   applied yet are skipped when read again (acked: not delivered twice).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from typing import Callable, Sequence
@@ -49,9 +39,11 @@ from typing import Callable, Sequence
 from rocksdict import ReadOptions
 
 from config import Config
+from connectors.acks import AckLog
 from connectors.targets import AckTracker, DeliveryTarget, TakenCallback, metrics
-from store.db import Database
-from store.layout import meta_counter, shard_prefix, unpack_i64, unpack_u64
+from store.db import ChangeWatch, Database
+from store.layout import meta_counter, shard_prefix, unpack_i64
+from runtime.dirnotify import DirNotify
 from store.outbox import OutboxEvent
 
 log = logging.getLogger(__name__)
@@ -60,14 +52,12 @@ TargetFactory = Callable[[TakenCallback], DeliveryTarget]
 
 ACK_FLUSH_INTERVAL = 0.010
 ACK_FLUSH_KEYS = 1000
-GC_INTERVAL = 0.005
-GC_FULL_INTERVAL = 1.0
-GC_BUDGET = 20_000
 SAFETY_SCAN_INTERVAL = 1.0
+CATCH_UP_MAX_QUIET = 1.0  # catch up at least this often even if the files look unchanged
 POLL_BUSY = 0.002
-POLL_IDLE_MAX = 0.005
+POLL_IDLE_MAX = 0.005  # idle polling without inotify
+POLL_IDLE_NOTIFIED = 0.1  # idle sleep when the flow's writes wake the follower
 READ_CHUNK = 5000  # rows per pass before yielding to the sockets
-META_ACKS_SEQNO = b"control/acks_seqno"
 
 
 # OutboxEvent is a frozen slots dataclass; filling its slots directly skips the frozen
@@ -105,8 +95,8 @@ class OutboxFollower:
         self._delivery = delivery
         self._outbox = flow.cf("outbox")
         self._meta = flow.cf("meta")
-        self._acks = delivery.cf("acks")
-        self._acks_h = delivery.handle("acks")
+        self._acks = AckLog(delivery, flow)
+        self._watch = ChangeWatch(flow.path, max_quiet=CATCH_UP_MAX_QUIET)
         self._capacity = cfg.outbox_capacity
         self._shards = cfg.shards
         self.tracker = AckTracker(len(targets), self._completed)
@@ -121,40 +111,24 @@ class OutboxFollower:
         self._last_seq = -1
         self._more = True  # rows may be left unread (capacity, chunk) at the last catch-up
         self._ack_buf: list[bytes] = []
-        self._awaiting: dict[bytes, None] = {}  # acked, outbox row not yet seen gone
-        self._batches: collections.deque[tuple[int, list[bytes]]] = collections.deque()  # (delivery seqno, keys)
-        self._acked_base = 0  # count/outbox_acked/0 at start
-        self._released = 0  # ack rows deleted since start (their outbox rows were seen gone)
-        self._acked_last = -1
-        self._acked_moved = time.monotonic()
-        self._last_flush = self._last_gc = self._last_full_gc = self._last_scan = time.monotonic()
+        self._last_flush = self._last_scan = self._last_step = time.monotonic()
         self._stopping = False
         self._waiter: asyncio.Future | None = None
+        self._idle = False  # sleeping with nothing to do: a flow write or an ack wakes it
+        self._notify = DirNotify(flow.path, self._on_flow_write)
+        self._idle_max = POLL_IDLE_MAX
         self._safety_interval = safety_scan_interval
         self.offered = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the targets and pick up ack rows left by a previous run."""
+        """Start the targets and pick up the ack batches left by a previous run."""
         self.tracker.bind_loop(asyncio.get_running_loop())
+        if self._notify.start(asyncio.get_running_loop()):
+            self._idle_max = POLL_IDLE_NOTIFIED
         self._flow.catch_up()
-        self._acked_base = _counter(self._meta.get(meta_counter("outbox_acked", 0))) or 0
-        stale = []
-        for k in self._acks.keys():
-            if self._outbox.get(k) is None:
-                stale.append(k)
-            else:
-                self._awaiting[k] = None  # acked before the restart: do not deliver again
-        if stale:
-            b = self._delivery.batch()
-            for k in stale:
-                b.delete(k, self._acks_h)
-            self._delivery.write(b)
-        if self._awaiting:
-            self._batches.append((self._delivery.db.latest_sequence_number(), list(self._awaiting)))
-        if self._awaiting or stale:
-            log.info("acks from the previous run", extra={"awaiting_delete": len(self._awaiting), "cleared": len(stale)})
+        self._acks.load()
         for t in self.targets:
             await t.start()
 
@@ -166,18 +140,27 @@ class OutboxFollower:
                 n = self.step()
             except Exception:  # StoreError, or RocksDB's own errors from catch-up and reads
                 log.exception("outbox follower step failed; retrying in 0.5 s")
+                self._watch.reset()  # the catch-up may not have happened
                 n = 0
                 idle = 0.5
             if n:
                 idle = POLL_BUSY
                 await asyncio.sleep(0) if n >= READ_CHUNK else await self._sleep(POLL_BUSY)
             else:
-                await self._sleep(idle)
-                idle = min(idle * 2, POLL_IDLE_MAX)
+                self._idle = True
+                try:  # acks waiting for their flush cap the sleep
+                    await self._sleep(min(idle, ACK_FLUSH_INTERVAL) if self._ack_buf else idle)
+                finally:
+                    self._idle = False
+                idle = min(idle * 2, self._idle_max)
+                gap = POLL_BUSY - (time.monotonic() - self._last_step)
+                if gap > 0 and not self._stopping:  # woken early: at most a step per POLL_BUSY, so
+                    await asyncio.sleep(gap)  # the flow's writes of the next ms are read together
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake()
+        self._notify.close()
         for t in self.targets:
             try:
                 await t.stop()
@@ -188,17 +171,19 @@ class OutboxFollower:
     # --- one step ------------------------------------------------------------------------
 
     def step(self) -> int:
-        """Catch up, offer new rows, write acks, forget deleted rows. Returns rows offered.
+        """Catch up if the flow wrote, offer new rows, write acks, release ack batches the
+        flow has applied. Returns rows offered.
 
-        A catch-up costs 0.1-0.3 ms, so it is skipped when there is neither room to read
-        nor ack rows to release.
+        A catch-up costs 0.1-0.3 ms, so it is skipped when the flow's files did not change, or
+        when there is neither room to read nor an ack batch waiting for the flow.
         """
-        now = time.monotonic()
+        now = self._last_step = time.monotonic()
         can_read = self._room() > 0
-        gc_due = bool(self._awaiting) and now - self._last_gc >= GC_INTERVAL
+        caught_up = False
         n = 0
-        if can_read or gc_due:
+        if (can_read or self._acks.waiting) and self._watch.changed():
             self._flow.catch_up()
+            caught_up = True
         if can_read:
             if now - self._last_scan >= self._safety_interval:
                 self._scan.update(range(self._shards))
@@ -211,12 +196,12 @@ class OutboxFollower:
             self._more = True
         if self._ack_buf and (len(self._ack_buf) >= ACK_FLUSH_KEYS or now - self._last_flush >= ACK_FLUSH_INTERVAL):
             self.flush_acks()
-        if gc_due:
-            self._gc(now)
+        if caught_up and self._acks.waiting and self._acks.release() and self._more:
+            self._wake()
         return n
 
     def _room(self) -> int:
-        return min(self._capacity - self.tracker.in_flight, self._capacity - len(self._awaiting), READ_CHUNK)
+        return min(self._capacity - self.tracker.in_flight, self._capacity - self._acks.waiting, READ_CHUNK)
 
     def _read(self) -> int:
         room = self._room()
@@ -273,7 +258,7 @@ class OutboxFollower:
         prefix = shard_prefix(s)
         cur = self._cursor[s]
         it.seek(cur + b"\x00" if cur is not None else prefix)
-        awaiting = self._awaiting
+        skip = self._acks.skip
         register = self.tracker.register
         targets = self.targets
         n = 0
@@ -283,7 +268,7 @@ class OutboxFollower:
                 return n, True
             n += 1
             self._cursor[s] = k
-            if k not in awaiting:  # (in awaiting: acked before a restart, row not deleted yet)
+            if k not in skip:  # (in skip: acked before a restart, row not deleted yet)
                 ev = event_from_row(k, it.value(), s)
                 register(k)
                 for t in targets:
@@ -296,85 +281,21 @@ class OutboxFollower:
 
     def _completed(self, key: bytes) -> None:
         self._ack_buf.append(key)
-        if len(self._ack_buf) >= ACK_FLUSH_KEYS or self._more:
+        if len(self._ack_buf) >= ACK_FLUSH_KEYS or self._more or self._idle:
+            self._wake()
+
+    def _on_flow_write(self) -> None:
+        if self._idle:
             self._wake()
 
     def flush_acks(self) -> None:
-        """Write completed keys to ``acks`` (the flow deletes their outbox rows)."""
+        """Write completed keys as one ack batch (the flow deletes their outbox rows)."""
         if not self._ack_buf:
             return
         keys, self._ack_buf = self._ack_buf, []
-        b = self._delivery.batch()
-        for k in keys:
-            b.put(k, b"", self._acks_h)
-        self._delivery.write(b)
-        self._batches.append((self._delivery.db.latest_sequence_number(), keys))
-        for k in keys:
-            self._awaiting[k] = None
+        self._acks.write(keys)
         metrics().events_acked.inc(len(keys))
         self._last_flush = time.monotonic()
-
-    def _gc(self, now: float) -> None:
-        """Delete ack rows the flow is done with (outbox rows deleted); forget those events."""
-        self._last_gc = now
-        raw = self._meta.get(META_ACKS_SEQNO)
-        if raw is not None:
-            gone = self._gc_batches(unpack_u64(raw))
-        else:
-            acked = _counter(self._meta.get(meta_counter("outbox_acked", 0))) or 0
-            done = acked - self._acked_base - self._released  # deleted by the flow, not released yet
-            if acked != self._acked_last:
-                self._acked_last, self._acked_moved = acked, now
-            if done >= len(self._awaiting):  # every ack row we wrote has been processed
-                gone = list(self._awaiting)
-                self._awaiting.clear()
-                self._batches.clear()
-            elif done > 0 and len(self._awaiting) >= self._capacity // 2:
-                gone = self._gc_lookup(now, done)  # the flow lags: find the rows it has done
-            elif now - self._acked_moved >= GC_FULL_INTERVAL and now - self._last_full_gc >= GC_FULL_INTERVAL:
-                gone = self._gc_lookup(now, GC_BUDGET)  # no count kept (or it stalled): look
-            else:
-                gone = []  # the rest follows in a moment: wait rather than look up
-        if gone:
-            self._released += len(gone)
-            b = self._delivery.batch()
-            for k in gone:
-                b.delete(k, self._acks_h)
-            self._delivery.write(b)
-            if self._more:
-                self._wake()
-
-    def _gc_batches(self, done_seqno: int) -> list[bytes]:
-        """Every ack batch written at or before ``done_seqno`` has been processed by the flow."""
-        gone: list[bytes] = []
-        batches = self._batches
-        while batches and batches[0][0] <= done_seqno:
-            for k in batches.popleft()[1]:
-                if k in self._awaiting:
-                    del self._awaiting[k]
-                    gone.append(k)
-        return gone
-
-    def _gc_lookup(self, now: float, done: int) -> list[bytes]:
-        """Slow path: look waiting keys up in the outbox, oldest first, until the ``done``
-        rows the flow deleted are found (bounded)."""
-        self._last_full_gc = now
-        gone: list[bytes] = []
-        still: list[bytes] = []
-        get = self._outbox.get
-        for i, k in enumerate(self._awaiting):
-            if i >= GC_BUDGET or len(gone) >= done:
-                break
-            (gone if get(k) is None else still).append(k)
-        for k in gone:
-            del self._awaiting[k]
-        for k in still:  # checked and still there: to the back of the line
-            del self._awaiting[k]
-            self._awaiting[k] = None
-        batches = self._batches
-        while batches and not any(k in self._awaiting for k in batches[0][1]):
-            batches.popleft()
-        return gone
 
     # --- sleeping -------------------------------------------------------------------------------
 
@@ -401,7 +322,8 @@ class OutboxFollower:
 
     @property
     def awaiting_delete(self) -> int:
-        return len(self._awaiting)
+        """Acked events whose ack batch the flow has not applied yet."""
+        return self._acks.waiting
 
 
 def _resolve(fut: asyncio.Future) -> None:

@@ -5,8 +5,9 @@ A *target* is one way events leave the delivery process: the ``/channel`` WebSoc
 The outbox follower reads each shard of the outbox in id order and offers every event to
 every configured target. A target calls its ``on_taken(key)`` callback once it has durably
 taken the event (client ack, 2xx, broker ack, or write success in fire-and-forget mode).
-When *every* target took an event, the ``AckTracker`` writes its key to the delivery
-database's ``acks`` column family; the flow then deletes the outbox row.
+When *every* target took an event, the ``AckTracker`` hands its key to the follower, which
+writes it with the others of the same flush as one ack batch (``connectors.acks``) into the
+delivery database's ``acks`` column family; the flow then deletes the outbox row.
 
 Writing a target::
 
@@ -73,7 +74,7 @@ class AckTracker:
 
     ``register`` an event before offering it to the targets; each target gets its own
     ``callback(i)``. Completed keys are handed to ``on_complete`` (the follower batches
-    them into the ``acks`` column family). ``in_flight`` is what the capacity bound counts.
+    them into ack batches in the ``acks`` column family). ``in_flight`` is what the capacity bound counts.
     """
 
     def __init__(self, n_targets: int, on_complete: Callable[[bytes], None]) -> None:

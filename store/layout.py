@@ -19,8 +19,14 @@ RocksDB *secondary* instance):
 ``delivery/`` (written only by the delivery process; the dataflow reads it as secondary):
 
 - ``commands``   ``seq u64 BE`` -> orjson ``{"op": "add"|"remove", "dids": [...]}``
-- ``acks``       outbox key -> b"" : events every delivery target has taken
-- ``dmeta``      delivery-side counters and state
+- ``acks``       ``ackbatch/ | batch no u64 BE`` -> the 10-byte outbox keys (``shard u16 | id
+                 u64``) of one flush, concatenated: events every delivery target has taken.
+                 Batch numbers increase across restarts (``dmeta`` ``acks/batch``). The flow's
+                 ControlSource processes batches in order after its cursor (flow ``meta``
+                 ``control/ackbatch``, which is also what it publishes back); the delivery
+                 child deletes batch rows up to that number. Keys of exactly 10 bytes are the
+                 per-event rows of older versions: converted into batches once at start.
+- ``dmeta``      delivery-side counters and state (``commands/seq``, ``acks/batch``)
 
 Counters that several threads would update live per shard (``count/<name>/<shard>``) or
 per single writer, so no read-modify-write races exist; readers sum them.
@@ -124,6 +130,8 @@ def parse_fetch_key(key: bytes) -> tuple[int, int, str]:
 
 META_ID_RESERVED = b"ids/reserved"
 META_CONTROL_CURSOR = b"control/cursor"
+#: Highest ack batch (``data/delivery`` ``acks``) whose outbox rows ControlSource has deleted.
+META_ACKS_DONE = b"control/ackbatch"
 
 
 def meta_cursor_firehose(relay_url: str) -> bytes:
@@ -190,3 +198,50 @@ def unpack_i64(b: bytes) -> int:
 
 def command_key(seq: int) -> bytes:
     return _U64.pack(seq)
+
+
+ACKBATCH_PREFIX = b"ackbatch/"
+OUTBOX_KEY_LEN = 10
+#: ``dmeta``: the number of the last ack batch written (batch numbers never go back).
+DMETA_ACK_BATCH = b"acks/batch"
+
+
+def ackbatch_key(batch: int) -> bytes:
+    return ACKBATCH_PREFIX + _U64.pack(batch)
+
+
+def parse_ackbatch_key(key: bytes) -> int:
+    return _U64.unpack_from(key, len(ACKBATCH_PREFIX))[0]
+
+
+def split_outbox_keys(value: bytes) -> list[bytes]:
+    """The outbox keys of an ack batch row (a trailing partial key is ignored)."""
+    n = OUTBOX_KEY_LEN
+    return [value[i:i + n] for i in range(0, len(value) - n + 1, n)]
+
+
+def outbox_key_runs(keys: list[bytes]) -> list[tuple[bytes, bytes, int]]:
+    """``(first key, key after the last, count)`` per run of consecutive outbox keys.
+
+    Sorted and de-duplicated; keys that are not 10 bytes are dropped. A key read as an 80-bit
+    big-endian number is ``shard * 2**64 + id``, so a run is a range of consecutive numbers and
+    deleting ``[first, after)`` deletes exactly the keys of the run, nothing else.
+    """
+    from_bytes = int.from_bytes
+    nums = sorted({from_bytes(k, "big") for k in keys if len(k) == OUTBOX_KEY_LEN})
+    runs: list[tuple[bytes, bytes, int]] = []
+    if not nums:
+        return runs
+    first = prev = nums[0]
+    for x in nums[1:]:
+        if x != prev + 1:
+            runs.append((first.to_bytes(10, "big"), _after_key(prev), prev - first + 1))
+            first = x
+        prev = x
+    runs.append((first.to_bytes(10, "big"), _after_key(prev), prev - first + 1))
+    return runs
+
+
+def _after_key(last: int) -> bytes:
+    """The smallest key after the 10-byte key ``last`` (past every key for the largest one)."""
+    return (last + 1).to_bytes(10, "big") if last < (1 << 80) - 1 else b"\xff" * 10 + b"\x00"

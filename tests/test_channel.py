@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 
 from config import Config
 from connectors.api import Api, CommandLog
+from connectors.acks import AckApplier
 from connectors.channel import BadFrame, ChannelTarget, parse_client_frame
 from connectors.outbox_follower import OutboxFollower
 from operators.events import identity_body, record_body, with_id
@@ -52,22 +53,19 @@ class FakeFlow:
     """What the dataflow does around the outbox, directly on a RocksDB primary.
 
     ``push`` writes rows and the shard's ``count/outbox`` counter in one WriteBatch (as
-    RepoLogic does); ``apply_acks`` deletes outbox rows named in ``data/delivery`` acks and
-    counts them in ``count/outbox_acked/0`` (as ControlSource does).
+    RepoLogic does); ``apply_acks`` applies the ack batches of ``data/delivery`` with the
+    real ``connectors.acks.AckApplier`` (as ControlSource does).
     """
 
-    def __init__(self, data_dir: Path, shards: int = SHARDS, *, acks_seqno: bool = False,
-                 count_acked: bool = True) -> None:
+    def __init__(self, data_dir: Path, shards: int = SHARDS) -> None:
         self.data_dir = data_dir
-        self.acks_seqno = acks_seqno
-        self.count_acked = count_acked
         self.db = open_flow_db(data_dir)
         self.shards = shards
         meta = self.db.cf("meta")
         raw = meta.get(b"fake/next_id")
         self.next_id = unpack_u64(raw) if raw else 1
         self._delivery: Database | None = None
-        self.deleted = 0
+        self.applier = AckApplier(self.db)
 
     def push(self, did: str, n: int = 1, *, live: bool = False, identity: bool = False,
              internal: bool = False) -> list[int]:
@@ -103,31 +101,16 @@ class FakeFlow:
         return sum(1 for _ in self.db.cf("outbox").keys())
 
     def apply_acks(self) -> int:
+        """Apply every ack batch written so far; returns the outbox rows deleted."""
         if self._delivery is None:
             if not (self.data_dir / "delivery" / "CURRENT").exists():
                 return 0
             self._delivery = open_delivery_db(self.data_dir, secondary=True)
         self._delivery.catch_up()
-        seqno = self._delivery.db.latest_sequence_number()
-        outbox = self.db.cf("outbox")
-        gone = [k for k in self._delivery.cf("acks").keys() if outbox.get(k) is not None]
-        if self.acks_seqno:  # the proposed ControlSource protocol (see connectors.outbox_follower)
-            b = self.db.batch()
-            for k in gone:
-                b.delete(k, self.db.handle("outbox"))
-            self.deleted += len(gone)
-            b.put(meta_counter("outbox_acked", 0), pack_u64(self.deleted), self.db.handle("meta"))
-            b.put(b"control/acks_seqno", pack_u64(seqno), self.db.handle("meta"))
-            self.db.write(b)
-        elif gone:
-            b = self.db.batch()
-            for k in gone:
-                b.delete(k, self.db.handle("outbox"))
-            self.deleted += len(gone)
-            if self.count_acked:
-                b.put(meta_counter("outbox_acked", 0), pack_u64(self.deleted), self.db.handle("meta"))
-            self.db.write(b)
-        return len(gone)
+        deleted = 0
+        while (n := self.applier.apply(self._delivery)) is not None:
+            deleted += n
+        return deleted
 
     def put_repo(self, did: str, **state) -> None:
         st = {"state": "active", "status": "active", "handle": "alice.test", "rev": "3kb3fge5lm32x",
@@ -277,8 +260,7 @@ async def stack_factory(tmp_path):
 
     async def make(**kw) -> Stack:
         control = kw.pop("control", True)
-        fake = FakeFlow(tmp_path, SHARDS, acks_seqno=kw.pop("acks_seqno", False),
-                        count_acked=kw.pop("count_acked", True))
+        fake = FakeFlow(tmp_path, SHARDS)
         s = await Stack(make_cfg(tmp_path, **kw), control=control).start(fake)
         stacks.append(s)
         return s
@@ -617,9 +599,8 @@ async def test_restart_redelivers_unacked_in_order_with_barriers(stack_factory, 
     await s2.stop()
 
 
-@pytest.mark.parametrize("acks_seqno", [False, True])
-async def test_acked_but_not_deleted_rows_are_not_redelivered(stack_factory, acks_seqno):
-    s = await stack_factory(control=False, acks_seqno=acks_seqno)  # the flow never deletes: acks pile up
+async def test_acked_but_not_deleted_rows_are_not_redelivered(stack_factory):
+    s = await stack_factory(control=False)  # the flow never deletes: acks pile up
     c = await Consumer.connect(s.url)
     ids = s.fake.push(did_n(18), 3)
     await c.wait(3, 1.0)
@@ -639,9 +620,8 @@ async def test_acked_but_not_deleted_rows_are_not_redelivered(stack_factory, ack
     await s2.stop()
 
 
-@pytest.mark.parametrize("acks_seqno", [False, True])
-async def test_memory_is_bounded_by_outbox_capacity(stack_factory, acks_seqno):
-    s = await stack_factory(outbox_capacity=10, acks_seqno=acks_seqno)
+async def test_memory_is_bounded_by_outbox_capacity(stack_factory):
+    s = await stack_factory(outbox_capacity=10)
     ids = []
     for i in range(10):
         ids += s.fake.push(did_n(200 + i), 10)
@@ -866,24 +846,77 @@ def test_event_from_row_matches_the_contract():
         assert a == b and hash(a) == hash(b) and b.live == a.live
 
 
-@pytest.mark.parametrize("count_acked", [True, False])
-async def test_ack_rows_released_by_counting_without_lookups(stack_factory, count_acked):
-    """With ``count/outbox_acked/0`` kept exactly (ControlSource does), ack rows are released
-    without one outbox lookup per event; without it, the slow path still drains them."""
-    s = await stack_factory(count_acked=count_acked)
-    lookups = []
-    real = s.follower._gc_lookup
-    s.follower._gc_lookup = lambda now, limit: lookups.append(now) or real(now, limit)
+def _ack_batches(delivery: Database) -> dict[int, list[bytes]]:
+    from store.layout import parse_ackbatch_key, split_outbox_keys
+
+    return {parse_ackbatch_key(k): split_outbox_keys(v) for k, v in delivery.cf("acks").items()}
+
+
+async def test_child_releases_ack_batches_after_the_flows_published_number(stack_factory):
+    """Acks go out as batch rows; the child keeps them (and counts them against the capacity)
+    until the flow publishes that it applied them, then deletes them and forgets the events."""
+    from connectors.acks import acks_done
+
+    s = await stack_factory(control=False)
     c = await Consumer.connect(s.url)
-    ids = []
-    for i in range(10):
-        ids += s.fake.push(did_n(300 + i), 5)
-    msgs = await c.wait(50, 2.0)
-    await c.ack(*[m["id"] for m in msgs])
-    await _until(lambda: s.fake.rows() == 0)
-    await _until(lambda: s.follower.awaiting_delete == 0, 3.0)
-    assert (lookups == []) == count_acked
+    ids = s.fake.push(did_n(300), 5)
+    await c.wait(5, 1.0)
+    await c.ack(*ids[:3])
+    await _until(lambda: s.follower.awaiting_delete == 3)
+    await c.ack(*ids[3:])
+    await _until(lambda: s.follower.awaiting_delete == 5)
+    batches = _ack_batches(s.delivery)
+    assert len(batches) >= 2 and sorted(k for ks in batches.values() for k in ks) == \
+        [outbox_key(shard_of(did_n(300), SHARDS), i) for i in ids]
+    await asyncio.sleep(0.1)
+    assert s.follower.awaiting_delete == 5 and _ack_batches(s.delivery) == batches  # nothing applied: kept
+    # the flow applies only the first batch: the child releases exactly that one
+    first = min(batches)
+    s.fake._delivery = open_delivery_db(s.cfg.data_dir, secondary=True)
+    s.fake._delivery.catch_up()
+    applier = AckApplier(s.fake.db, max_keys=1)
+    assert applier.apply(s.fake._delivery) == len(batches[first]) and applier.done == first
+    await _until(lambda: s.follower.awaiting_delete == 5 - len(batches[first]))
+    assert set(_ack_batches(s.delivery)) == set(batches) - {first}
+    s.fake.applier = AckApplier(s.fake.db)  # the flow restarts: its cursor comes from meta
+    assert s.fake.applier.done == first == acks_done(s.fake.db)
+    assert s.fake.apply_acks() == 5 - len(batches[first])
+    await _until(lambda: s.follower.awaiting_delete == 0)
+    assert _ack_batches(s.delivery) == {} and s.fake.rows() == 0
     await c.close()
+
+
+async def test_per_event_ack_rows_of_an_older_version_are_handled_once(stack_factory, tmp_path):
+    """An upgrade over a data dir whose ``acks`` holds one row per event (previous version):
+    those events are not delivered again, their rows get deleted and counted once."""
+    from connectors.control import outbox_depth
+
+    fake = FakeFlow(tmp_path, SHARDS)
+    d = did_n(400)
+    ids = fake.push(d, 4)
+    keys = [outbox_key(shard_of(d, SHARDS), i) for i in ids]
+    # the old flow had deleted (and counted) the first one; the second one it had not seen yet
+    b = fake.db.batch()
+    b.delete(keys[0], fake.db.handle("outbox"))
+    b.put(meta_counter("outbox_acked", 0), pack_u64(1), fake.db.handle("meta"))
+    fake.db.write(b)
+    old = open_delivery_db(tmp_path)
+    for k in keys[:2]:
+        old.cf("acks")[k] = b""
+    s = await stack_factory()  # the same data dir; the stack's flow side applies acks
+    c = await Consumer.connect(s.url)
+    assert [m["id"] for m in await c.wait(2, 1.0)] == ids[2:]  # keys[1] is acked: not again
+    assert len(await c.wait(3, QUIET)) == 2
+    await c.ack(*ids[2:])
+    await _until(lambda: s.fake.rows() == 0)
+    await _until(lambda: s.follower.awaiting_delete == 0)
+    assert read_counter_acked(s.fake.db) == 4 and outbox_depth(s.fake.db) == 0  # counted once each
+    assert list(s.delivery.cf("acks").keys()) == []
+    await c.close()
+
+
+def read_counter_acked(db: Database) -> int:
+    return unpack_u64(db.cf("meta")[meta_counter("outbox_acked", 0)])
 
 
 async def test_a_stalled_client_does_not_stall_the_others(stack_factory):
@@ -937,4 +970,51 @@ async def test_window_reopens_as_the_client_acks(stack_factory):
         await c.ack(*[m["id"] for m in c.msgs])
         await c.wait(len(c.msgs) + 1, 0.3)
     assert sorted({m["id"] for m in c.msgs}) == ids
+    await c.close()
+
+
+async def test_dir_notify_wakes_on_writes_and_new_files(tmp_path):
+    from runtime.dirnotify import DirNotify
+
+    calls = []
+    ev = asyncio.Event()
+    n = DirNotify(tmp_path, lambda: (calls.append(1), ev.set()))
+    assert n.start(asyncio.get_running_loop())  # Linux: the follower relies on it to sleep long
+    try:
+        f = tmp_path / "000001.log"
+        f.write_bytes(b"x")  # a new file
+        await asyncio.wait_for(ev.wait(), 2.0)
+        ev.clear()
+        with open(f, "ab") as fh:  # an append (a WAL write)
+            fh.write(b"y")
+        await asyncio.wait_for(ev.wait(), 2.0)
+        ev.clear()
+        (tmp_path / "000001.log").read_bytes()  # reading wakes nobody
+        await asyncio.sleep(0.1)
+        assert not ev.is_set()
+    finally:
+        n.close()
+
+
+async def test_idle_follower_is_woken_by_the_flows_write(stack_factory):
+    """Idle, the follower sleeps up to 100 ms; the flow's writes reach it while it sleeps
+    (inotify) and every event still arrives."""
+    from connectors.outbox_follower import POLL_IDLE_NOTIFIED
+
+    s = await stack_factory()
+    f = s.follower
+    assert f._idle_max == POLL_IDLE_NOTIFIED
+    seen_idle: list[bool] = []
+    real = f._notify._callback
+    f._notify._callback = lambda: (seen_idle.append(f._idle), real())
+    c = await Consumer.connect(s.url)
+    for i in range(3):
+        await asyncio.sleep(0.5)  # long idle: the follower's sleep has grown to its maximum
+        seen_idle.clear()
+        ids = s.fake.push(did_n(500 + i), 1)
+        msgs = await c.wait(i + 1, 2.0)
+        assert msgs[-1]["id"] == ids[0]
+        assert seen_idle and seen_idle[0]  # the write's notification found the follower asleep
+        await c.ack(ids[0])
+    await _until(lambda: s.fake.rows() == 0)
     await c.close()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -19,7 +20,9 @@ from connectors.control import OUTBOX_ACKED, ControlFollower, ControlSource, out
 from operators.items import AddRepo, RemoveRepo
 from store.db import close_all, open_flow_db
 from store.layout import (
+    META_ACKS_DONE,
     META_CONTROL_CURSOR,
+    decode_counter,
     encode_outbox_row,
     meta_cmd_applied,
     meta_counter,
@@ -34,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import sys, json, orjson
 from store.db import open_delivery_db
-from store.layout import command_key
+from store.layout import ackbatch_key, command_key
 db = open_delivery_db(sys.argv[1])
 print("ready", flush=True)
 for line in sys.stdin:
@@ -42,10 +45,8 @@ for line in sys.stdin:
     b = db.batch()
     for seq, op, dids in msg.get("cmds", []):
         b.put(command_key(seq), orjson.dumps({"op": op, "dids": dids}), db.handle("commands"))
-    for k in msg.get("acks", []):
-        b.put(bytes.fromhex(k), b"", db.handle("acks"))
-    for k in msg.get("unack", []):
-        b.delete(bytes.fromhex(k), db.handle("acks"))
+    for n, keys in msg.get("batches", []):  # ack batches, as connectors.acks.AckLog writes them
+        b.put(ackbatch_key(n), b"".join(bytes.fromhex(k) for k in keys), db.handle("acks"))
     db.write(b, sync=True)
     print("ok", flush=True)
 """
@@ -162,39 +163,80 @@ def put_outbox(flow, n: int, shard: int = 3) -> list[bytes]:
     return keys
 
 
-def test_acks_delete_outbox_rows_and_count_once(cfg, child):
+def present(flow, keys: list[bytes]) -> list[bytes]:
+    return [k for k in keys if flow.cf("outbox").get(k) is not None]
+
+
+def test_ack_batches_delete_outbox_rows_and_count_once(cfg, child):
     flow = open_flow_db(cfg.data_dir)
     keys = put_outbox(flow, 10)
     assert outbox_depth(flow) == 10
     f = ControlFollower(cfg)
-    child.send(acks=[k.hex() for k in keys[:4]] + [outbox_key(3, 999).hex()])  # one never existed
-    f.poll()
-    assert [k for k in keys if flow.cf("outbox").get(k) is not None] == keys[4:]
+    child.send(batches=[[1, [k.hex() for k in keys[:4]] + [outbox_key(3, 999).hex()]]])  # one never existed
+    poll_until_done(f, 1)
+    assert present(flow, keys) == keys[4:]
     assert read_counter(flow, OUTBOX_ACKED) == 4 and outbox_depth(flow) == 6
-    f.poll()  # the same acks again: nothing more is counted
+    assert decode_counter(flow.cf("meta").get(META_ACKS_DONE)) == 1  # published for the child
+    f.poll()  # nothing new: nothing more is counted
     assert read_counter(flow, OUTBOX_ACKED) == 4
-    # after a restart the acks CF still lists them; their rows are gone, so nothing is counted
+    # after a restart the follower starts after its persisted cursor
     f2 = ControlFollower(cfg)
-    child.send(acks=[keys[4].hex()])
-    f2.poll()
+    assert f2.acks.done == 1
+    child.send(batches=[[2, [keys[4].hex()]]])
+    poll_until_done(f2, 2)
     assert read_counter(flow, OUTBOX_ACKED) == 5 and outbox_depth(flow) == 5
-    # the child prunes acked rows; the follower forgets them
-    child.send(unack=[k.hex() for k in keys[:5]] + [outbox_key(3, 999).hex()])
-    f2.poll()
-    assert f2._deleted_recent == set()
+
+
+def test_replayed_batches_are_not_counted_twice(cfg, child):
+    """A batch applied again (as after a crash that lost the cursor, or acks of rows an older
+    flow already deleted) deletes nothing more and counts only rows actually present."""
+    flow = open_flow_db(cfg.data_dir)
+    keys = put_outbox(flow, 10)
+    child.send(batches=[[1, [k.hex() for k in keys[:6]]], [2, [k.hex() for k in keys[6:8]]]])
+    f = ControlFollower(cfg)
+    poll_until_done(f, 2)
+    assert read_counter(flow, OUTBOX_ACKED) == 8 and present(flow, keys) == keys[8:]
+    flow.cf("meta")[META_ACKS_DONE] = pack_u64(0)  # both batches are seen again
+    f2 = ControlFollower(cfg)
+    poll_until_done(f2, 2)
+    assert read_counter(flow, OUTBOX_ACKED) == 8 and outbox_depth(flow) == 2
+    # a batch naming deleted and present rows counts the present ones only
+    child.send(batches=[[3, [k.hex() for k in keys[5:]]]])
+    poll_until_done(f2, 3)
+    assert read_counter(flow, OUTBOX_ACKED) == 10 and outbox_depth(flow) == 0 and present(flow, keys) == []
+
+
+def test_runs_and_gaps_delete_exactly_the_acked_rows(cfg, child):
+    """Consecutive ids go as one range deletion: it must never take a row that was not acked."""
+    flow = open_flow_db(cfg.data_dir)
+    keys = put_outbox(flow, 40, shard=3) + put_outbox(flow, 40, shard=4)
+    acked = keys[0:5] + keys[6:7] + keys[8:20] + keys[21:23] + keys[39:45] + keys[60:80]
+    f = ControlFollower(cfg)
+    child.send(batches=[[1, [k.hex() for k in reversed(acked)]]])  # order within a batch is free
+    poll_until_done(f, 1)
+    assert present(flow, keys) == [k for k in keys if k not in set(acked)]
+    assert read_counter(flow, OUTBOX_ACKED) == len(acked)
 
 
 def test_many_acks_in_rounds(cfg, child):
     flow = open_flow_db(cfg.data_dir)
     keys = put_outbox(flow, 30_000)
-    f = ControlFollower(cfg, ack_batch=2000)
-    child.send(acks=[k.hex() for k in keys])
+    f = ControlFollower(cfg, max_ack_keys=2000)
+    child.send(batches=[[i + 1, [k.hex() for k in keys[i * 1000:(i + 1) * 1000]]] for i in range(30)])
     rounds = 0
-    while outbox_depth(flow) > 0 and rounds < 20:
+    while outbox_depth(flow) > 0 and rounds < 40:
         f.poll()
         rounds += 1
     assert outbox_depth(flow) == 0 and read_counter(flow, OUTBOX_ACKED) == 30_000
-    assert rounds >= 4  # at most 4 batches of 2000 a round: a round stays short
+    assert rounds >= 15 and f.acks.done == 30  # at most 2 batches of 1000 a round: a round stays short
+
+
+def poll_until_done(f: ControlFollower, batch: int, timeout: float = 5.0) -> None:
+    t = time.monotonic()
+    while f.acks.done < batch and time.monotonic() - t < timeout:
+        f.poll()
+        time.sleep(0.005)
+    assert f.acks.done == batch
 
 
 def test_partition_latency_and_idle_cost(cfg, child):
@@ -255,3 +297,99 @@ def test_in_a_real_bytewax_flow(cfg, child):
     op.output("out", s, TestingSink(out))
     run_main(flow)
     assert out == [AddRepo("did:plc:a", 1), AddRepo("did:plc:b", 1), RemoveRepo("did:plc:a", 2)]
+
+
+def test_outbox_key_runs():
+    from store.layout import outbox_key_runs
+
+    k = outbox_key
+    keys = [k(2, 7), k(1, 3), k(1, 1), k(1, 2), k(1, 2), k(1, 5), k(2, 2**64 - 1), k(2, 2**64 - 2), b"short",
+            k(65535, 2**64 - 1)]
+    assert outbox_key_runs(keys) == [
+        (k(1, 1), k(1, 4), 3),
+        (k(1, 5), k(1, 6), 1),
+        (k(2, 7), k(2, 8), 1),
+        (k(2, 2**64 - 2), k(3, 0), 2),  # the range ends before the next shard's first key
+        (k(65535, 2**64 - 1), b"\xff" * 10 + b"\x00", 1),
+    ]
+    assert outbox_key_runs([]) == []
+
+
+def test_change_watch_sees_writes_and_new_files(tmp_path):
+    from store.db import ChangeWatch, _open_db
+    from store.layout import DELIVERY_CFS
+
+    db = _open_db(tmp_path / "d", DELIVERY_CFS, None)
+    w = ChangeWatch(db.path, max_quiet=60.0, settle=0.02)
+    time.sleep(0.03)
+    assert w.changed()  # first look
+    assert not w.changed()
+    db.cf("commands")[b"k"] = b"v"  # appended to the WAL
+    assert w.changed() and not w.changed()
+    db.cf("commands").flush()  # new files (SST, a new WAL)
+    assert w.changed()
+    time.sleep(0.03)
+    w.changed()  # settled
+    assert not w.changed()
+    db.cf("commands")[b"k2"] = b"v"  # into the new WAL
+    assert w.changed() and not w.changed()
+    quiet = ChangeWatch(db.path, max_quiet=0.05)
+    quiet.changed()
+    time.sleep(0.06)
+    assert quiet.changed()  # the safety net: true at least every max_quiet seconds
+    db.close()
+
+
+def test_partition_backs_off_when_idle_and_wakes_up_on_commands(cfg, child):
+    src = ControlSource(cfg, interval=0.005, idle_max=0.05)
+    part = src.build_part("control", "control", None)
+    part.next_batch()
+    time.sleep(0.15)
+
+    def wait_s() -> float:
+        return (part.next_awake() - datetime.now(timezone.utc)).total_seconds()
+
+    for _ in range(10):
+        part.next_batch()
+    assert 0.03 < wait_s() <= 0.05
+    child.send(cmds=[[1, "add", ["did:plc:a"]]])
+    assert list(part.next_batch()) == [AddRepo("did:plc:a", 1)]
+    assert wait_s() <= 0.005
+    for _ in range(10):
+        part.next_batch()
+    flow = open_flow_db(cfg.data_dir)
+    keys = put_outbox(flow, 3)
+    child.send(batches=[[1, [k.hex() for k in keys]]])
+    assert list(part.next_batch()) == []
+    assert 0.005 < wait_s() <= 0.02  # acks only: no hurry
+    assert present(flow, keys) == []
+
+
+def test_ack_log_numbers_keep_increasing_across_restarts_and_releases(tmp_path):
+    """AckLog (the child) and AckApplier (the flow) back to back, in one process."""
+    from connectors.acks import AckApplier, AckLog
+    from store.db import _open_db
+    from store.layout import DELIVERY_CFS, FLOW_CFS
+
+    flow = _open_db(tmp_path / "flow", FLOW_CFS, None)
+    delivery = _open_db(tmp_path / "delivery", DELIVERY_CFS, None)
+    keys = put_outbox(flow, 6)
+    log = AckLog(delivery, flow)
+    assert log.load() == 0
+    assert (log.write(keys[:2]), log.write(keys[2:3])) == (1, 2) and log.waiting == 3
+    assert log.release() == 0  # the flow has applied nothing yet
+    applier = AckApplier(flow)
+    assert applier.apply(delivery) == 3 and applier.done == 2
+    assert log.release() == 3 and log.waiting == 0 and list(delivery.cf("acks").keys()) == []
+    log2 = AckLog(delivery, flow)  # restart: every batch row is gone, the number is not
+    assert log2.load() == 0 and log2.write(keys[3:4]) == 3
+    log3 = AckLog(delivery, flow)  # restart with batch 3 not applied: its key is acked, skip it
+    assert log3.load() == 1 and log3.skip == {keys[3]} and log3.write(keys[4:5]) == 4
+    assert applier.apply(delivery) == 2
+    assert log3.release() == 2 and log3.skip == set()
+    delivery.close()
+    fresh = _open_db(tmp_path / "delivery2", DELIVERY_CFS, None)  # a new delivery DB, same flow
+    log4 = AckLog(fresh, flow)
+    assert log4.load() == 0 and log4.write(keys[5:]) == 5  # after the flow's cursor, never below
+    flow.close()
+    fresh.close()
