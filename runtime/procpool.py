@@ -36,6 +36,12 @@ def _init_worker() -> None:
     set_parent_death_signal(signal.SIGKILL)
 
 
+def _warm() -> None:
+    import operators.verify  # noqa: F401  (the modules every task needs)
+    import protocol.atjson  # noqa: F401
+    import protocol.commit  # noqa: F401
+
+
 def start_pool(workers: int) -> ProcessPoolExecutor | None:
     """Start the pool once (idempotent); ``workers <= 0`` leaves it off."""
     global _POOL
@@ -43,6 +49,12 @@ def start_pool(workers: int) -> ProcessPoolExecutor | None:
         return _POOL
     ctx = multiprocessing.get_context("spawn")
     _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    # Spawn every worker now, from this thread: otherwise the first submit (the firehose
+    # thread) spawns them, they become that thread's children (invisible in
+    # /proc/<pid>/task/<pid>/children, so CPU accounting misses them), and the first frames
+    # wait for the spawn and the imports.
+    for _ in range(workers):
+        _POOL.submit(_warm)
     atexit.register(stop_pool)
     log.info("verification pool started", extra={"workers": workers})
     return _POOL
@@ -51,6 +63,12 @@ def start_pool(workers: int) -> ProcessPoolExecutor | None:
 def pool() -> ProcessPoolExecutor | None:
     """The running pool, or ``None`` (verify inline)."""
     return _POOL
+
+
+def workers() -> int:
+    """Processes in the running pool (0 when off: work runs inline)."""
+    p = _POOL
+    return p._max_workers if p is not None else 0  # type: ignore[attr-defined]
 
 
 def submit(fn: Callable[..., Any], *args: Any) -> Future:
