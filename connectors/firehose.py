@@ -90,6 +90,8 @@ LAST_SEQ = Gauge("tap_firehose_last_seq", "seq of the last firehose event receiv
 HELD = Gauge("tapflow_firehose_held", "1 while reading the firehose is held back by outbox depth", multiprocess_mode="livemax")
 PREVERIFY = Counter("tapflow_firehose_preverify", "#commit frames sent to the verification pool, by outcome",
                     ["outcome"])
+_VERDICT = PREVERIFY.labels("verdict")  # labels() per frame is not free
+_NO_VERDICT = PREVERIFY.labels("none")
 
 _MAX_DID = 2048
 #: The redial that skips an oversized frame reads it with this many times TAP_MAX_FRAME_SIZE
@@ -233,7 +235,7 @@ class _Slot:
             res = self.fut.result()[self.i]  # type: ignore[union-attr]
         except Exception:  # pool broken or stopped: RepoLogic verifies inline
             res = None
-        PREVERIFY.labels("verdict" if res is not None else "none").inc()
+        (_VERDICT if res is not None else _NO_VERDICT).inc()
         return PreVerified(self.key, patterns, res)
 
 

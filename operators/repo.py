@@ -599,7 +599,7 @@ class RepoLogic:
                 body = record_body(live=True, did=did, rev=rev, collection=op.collection, rkey=op.rkey,
                                    action="delete")
             else:
-                b.kv_put("records", prefix, key, cid_from_str(op.cid or ""))
+                b.kv_put("records", prefix, key, op.cid_raw or cid_from_str(op.cid or ""))
                 if not existed:
                     st.records += 1
                     b.count("records", shard, 1)

@@ -38,6 +38,7 @@ class CommitOp:
     rkey: str
     cid: Optional[str] = None
     record_json: Optional[bytes] = None  # atproto JSON; None if absent or not decodable
+    cid_raw: Optional[bytes] = None  # ``cid`` in binary, when the verifier had it (saves a parse)
 
     @property
     def path(self) -> str:
@@ -163,7 +164,7 @@ def default_verify_commit(body: dict, signing_key: str, keep: Callable[[str], bo
             if _to_json is None:
                 _to_json = _record_to_json()
             rec = _to_json(op.record)
-        ops.append(CommitOp(op.action, op.collection, op.rkey, _cid_str(op.cid), rec))
+        ops.append(CommitOp(op.action, op.collection, op.rkey, _cid_str(op.cid), rec, op.cid))
     return CheckedCommit(vc.did, vc.rev, _cid_str(vc.data_cid), _cid_str(vc.prev_data), ops)
 
 
@@ -272,7 +273,7 @@ def verify_commit_frames(frames: list[tuple[bytes, str]], patterns: tuple) -> li
     """Pool side: verify raw ``#commit`` frames, each with the signing key to use.
 
     One result per frame, small and cheap to pickle: ``(True, did, rev, data_cid, prev_data,
-    [(action, collection, rkey, cid, record_json), ...])``, ``(False, reason, message)`` for a
+    [(action, collection, rkey, cid, record_json, cid_raw), ...])``, ``(False, reason, message)`` for a
     ``VerifyError``, or None when anything else went wrong (RepoLogic verifies inline and sees
     the same thing itself).
     """
@@ -285,7 +286,7 @@ def verify_commit_frames(frames: list[tuple[bytes, str]], patterns: tuple) -> li
             body = decode_multi(data)[1]
             cc = default_verify_commit(body, key, keep)
             out.append((True, cc.did, cc.rev, cc.data_cid, cc.prev_data,
-                        [(o.action, o.collection, o.rkey, o.cid, o.record_json) for o in cc.ops]))
+                        [(o.action, o.collection, o.rkey, o.cid, o.record_json, o.cid_raw) for o in cc.ops]))
         except VerifyError as e:
             out.append((False, e.reason, str(e)))
         except Exception:
