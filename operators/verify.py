@@ -84,9 +84,23 @@ def op_collections(body: dict[str, Any]) -> set[str]:
     return out
 
 
-def _public_key(signing_key: str):
-    from protocol.keys import parse_multikey
+_proto: Optional[tuple] = None  # (protocol.commit, parse_multikey, cid_to_str), imported on first use
 
+
+def _protocol() -> tuple:
+    """The protocol functions, imported once (an import statement per call costs ~2 µs each)."""
+    global _proto
+    if _proto is None:
+        from protocol import commit
+        from protocol.cid import cid_to_str
+        from protocol.keys import parse_multikey
+
+        _proto = (commit, parse_multikey, cid_to_str)
+    return _proto
+
+
+def _public_key(signing_key: str):
+    parse_multikey = (_proto or _protocol())[1]
     if not signing_key:
         err = VerifyError("no signing key known for the repo")
         err.reason = "no_key"
@@ -102,11 +116,9 @@ def _public_key(signing_key: str):
 def _cid_str(cid: Any) -> Optional[str]:
     if cid is None:
         return None
-    if isinstance(cid, str):
+    if cid.__class__ is str:
         return cid
-    from protocol.cid import cid_to_str
-
-    return cid_to_str(bytes(cid))
+    return (_proto or _protocol())[2](bytes(cid) if cid.__class__ is not bytes else cid)
 
 
 def _record_to_json() -> Callable[[bytes], Optional[bytes]]:
@@ -145,13 +157,13 @@ def _fail(e: ValueError) -> VerifyError:
 def default_verify_commit(body: dict, signing_key: str, keep: Callable[[str], bool]) -> CheckedCommit:
     """``protocol.commit.verify_commit``, shaped for RepoLogic."""
     global _to_json
-    from protocol import commit as pc
-
+    pc = (_proto or _protocol())[0]
     key = _public_key(signing_key)
     try:
         vc = pc.verify_commit(body, key)
     except ValueError as e:  # protocol.commit.VerificationError (CAR, CBOR, MST, signature, ...)
         raise _fail(e) from None
+    cid_str = _proto[2]  # type: ignore[index]  # op and root CIDs: binary, checked by verify_commit
     ops: list[CommitOp] = []
     for op in vc.ops:
         if not keep(op.collection):
@@ -164,13 +176,13 @@ def default_verify_commit(body: dict, signing_key: str, keep: Callable[[str], bo
             if _to_json is None:
                 _to_json = _record_to_json()
             rec = _to_json(op.record)
-        ops.append(CommitOp(op.action, op.collection, op.rkey, _cid_str(op.cid), rec, op.cid))
-    return CheckedCommit(vc.did, vc.rev, _cid_str(vc.data_cid), _cid_str(vc.prev_data), ops)
+        ops.append(CommitOp(op.action, op.collection, op.rkey, cid_str(op.cid), rec, op.cid))
+    return CheckedCommit(vc.did, vc.rev, cid_str(vc.data_cid), _cid_str(vc.prev_data), ops)
 
 
 def default_verify_sync(body: dict, signing_key: str) -> CheckedSync:
     """``protocol.commit.verify_sync`` of a ``#sync`` body's ``blocks``, shaped for RepoLogic."""
-    from protocol import commit as pc
+    pc = (_proto or _protocol())[0]
 
     key = _public_key(signing_key)
     blocks = body.get("blocks")
