@@ -31,6 +31,13 @@ Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
   ``>= TAP_OUTBOX_CAPACITY`` events (re-checked every 100 ms) or while the local queue
   is full. Tap does not hold its firehose (§15.15); tapflow does.
 - ``meta[stats/firehose_seq]`` = last seq received, for ``/stats/cursors``.
+- Pre-verification (when ``runtime.procpool`` runs): each ``#commit`` frame of a DID whose
+  signing key RepoLogic has published (``operators.verify.SIGNING_KEYS``; a miss reads the
+  stored repo state) goes to the pool with that key, in batches (at most one per worker plus
+  one queued; frames arriving meanwhile join the next; at most ``max_inflight`` frames out).
+  The item carries the verdict (``FirehoseCommit.pre``); ``drain`` hands items out in firehose
+  order and stops at a commit still in the pool, so the cursor never passes it. RepoLogic uses
+  a verdict only if its key is still the repo's, else verifies inline.
 
 Example::
 
