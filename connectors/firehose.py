@@ -275,8 +275,9 @@ class FirehoseClient:
                  open_timeout: float = 10.0,
                  preverify: bool | None = None,
                  keys: KeyCache | None = None,
+                 lanes: list | None = None,
                  max_inflight: int = 4096,
-                 verify_batch: int = 32) -> None:
+                 verify_batch: int = 64) -> None:
         self.cfg = cfg
         self.db = db if db is not None else open_flow_db(cfg.data_dir)
         self.url = cfg.firehose_url
@@ -298,22 +299,21 @@ class FirehoseClient:
         self.last_error: tuple[str, str] | None = None
         self.cursor_used: list[int] = []  # cursor of every dial (tests)
         self._frame_ctr: dict[str, Any] = {}  # frame type -> its Prometheus child (labels() is not free)
-        # #commit pre-verification in runtime.procpool (default: when the pool runs)
-        self._preverify = procpool.pool() is not None if preverify is None else preverify
+        # #commit pre-verification in runtime.procpool's lanes (default: when the pool runs)
+        self._lanes = procpool.lanes() if lanes is None else list(lanes)
+        self._idle = list(self._lanes)  # lanes with no request out (loop thread)
+        self._preverify = procpool.pool_running() if preverify is None else preverify
         self._keys = keys if keys is not None else SIGNING_KEYS
         self._load_key = _stored_key(self.db)
         self._patterns = CollectionFilter(cfg.collection_filters).patterns
-        self._vbatch: list[tuple[_Slot, bytes]] = []
+        self._vbatch: list[tuple[_Slot, bytes]] = []  # waiting for an idle lane
         self._vflush_due = False
         self._submitted = 0  # frames handed to the pool (loop thread)
         self._resolved = 0  # of those, drained (bytewax thread)
         self._max_inflight = max_inflight
+        # frames per request: a request costs the flow ~50 us (a pipe write, a wake-up, a read),
+        # so frames that arrive while every lane is busy wait and go together
         self._verify_batch = verify_batch
-        # batches in the pool at once: one per worker and one queued; frames arriving meanwhile
-        # wait for the next free place and go together (a task costs ~300 us of the flow's own
-        # CPU in IPC, 32 frames in one task ~30 us each)
-        self._max_batches = procpool.workers() + 1
-        self._batches = 0  # in the pool now (loop thread)
 
     # --- cursor ----------------------------------------------------------------------
 
@@ -376,6 +376,8 @@ class FirehoseClient:
     def _pre_submit(self, item: FirehoseCommit, data: bytes) -> None:
         """Queue ``item``'s frame for the pool with the key RepoLogic published for its DID
         (none known: RepoLogic decides, and verifies inline if it must)."""
+        if not self._preverify:
+            return
         key = self._keys.get(item.did, self._load_key)
         if not key:
             return
@@ -386,51 +388,74 @@ class FirehoseClient:
             self._pre_flush()
         elif not self._vflush_due:
             # once the frames already received are read (the loop goes idle), send what we
-            # have if the pool has room; else the next finished batch sends it
+            # have to an idle lane; with none idle, the next lane to answer takes it
             self._vflush_due = True
-            asyncio.get_running_loop().call_soon(self._pre_flush_if_room)
-
-    def _pre_flush_if_room(self) -> None:
-        self._vflush_due = False
-        if self._batches < self._max_batches:
-            self._pre_flush()
-
-    def _pre_batch_done(self) -> None:
-        self._batches -= 1
-        if self._vbatch and not self._vflush_due:
-            self._pre_flush()
+            asyncio.get_running_loop().call_soon(self._pre_flush)
 
     def _pre_flush(self) -> None:
-        batch, self._vbatch = self._vbatch, []
-        if not batch:
-            return
+        """Send waiting frames to idle lanes, ``verify_batch`` at most per request (inline,
+        as completed futures, when there are no lanes: unit tests)."""
+        self._vflush_due = False
+        while self._vbatch:
+            if self._lanes and not self._idle:
+                if any(not lane.dead for lane in self._lanes):
+                    return  # all busy: the next answer sends the rest
+                # every worker died: no verdicts from now on, RepoLogic verifies inline
+                self._preverify = False
+                _log.error("every verification worker is gone; verifying in RepoLogic")
+                fut = Future()
+                fut.set_exception(RuntimeError("no verification worker left"))
+                for i, (slot, _) in enumerate(self._vbatch):
+                    slot.i = i
+                    slot.fut = fut
+                self._submitted += len(self._vbatch)
+                self._vbatch = []
+                return
+            batch = self._vbatch[:self._verify_batch]
+            del self._vbatch[:self._verify_batch]
+            frames = [(data, slot.key) for slot, data in batch]
+            if self._lanes:
+                lane = self._idle.pop()
+                fut: Future = Future()
+                try:
+                    lane.send(verify_commit_frames, frames, self._patterns)
+                    asyncio.get_running_loop().add_reader(lane.fileno(), self._pre_answer, lane, fut)
+                except Exception as e:  # the worker died (EPIPE): these resolve to "verify inline"
+                    lane.dead = True
+                    PREVERIFY.labels("send_failed").inc()
+                    _log.warning("verification worker unreachable", extra={"error": f"{type(e).__name__}: {e}"[:200]})
+                    fut.set_exception(e)
+                    if all(w.dead for w in self._lanes):
+                        self._preverify = False
+                        _log.error("every verification worker is gone; verifying in RepoLogic")
+            else:
+                fut = procpool.submit(verify_commit_frames, frames, self._patterns)
+            for i, (slot, _) in enumerate(batch):
+                slot.i = i
+                slot.fut = fut  # last: drain() reads fut first
+            self._submitted += len(batch)
+            self.stats["preverify_batches"] += 1
+            self.stats["preverify_frames"] += len(batch)
+
+    def _pre_answer(self, lane: Any, fut: Future) -> None:
+        """A lane's answer is readable (loop callback): hand it to the drain side, reuse the lane."""
+        asyncio.get_running_loop().remove_reader(lane.fileno())
         try:
-            fut = procpool.submit(verify_commit_frames, [(data, slot.key) for slot, data in batch], self._patterns)
-        except Exception as e:  # pool stopped or broken: the slots resolve to "verify inline"
-            PREVERIFY.labels("submit_failed").inc()
-            _log.warning("verification pool refused work; verifying in RepoLogic", extra={"error": str(e)[:200]})
-            fut = Future()
+            fut.set_result(lane.receive())
+        except Exception as e:  # a failed request or a dead worker: RepoLogic verifies inline
             fut.set_exception(e)
-        for i, (slot, _) in enumerate(batch):
-            slot.i = i
-            slot.fut = fut  # last: drain() reads fut first
-        self._batches += 1
-        loop = asyncio.get_running_loop()
-
-        def done(_f: Future) -> None:  # in the pool's result thread
-            try:
-                loop.call_soon_threadsafe(self._pre_batch_done)
-            except RuntimeError:  # the loop is closed: we are stopping
-                pass
-
-        fut.add_done_callback(done)
-        self._submitted += len(batch)
-        self.stats["preverify_batches"] += 1
-        self.stats["preverify_frames"] += len(batch)
+            _log.warning("verification request failed", extra={"error": str(e)[:200]})
+        if not lane.dead:
+            self._idle.append(lane)
+        elif all(w.dead for w in self._lanes) and self._preverify:
+            self._preverify = False
+            _log.error("every verification worker is gone; verifying in RepoLogic")
+        if self._vbatch:
+            self._pre_flush()
 
     async def _wait_inflight(self) -> None:
         self._pre_flush()
-        while self._submitted - self._resolved >= self._max_inflight:
+        while self._submitted + len(self._vbatch) - self._resolved >= self._max_inflight:
             await asyncio.sleep(0.001)
 
     # --- the loop ---------------------------------------------------------------------
@@ -571,7 +596,7 @@ class FirehoseClient:
                     continue
             f = decode_frame(data)
             if preverify and f.type == "#commit" and f.kind == "event":
-                if self._submitted - self._resolved >= self._max_inflight:
+                if self._submitted + len(self._vbatch) - self._resolved >= self._max_inflight:
                     await self._wait_inflight()
                 self._pre_submit(f.item, data)
             if f.seq is not None:

@@ -597,3 +597,42 @@ def test_drain_holds_everything_behind_a_commit_still_in_the_pool(tmp_path):
         assert part.next_batch()[0].pre.result is None
     finally:
         part.close()
+
+
+async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
+    """The real pool: a spawned worker gives the verdicts; once it is gone, frames go without
+    one (RepoLogic verifies inline) and the stream goes on."""
+    import os
+    import signal as _signal
+
+    from operators.verify import KeyCache
+    from runtime import procpool
+
+    sim, good, forged = _signed_commit_frames()
+    key = sim.key.public_key.multibase()
+    keys = KeyCache()
+    keys.note(sim.did, key)
+    assert procpool.start_pool(1) == 1
+    try:
+        lane = procpool.lanes()[0]
+        async with Relay() as relay:
+            later = frame("#commit", {**cbor.decode_multi(good)[1], "seq": 5})
+            relay.scripts = [[good, forged, 1.5, later, identity(6)]]
+            c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0, keys=keys)
+            assert c._preverify  # on by default while the pool runs
+            c.start()
+            got: list = []
+            try:
+                await wait_for(lambda: got.extend(drain_all(c)) or len(got) >= 2, timeout=20)
+                assert got[0][1].pre.result[0] is True and got[1][1].pre.result[:2] == (False, "bad_signature")
+                os.kill(lane.proc.pid, _signal.SIGKILL)
+                lane.proc.join(5)
+                await wait_for(lambda: got.extend(drain_all(c)) or len(got) >= 4, timeout=20)
+            finally:
+                c.stop()
+        assert [s for s, _ in got] == [1, 3, 5, 6]
+        assert got[2][1].pre.result is None  # no verdict: RepoLogic verifies it itself
+        assert not c._preverify
+    finally:
+        procpool.stop_pool()
+    assert not procpool.pool_running()
