@@ -15,11 +15,16 @@ from typing import Any, Union
 
 @dataclass(slots=True)
 class FirehoseCommit:
-    """A ``#commit`` frame body as decoded (libipld: links are binary CID bytes, ``blocks`` is the CAR)."""
+    """A ``#commit`` frame body as decoded (libipld: links are binary CID bytes, ``blocks`` is the CAR).
+
+    ``pre``: the verification pool's verdict (``operators.verify.PreVerified``), attached by
+    FirehoseSource when a pool runs; RepoLogic uses it only if made with the repo's key.
+    """
 
     seq: int
     did: str
     body: dict[str, Any]
+    pre: Any = None
 
 
 @dataclass(slots=True)

@@ -138,8 +138,10 @@ from operators.verify import (
     CheckedCommit,
     CommitOp,
     VerifyCommit,
+    SIGNING_KEYS,
     VerifyError,
     VerifySync,
+    checked_from_result,
     default_verify_commit,
     default_verify_sync,
     op_collections,
@@ -479,6 +481,8 @@ class RepoLogic:
         self.rand = rand
         self.verify_commit = verify_commit or default_verify_commit
         self.verify_sync = verify_sync or default_verify_sync
+        # the pool's verdicts come from default_verify_commit: usable only when that is ours
+        self._pre_ok = self.verify_commit is default_verify_commit
         self.on_fetch_queued = on_fetch_queued
         self.on_events = on_events
         self.max_buffered = max_buffered
@@ -675,7 +679,7 @@ class RepoLogic:
                 body = record_body(live=True, did=did, rev=rev, collection=op.collection, rkey=op.rkey,
                                    action="delete")
             else:
-                b.kv_put("records", prefix, key, cid_from_str(op.cid or ""))
+                b.kv_put("records", prefix, key, op.cid_raw or cid_from_str(op.cid or ""))
                 if not existed:
                     st.records += 1
                     b.count("records", shard, 1)
@@ -756,10 +760,12 @@ class RepoLogic:
             return Rejected(did, "commit", "bad_frame", "body is not a map")
         st = b.get_state(did)
         if st is None:
+            SIGNING_KEYS.note(did, "")  # the firehose side stops pre-verifying this DID
             if self.full_network or (self.signal and self.signal in op_collections(body)):
                 self._track(b, did, shard)
             self.stats["commit_untracked"] += 1
             return None
+        SIGNING_KEYS.note(did, st.signing_key)  # the key the firehose side pre-verifies with
         if st.state == PENDING or (st.state != ACTIVE and not st.signing_key):
             # pending (Tap), or never claimed: nothing to verify with; the snapshot supersedes it
             self.stats["commit_ignored"] += 1
@@ -771,7 +777,13 @@ class RepoLogic:
             self.stats["commit_replay"] += 1
             return None
         try:
-            cc = self.verify_commit(body, st.signing_key, self.filter)
+            pre = item.pre
+            if (pre is not None and pre.result is not None and self._pre_ok and pre.key == st.signing_key
+                    and pre.patterns == self.filter.patterns):
+                self.stats["commit_preverified"] += 1
+                cc = checked_from_result(pre.result)  # the pool's verdict, with this very key
+            else:
+                cc = self.verify_commit(body, st.signing_key, self.filter)
             if cc.did != did or cc.rev != rev:
                 raise VerifyError(f"commit names {cc.did} rev {cc.rev}, event {did} rev {rev}")
         except ValueError as e:  # VerifyError and the CAR/CBOR/CID errors it may wrap

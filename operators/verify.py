@@ -38,6 +38,7 @@ class CommitOp:
     rkey: str
     cid: Optional[str] = None
     record_json: Optional[bytes] = None  # atproto JSON; None if absent or not decodable
+    cid_raw: Optional[bytes] = None  # ``cid`` in binary, when the verifier had it (saves a parse)
 
     @property
     def path(self) -> str:
@@ -83,9 +84,23 @@ def op_collections(body: dict[str, Any]) -> set[str]:
     return out
 
 
-def _public_key(signing_key: str):
-    from protocol.keys import parse_multikey
+_proto: Optional[tuple] = None  # (protocol.commit, parse_multikey, cid_to_str), imported on first use
 
+
+def _protocol() -> tuple:
+    """The protocol functions, imported once (an import statement per call costs ~2 µs each)."""
+    global _proto
+    if _proto is None:
+        from protocol import commit
+        from protocol.cid import cid_to_str
+        from protocol.keys import parse_multikey
+
+        _proto = (commit, parse_multikey, cid_to_str)
+    return _proto
+
+
+def _public_key(signing_key: str):
+    parse_multikey = (_proto or _protocol())[1]
     if not signing_key:
         err = VerifyError("no signing key known for the repo")
         err.reason = "no_key"
@@ -101,11 +116,9 @@ def _public_key(signing_key: str):
 def _cid_str(cid: Any) -> Optional[str]:
     if cid is None:
         return None
-    if isinstance(cid, str):
+    if cid.__class__ is str:
         return cid
-    from protocol.cid import cid_to_str
-
-    return cid_to_str(bytes(cid))
+    return (_proto or _protocol())[2](bytes(cid) if cid.__class__ is not bytes else cid)
 
 
 def _record_to_json() -> Callable[[bytes], Optional[bytes]]:
@@ -144,13 +157,13 @@ def _fail(e: ValueError) -> VerifyError:
 def default_verify_commit(body: dict, signing_key: str, keep: Callable[[str], bool]) -> CheckedCommit:
     """``protocol.commit.verify_commit``, shaped for RepoLogic."""
     global _to_json
-    from protocol import commit as pc
-
+    pc = (_proto or _protocol())[0]
     key = _public_key(signing_key)
     try:
         vc = pc.verify_commit(body, key)
     except ValueError as e:  # protocol.commit.VerificationError (CAR, CBOR, MST, signature, ...)
         raise _fail(e) from None
+    cid_str = _proto[2]  # type: ignore[index]  # op and root CIDs: binary, checked by verify_commit
     ops: list[CommitOp] = []
     for op in vc.ops:
         if not keep(op.collection):
@@ -163,13 +176,13 @@ def default_verify_commit(body: dict, signing_key: str, keep: Callable[[str], bo
             if _to_json is None:
                 _to_json = _record_to_json()
             rec = _to_json(op.record)
-        ops.append(CommitOp(op.action, op.collection, op.rkey, _cid_str(op.cid), rec))
-    return CheckedCommit(vc.did, vc.rev, _cid_str(vc.data_cid), _cid_str(vc.prev_data), ops)
+        ops.append(CommitOp(op.action, op.collection, op.rkey, cid_str(op.cid), rec, op.cid))
+    return CheckedCommit(vc.did, vc.rev, cid_str(vc.data_cid), _cid_str(vc.prev_data), ops)
 
 
 def default_verify_sync(body: dict, signing_key: str) -> CheckedSync:
     """``protocol.commit.verify_sync`` of a ``#sync`` body's ``blocks``, shaped for RepoLogic."""
-    from protocol import commit as pc
+    pc = (_proto or _protocol())[0]
 
     key = _public_key(signing_key)
     blocks = body.get("blocks")
@@ -180,3 +193,125 @@ def default_verify_sync(body: dict, signing_key: str) -> CheckedSync:
     except ValueError as e:
         raise _fail(e) from None
     return CheckedSync(res.did, res.rev, _cid_str(res.data_cid))
+
+
+# --- pre-verification in the process pool ----------------------------------------------------
+#
+# The firehose side verifies ``#commit`` frames in ``runtime.procpool`` with the key RepoLogic
+# last published for the DID; RepoLogic takes the verdict only if that key is still the repo's
+# (and the collection filter is the same), else verifies inline. State checks stay in RepoLogic.
+
+
+class KeyCache:
+    """DID -> signing key (Multikey) RepoLogic holds, readable from the firehose thread.
+
+    A bounded dict (oldest entry out first); ``""`` = no key (untracked or not yet claimed).
+    Staleness costs only speed: RepoLogic re-verifies when the key used is not its own.
+    """
+
+    __slots__ = ("_d", "_max", "_lock")
+
+    def __init__(self, maxsize: int = 65_536) -> None:
+        import threading
+
+        self._d: dict[str, str] = {}
+        self._max = maxsize
+        self._lock = threading.Lock()
+
+    def get(self, did: str, loader: Optional[Callable[[str], str]] = None) -> str:
+        """The cached key of ``did``, ``loader(did)`` on a miss (cached too); ``""`` when unknown."""
+        k = self._d.get(did)
+        if k is not None:
+            return k
+        if loader is None:
+            return ""
+        try:
+            k = loader(did) or ""
+        except Exception:  # a read failure: verify inline in RepoLogic, which will report it
+            return ""
+        self.note(did, k)
+        return k
+
+    def note(self, did: str, key: str) -> None:
+        """Publish ``did``'s current key (RepoLogic, on every live commit it sees)."""
+        d = self._d
+        if d.get(did) == key:
+            return
+        with self._lock:
+            if did not in d and len(d) >= self._max:
+                try:
+                    del d[next(iter(d))]
+                except (StopIteration, KeyError, RuntimeError):
+                    pass
+            d[did] = key
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+#: The process's DID -> key cache (RepoLogic publishes, FirehoseClient reads).
+SIGNING_KEYS = KeyCache()
+
+
+@dataclass(slots=True)
+class PreVerified:
+    """The pool's verdict on a ``#commit``: made with ``key`` and filter ``patterns``.
+
+    ``result`` is ``verify_commit_frames``' encoding (see there), or None when the pool could
+    not give a verdict (RepoLogic then verifies inline)."""
+
+    key: str
+    patterns: tuple
+    result: Optional[tuple]
+
+
+_filters: dict[tuple, Callable[[str], bool]] = {}
+
+
+def _filter_for(patterns: tuple) -> Callable[[str], bool]:
+    f = _filters.get(patterns)
+    if f is None:
+        from operators.filters import CollectionFilter
+
+        f = _filters[patterns] = CollectionFilter(patterns)
+    return f
+
+
+def verify_commit_frames(frames: list[tuple[bytes, str]], patterns: tuple) -> list[Optional[tuple]]:
+    """Pool side: verify raw ``#commit`` frames, each with the signing key to use.
+
+    One result per frame, small and cheap to pickle: ``(True, did, rev, data_cid, prev_data,
+    [(action, collection, rkey, cid, record_json, cid_raw), ...])``, ``(False, reason, message)`` for a
+    ``VerifyError``, or None when anything else went wrong (RepoLogic verifies inline and sees
+    the same thing itself).
+    """
+    from protocol.cbor import decode_multi
+
+    keep = _filter_for(patterns)
+    out: list[Optional[tuple]] = []
+    for data, key in frames:
+        try:
+            body = decode_multi(data)[1]
+            cc = default_verify_commit(body, key, keep)
+            out.append((True, cc.did, cc.rev, cc.data_cid, cc.prev_data,
+                        [(o.action, o.collection, o.rkey, o.cid, o.record_json, o.cid_raw) for o in cc.ops]))
+        except VerifyError as e:
+            out.append((False, e.reason, str(e)))
+        except Exception:
+            out.append(None)
+    return out
+
+
+def checked_from_result(res: tuple) -> CheckedCommit:
+    """``verify_commit_frames``' result as ``default_verify_commit`` would have returned it
+    (or raised: ``VerifyError`` with the same message and reason)."""
+    if res[0]:
+        _, did, rev, data_cid, prev_data, ops = res
+        return CheckedCommit(did, rev, data_cid, prev_data, [CommitOp(*o) for o in ops])
+    err = VerifyError(res[2])
+    err.reason = res[1]
+    raise err

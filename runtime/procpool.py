@@ -7,12 +7,23 @@ processes, started with ``spawn`` (never ``fork`` after RocksDB opened: DESIGN.m
 dying with the flow process (PR_SET_PDEATHSIG) and ignoring SIGINT (the flow handles the
 terminal's Ctrl-C and stops them itself).
 
-    from runtime.procpool import start_pool, pool
+    from runtime.procpool import start_pool, lanes, submit
     start_pool(cfg.verify_workers)          # in flows/tap.py, before any database opens
-    fut = pool().submit(fn, *args)           # fn and args must pickle; None pool = run inline
+    fut = submit(fn, *args)                  # fn and args must pickle; no pool = run inline
 
-``pool()`` is ``None`` when the pool is off (``TAP_VERIFY_WORKERS=0``) or not started
-(unit tests): callers then call the function themselves.
+Two ways in:
+
+- ``lanes()``: one ``Lane`` per worker process, a duplex pipe serving one request at a time.
+  The firehose drives them from its event loop (``Lane.send`` / ``loop.add_reader`` on
+  ``Lane.fileno()`` / ``Lane.receive``): one pipe write and one read per batch, no helper
+  threads. ``concurrent.futures.ProcessPoolExecutor`` costs ~300 us of the flow's CPU per
+  task (a manager and a feeder thread, wake-ups, GIL hand-offs), as much as verifying a
+  commit, which matters whenever batches are small (any rate below saturation).
+- ``submit(fn, *args)``: a ``Future`` from the same processes' executor twin, for callers
+  without an event loop (created on first use), or run inline when the pool is off.
+
+``pool_running()`` is False when the pool is off (``TAP_VERIFY_WORKERS=0``) or not started
+(unit tests): callers then do the work themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import pickle
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable
@@ -27,6 +39,8 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 _POOL: ProcessPoolExecutor | None = None
+_LANES: list["Lane"] = []
+_WORKERS = 0
 
 
 def _init_worker() -> None:
@@ -36,28 +50,113 @@ def _init_worker() -> None:
     set_parent_death_signal(signal.SIGKILL)
 
 
-def start_pool(workers: int) -> ProcessPoolExecutor | None:
-    """Start the pool once (idempotent); ``workers <= 0`` leaves it off."""
-    global _POOL
-    if _POOL is not None or workers <= 0:
-        return _POOL
+def _warm() -> None:
+    import operators.verify  # noqa: F401  (the modules every task needs)
+    import protocol.atjson  # noqa: F401
+    import protocol.commit  # noqa: F401
+
+
+def _serve(conn: Any) -> None:
+    """A lane's process: answer ``(fn, args)`` requests with ``(True, result)`` or
+    ``(False, "error text")`` until the pipe closes."""
+    _init_worker()
+    _warm()
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            fn, args = pickle.loads(msg)
+            out = (True, fn(*args))
+        except BaseException as e:  # reported to the caller, the lane keeps serving
+            out = (False, f"{type(e).__name__}: {e}")
+        try:
+            conn.send_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, pickle.PicklingError, TypeError) as e:
+            try:
+                conn.send_bytes(pickle.dumps((False, f"result not sent: {e}")))
+            except OSError:
+                return
+
+
+class Lane:
+    """One worker process and its pipe; one request at a time (the caller keeps track)."""
+
+    def __init__(self, ctx: Any, n: int) -> None:
+        here, there = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_serve, args=(there,), name=f"tapflow-verify-{n}", daemon=True)
+        self.proc.start()
+        there.close()
+        self.conn = here
+        self.dead = False
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def send(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Send one request (blocks only while the worker reads it: call when it is idle)."""
+        self.conn.send_bytes(pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def receive(self) -> Any:
+        """The answer to the request sent; raises ``RuntimeError`` if it failed or the worker died."""
+        try:
+            ok, val = pickle.loads(self.conn.recv_bytes())
+        except (EOFError, OSError) as e:
+            self.dead = True
+            raise RuntimeError(f"verification worker {self.proc.name} is gone: {e!r}") from None
+        if not ok:
+            raise RuntimeError(val)
+        return val
+
+    def close(self) -> None:
+        self.dead = True
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+def start_pool(workers: int) -> int:
+    """Start the worker processes once (idempotent); ``workers <= 0`` leaves the pool off.
+    Returns the number of workers."""
+    global _WORKERS
+    if _LANES or workers <= 0:
+        return len(_LANES)
     ctx = multiprocessing.get_context("spawn")
-    _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    # spawned from this thread, before any database opens: the processes are this thread's
+    # children (visible in /proc/<pid>/task/<pid>/children, for CPU accounting)
+    _LANES.extend(Lane(ctx, i) for i in range(workers))
+    _WORKERS = workers
     atexit.register(stop_pool)
     log.info("verification pool started", extra={"workers": workers})
-    return _POOL
+    return workers
 
 
-def pool() -> ProcessPoolExecutor | None:
-    """The running pool, or ``None`` (verify inline)."""
-    return _POOL
+def pool_running() -> bool:
+    """True when work can go to worker processes."""
+    return bool(_LANES)
+
+
+def lanes() -> list[Lane]:
+    """The worker lanes (empty when the pool is off)."""
+    return list(_LANES)
+
+
+def workers() -> int:
+    """Processes in the running pool (0 when off: work runs inline)."""
+    return len(_LANES)
 
 
 def submit(fn: Callable[..., Any], *args: Any) -> Future:
-    """Run ``fn(*args)`` in the pool, or inline (a completed future) when there is none."""
-    p = _POOL
-    if p is not None:
-        return p.submit(fn, *args)
+    """Run ``fn(*args)`` in an executor of ``TAP_VERIFY_WORKERS`` processes (created on first
+    use), or inline (a completed future) when the pool is off."""
+    global _POOL
+    if _LANES:
+        if _POOL is None:
+            ctx = multiprocessing.get_context("spawn")
+            _POOL = ProcessPoolExecutor(max_workers=_WORKERS, mp_context=ctx, initializer=_init_worker)
+        return _POOL.submit(fn, *args)
     fut: Future = Future()
     try:
         fut.set_result(fn(*args))
@@ -72,3 +171,10 @@ def stop_pool() -> None:
     p, _POOL = _POOL, None
     if p is not None:
         p.shutdown(wait=False, cancel_futures=True)
+    lanes_, _LANES[:] = list(_LANES), []
+    for lane in lanes_:
+        lane.close()  # EOF: the worker returns
+    for lane in lanes_:
+        lane.proc.join(timeout=1)
+        if lane.proc.is_alive():
+            lane.proc.kill()

@@ -517,3 +517,131 @@ async def test_real_pds_firehose_live_replay_and_future_cursor(pds, tmp_path):
     finally:
         c3.stop()
     assert c3.last_error[0] == "FutureCursor" and c3.cursor_used[0] == 10**12
+
+
+# --- #commit pre-verification (runtime.procpool; inline here: no pool started) ---------------
+
+def _signed_commit_frames():
+    """A genuine #commit frame of a RepoSim repo, and one of the same DID signed by another key."""
+    from bench.gen import RepoSim
+
+    sim = RepoSim.create(n_records=5, seed=3)
+    post = cbor.encode({"$type": "app.bsky.feed.post", "text": "hi", "createdAt": "2024-01-01T00:00:00.000Z"})
+    good = sim.commit([("create", "app.bsky.feed.post/3kpreverify001", post)]).frame(seq=1)
+    mallory = RepoSim.create(n_records=0, seed=99, did=sim.did)
+    mallory.micros = sim.micros + 10**9
+    forged = mallory.commit([("create", "app.bsky.feed.post/3kpreverify002", post)]).frame(seq=3)
+    return sim, good, forged
+
+
+async def test_commits_are_preverified_with_the_key_repologic_holds(tmp_path):
+    from operators.repo import RepoState
+    from operators.verify import KeyCache, PreVerified
+
+    sim, good, forged = _signed_commit_frames()
+    key = sim.key.public_key.multibase()
+    async with Relay() as relay:
+        relay.scripts = [[good, commit(2), forged, identity(4)]]
+        cfg = make_cfg(tmp_path, relay.port)
+        db = open_flow_db(cfg.data_dir)
+        # the key comes from the stored repo state on a miss (RepoLogic's, committed)
+        db.cf("repos")[sim.did.encode()] = RepoState(state="active", signing_key=key).to_json()
+        keys = KeyCache()
+        c = FirehoseClient(cfg, db, depth=lambda: 0, preverify=True, keys=keys)
+        c.start()
+        got: list = []
+        try:
+            await wait_for(lambda: got.extend(drain_all(c)) or len(got) >= 4)  # verdicts come a bit later
+        finally:
+            c.stop()
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    first, unknown, bad = got[0][1], got[1][1], got[2][1]
+    assert isinstance(first.pre, PreVerified) and first.pre.key == key
+    assert first.pre.result[0] is True and first.pre.result[1:3] == (sim.did, first.body["rev"])
+    assert unknown.pre is None  # no key known for that DID: RepoLogic decides
+    assert bad.pre.result[:2] == (False, "bad_signature")
+    assert keys.get(sim.did) == key and keys.get(DID) == ""  # both cached, the miss as "no key"
+    assert c.stats["preverify_frames"] == 2
+
+
+def test_drain_holds_everything_behind_a_commit_still_in_the_pool(tmp_path):
+    """Frames reach RepoLogic in firehose order and the saved cursor never passes a frame not
+    yet emitted, while a #commit waits for its verdict."""
+    from concurrent.futures import Future
+
+    from connectors.firehose import _Slot
+    from operators.verify import PreVerified
+
+    cfg = make_cfg(tmp_path, 9)  # nothing listens: the client's dials fail in the background
+    db = open_flow_db(cfg.data_dir)
+    client = FirehoseClient(cfg, db, depth=lambda: 0)
+    part = _FirehosePartition(client, 100, 0.005)
+    try:
+        item = decode_frame(commit(2)).item
+        slot = _Slot("zKey")
+        item.pre = slot
+        client._queue.extend([(1, decode_frame(identity(1)).item), (2, item), (3, decode_frame(identity(3)).item)])
+        assert [type(i).__name__ for i in part.next_batch()] == ["FirehoseIdentity"]
+        assert part.next_batch() == [] and not client.ready()  # not even submitted yet
+        fut: Future = Future()
+        slot.fut = fut
+        assert part.next_batch() == []  # submitted, no verdict
+        wake = part.next_awake()
+        assert wake is not None and (wake - __import__("datetime").datetime.now(wake.tzinfo)).total_seconds() < 0.01
+        part.save_cursor()
+        assert unpack_u64(db.cf("meta")[meta_cursor_firehose(cfg.relay_url)]) == 1
+        fut.set_result([(False, "bad_signature", "commit signature does not verify")])
+        out = part.next_batch()
+        assert [type(i).__name__ for i in out] == ["FirehoseCommit", "FirehoseIdentity"]
+        assert out[0].pre == PreVerified("zKey", (), (False, "bad_signature", "commit signature does not verify"))
+        part.save_cursor()
+        assert unpack_u64(db.cf("meta")[meta_cursor_firehose(cfg.relay_url)]) == 3
+        # a pool that failed (broken, stopped) gives "no verdict": RepoLogic verifies inline
+        item2 = decode_frame(commit(4)).item
+        item2.pre = slot2 = _Slot("zKey")
+        broken: Future = Future()
+        broken.set_exception(RuntimeError("pool broken"))
+        slot2.fut = broken
+        client._queue.append((4, item2))
+        assert part.next_batch()[0].pre.result is None
+    finally:
+        part.close()
+
+
+async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
+    """The real pool: a spawned worker gives the verdicts; once it is gone, frames go without
+    one (RepoLogic verifies inline) and the stream goes on."""
+    import os
+    import signal as _signal
+
+    from operators.verify import KeyCache
+    from runtime import procpool
+
+    sim, good, forged = _signed_commit_frames()
+    key = sim.key.public_key.multibase()
+    keys = KeyCache()
+    keys.note(sim.did, key)
+    assert procpool.start_pool(1) == 1
+    try:
+        lane = procpool.lanes()[0]
+        async with Relay() as relay:
+            later = frame("#commit", {**cbor.decode_multi(good)[1], "seq": 5})
+            relay.scripts = [[good, forged, 1.5, later, identity(6)]]
+            c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0, keys=keys)
+            assert c._preverify  # on by default while the pool runs
+            c.start()
+            got: list = []
+            try:
+                await wait_for(lambda: got.extend(drain_all(c)) or len(got) >= 2, timeout=20)
+                assert got[0][1].pre.result[0] is True and got[1][1].pre.result[:2] == (False, "bad_signature")
+                os.kill(lane.proc.pid, _signal.SIGKILL)
+                lane.proc.join(5)
+                await wait_for(lambda: got.extend(drain_all(c)) or len(got) >= 4, timeout=20)
+            finally:
+                c.stop()
+        assert [s for s, _ in got] == [1, 3, 5, 6]
+        assert got[2][1].pre.result is None  # no verdict: RepoLogic verifies it itself
+        assert not c._preverify
+    finally:
+        procpool.stop_pool()
+    assert not procpool.pool_running()

@@ -52,6 +52,26 @@ from tests.repo_support import Env
 
 FORGERIES: list[str] = []  # every forgery rejected here, for the closing summary
 
+#: How #commit items reach RepoLogic: "inline" (RepoLogic verifies) or "pool" (with the verdict the
+#: verification pool gives for the frame, as FirehoseSource attaches it; RepoLogic must use it and
+#: reach exactly the same rejections and states).
+PATH = {"mode": "inline"}
+
+
+@pytest.fixture(autouse=True, params=["inline", "pool"])
+def verify_path(request):
+    PATH["mode"] = request.param
+    yield request.param
+    PATH["mode"] = "inline"
+
+
+def preverified(body: dict, key: str, patterns: tuple = ()):
+    """What FirehoseSource attaches to a #commit: the pool's verdict on the frame, made with ``key``."""
+    from operators.verify import PreVerified, verify_commit_frames
+
+    frame = cbor.encode({"op": 1, "t": "#commit"}) + cbor.encode(_links(body))
+    return PreVerified(key, patterns, verify_commit_frames([(frame, key)], patterns)[0])
+
 
 def real_env(tmp_path, name: str = "data", **cfg) -> Env:
     env = Env(tmp_path / name, **cfg)
@@ -90,10 +110,15 @@ class Case:
 
     def item(self, body: dict) -> FirehoseCommit:
         self.seq += 1
-        return FirehoseCommit(seq=self.seq, did=self.did, body=body)
+        item = FirehoseCommit(seq=self.seq, did=self.did, body=body)
+        if PATH["mode"] == "pool":
+            item.pre = preverified(body, self.env.state(self.did).signing_key)
+        return item
 
     def apply(self, body: dict) -> None:
+        pre0 = self.env.logic.stats["commit_preverified"]
         assert self.env.process(self.item(body)) == []
+        assert self.env.logic.stats["commit_preverified"] == pre0 + (PATH["mode"] == "pool")
         self.check_in_step()
 
     def check_in_step(self) -> None:
@@ -105,15 +130,20 @@ class Case:
         st = self.env.state(self.did)
         return (st.rev, st.prev_data, self.env.records(self.did), len(self.env.outbox(self.did)))
 
-    def reject(self, item, reason: str, verify: str | tuple[str, ...], name: str, caplog=None) -> Rejected:
+    def reject(self, item, reason: str, verify: str | tuple[str, ...], name: str, caplog=None,
+               pool_verdict: bool = True) -> Rejected:
         """Process a forged item: one Rejected with this reason (and verification reason, or one of
         several), counted and logged; state kept."""
         before = self.before()
         counter = ("tapflow_rejected_total", {"source": "sync" if isinstance(item, FirehoseSync) else "commit",
                                               "reason": reason})
         n0 = REGISTRY.get_sample_value(*counter) or 0.0
+        pre0 = self.env.logic.stats["commit_preverified"]
         out = self.env.process(item)
         assert len(out) == 1, out
+        if PATH["mode"] == "pool" and isinstance(item, FirehoseCommit):
+            # the pool's verdict, not inline (unless the test says it must not be taken)
+            assert self.env.logic.stats["commit_preverified"] == pre0 + pool_verdict
         r = out[0]
         ok = r.extra.get("verify") in verify if isinstance(verify, tuple) else r.extra.get("verify") == verify
         assert r.reason == reason and ok, (r.reason, r.extra, r.detail)
@@ -184,6 +214,53 @@ def test_commit_signed_by_the_wrong_key(tmp_path, caplog):
     forged = mallory.commit([("create", "app.bsky.feed.post/3kforged00001", rec("forged"))]).decoded()
     c.reject(c.item(forged), "verify_failed", "bad_signature", "wrong key", caplog)
     c.heal(genuine)
+
+
+def test_pool_verdict_made_with_another_key_is_not_trusted(tmp_path, caplog, verify_path):
+    """The pool verifies with the key RepoLogic last published; if the repo's key is another one
+    by the time the commit reaches RepoLogic, the verdict is ignored and the commit verified inline."""
+    if verify_path == "inline":
+        pytest.skip("about the pool's verdicts")
+    c = Case(tmp_path)
+    mallory = RepoSim.create(n_records=0, seed=99, did=c.did)  # same DID, another key
+    mallory.micros = c.sim.micros + 10**9
+    forged = mallory.commit([("create", "app.bsky.feed.post/3kforged00002", rec("forged"))]).decoded()
+    item = c.item(forged)
+    item.pre = preverified(forged, mallory.key.public_key.multibase())  # a stale key said yes
+    assert item.pre.result[0] is True
+    pre0 = c.env.logic.stats["commit_preverified"]
+    c.reject(item, "verify_failed", "bad_signature", "wrong key, pool verdict with a stale key", caplog,
+             pool_verdict=False)
+    assert c.env.logic.stats["commit_preverified"] == pre0
+    c.heal()
+    # and the other way round: a genuine commit the pool refused with a stale key is applied
+    body = c.sim.commit([("create", "app.bsky.feed.post/3kgenuine0009", rec("genuine"))]).decoded()
+    item = c.item(body)
+    item.pre = preverified(body, mallory.key.public_key.multibase())
+    assert item.pre.result[:2] == (False, "bad_signature")
+    assert c.env.process(item) == []
+    c.check_in_step()
+
+
+def test_pool_verdict_ignored_with_an_injected_verifier(tmp_path):
+    """A RepoLogic given its own verify_commit (tests, tools) never takes the pool's verdicts."""
+    c = Case(tmp_path)
+    calls = []
+
+    def verify(body, key, keep):
+        from operators.verify import default_verify_commit
+
+        calls.append(body["rev"])
+        return default_verify_commit(body, key, keep)
+
+    env = c.env
+    env.logic = RepoLogic(env.db, env.cfg, env.ids, clock=env.clock, rand=lambda: 0.5, verify_commit=verify)
+    body = c.sim.commit([("create", "app.bsky.feed.post/3kgenuine0010", rec("genuine"))]).decoded()
+    item = FirehoseCommit(seq=99, did=c.did, body=body)
+    item.pre = preverified(body, c.env.state(c.did).signing_key)
+    assert env.process(item) == []
+    assert calls == [body["rev"]] and env.logic.stats["commit_preverified"] == 0
+    c.check_in_step()
 
 
 def test_valid_signature_over_a_different_mst(tmp_path, caplog):
