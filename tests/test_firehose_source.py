@@ -588,12 +588,17 @@ def test_drain_holds_everything_behind_a_commit_still_in_the_pool(tmp_path):
         assert part.next_batch() == []  # submitted, no verdict
         wake = part.next_awake()
         assert wake is not None and (wake - __import__("datetime").datetime.now(wake.tzinfo)).total_seconds() < 0.01
+        applied = meta_firehose_applied(shard_of(DID, cfg.shards))
+        db.cf("meta")[applied] = pack_u64(1)  # RepoLogic applied the identity of seq 1
         part.save_cursor()
         assert unpack_u64(db.cf("meta")[meta_cursor_firehose(cfg.relay_url)]) == 1
         fut.set_result([(False, "bad_signature", "commit signature does not verify")])
         out = part.next_batch()
         assert [type(i).__name__ for i in out] == ["FirehoseCommit", "FirehoseIdentity"]
         assert out[0].pre == PreVerified("zKey", (), (False, "bad_signature", "commit signature does not verify"))
+        part.save_cursor()
+        assert unpack_u64(db.cf("meta")[meta_cursor_firehose(cfg.relay_url)]) == 1  # 2 and 3 not applied yet
+        db.cf("meta")[applied] = pack_u64(3)
         part.save_cursor()
         assert unpack_u64(db.cf("meta")[meta_cursor_firehose(cfg.relay_url)]) == 3
         # a pool that failed (broken, stopped) gives "no verdict": RepoLogic verifies inline
