@@ -132,7 +132,9 @@ SETTINGS: tuple[Setting, ...] = (
             "no Kafka ack this long while events wait and a broker is up: recreate missing topics, restart the producer"),
     Setting("webhook_concurrency", ("TAP_WEBHOOK_CONCURRENCY",), "64", "int", "webhook POSTs in flight at once"),
     Setting("verify_workers", ("TAP_VERIFY_WORKERS",), "2", "int",
-            "processes that verify commits and repo CARs beside the flow (0 = verify in the flow process)"),
+            "processes that verify repo CARs (and live commits, see TAP_LIVE_VERIFY) beside the flow (0 = all in the flow process)"),
+    Setting("live_verify", ("TAP_LIVE_VERIFY",), "auto", "str",
+            "where live #commit frames are verified: pool, inline (in the flow worker), or auto (pool with 4+ CPUs)"),
 )
 
 # Settings passed straight to the Kafka client: TAP_KAFKA_SECURITY_PROTOCOL -> security.protocol
@@ -185,7 +187,16 @@ class Config:
     kafka_stall_timeout: float = 10.0
     webhook_concurrency: int = 64
     verify_workers: int = 2
+    live_verify: str = "auto"
     kafka_extra: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def live_verify_in_pool(self) -> bool:
+        """Live ``#commit`` verification in the pool's lanes: ``auto`` only with 4+ CPUs (on 2
+        cores the hand-off and the extra processes cost more than they save: measured)."""
+        if self.verify_workers <= 0 or self.live_verify == "inline":
+            return False
+        return self.live_verify == "pool" or (os.cpu_count() or 1) >= 4
 
     @property
     def firehose_url(self) -> str:
@@ -288,6 +299,8 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
                            ("max_frame_size", "TAP_MAX_FRAME_SIZE", 1024), ("max_body_size", "TAP_MAX_BODY_SIZE", 1024)):
         if int(v[attr]) < low:  # type: ignore[arg-type]
             errors.append(f"{env}={v[attr]}: must be at least {low}")
+    if str(v["live_verify"]) not in ("auto", "pool", "inline"):
+        errors.append(f"TAP_LIVE_VERIFY={v['live_verify']}: must be auto, pool or inline")
     if int(v["shards"]) > 65535:  # type: ignore[arg-type]
         errors.append("TAP_SHARDS: must be at most 65535")
     if float(v["retry_timeout"]) <= 0:  # type: ignore[arg-type]

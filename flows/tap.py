@@ -25,7 +25,7 @@ prepare_multiprocess(_cfg.data_dir, fresh=True)
 
 from runtime.procpool import start_pool  # noqa: E402
 
-start_pool(_cfg.verify_workers)  # spawn-started, before any RocksDB opens
+start_pool(_cfg.verify_workers, lanes=_cfg.live_verify_in_pool)  # spawn-started, before any RocksDB opens
 
 from flows.dataflow import build_flow  # noqa: E402
 from runtime.service import start_service  # noqa: E402

@@ -8,7 +8,7 @@ dying with the flow process (PR_SET_PDEATHSIG) and ignoring SIGINT (the flow han
 terminal's Ctrl-C and stops them itself).
 
     from runtime.procpool import start_pool, lanes, submit
-    start_pool(cfg.verify_workers)          # in flows/tap.py, before any database opens
+    start_pool(cfg.verify_workers, lanes)   # in flows/tap.py, before any database opens
     fut = submit(fn, *args)                  # fn and args must pickle; no pool = run inline
 
 Two ways in:
@@ -19,11 +19,13 @@ Two ways in:
   threads. ``concurrent.futures.ProcessPoolExecutor`` costs ~300 us of the flow's CPU per
   task (a manager and a feeder thread, wake-ups, GIL hand-offs), as much as verifying a
   commit, which matters whenever batches are small (any rate below saturation).
-- ``submit(fn, *args)``: a ``Future`` from the same processes' executor twin, for callers
-  without an event loop (created on first use), or run inline when the pool is off.
+  Only when live verification goes to the pool (``TAP_LIVE_VERIFY``: on 2 cores the hand-off
+  costs more than it saves, measured: docs/performance.md).
+- ``submit(fn, *args)`` / ``pool()``: an executor of ``TAP_VERIFY_WORKERS`` processes (repo CARs
+  from the backfill, whose tasks are large), or run inline when the pool is off.
 
-``pool_running()`` is False when the pool is off (``TAP_VERIFY_WORKERS=0``) or not started
-(unit tests): callers then do the work themselves.
+``pool_running()`` is False when there are no lanes (pool off, ``TAP_LIVE_VERIFY`` inline, or
+unit tests): the firehose then leaves verification to RepoLogic.
 """
 
 from __future__ import annotations
@@ -117,45 +119,53 @@ class Lane:
             pass
 
 
-def start_pool(workers: int) -> int:
+def start_pool(workers: int, lanes: bool = True) -> int:
     """Start the worker processes once (idempotent); ``workers <= 0`` leaves the pool off.
-    Returns the number of workers."""
-    global _WORKERS
-    if _LANES or workers <= 0:
-        return len(_LANES)
+
+    ``workers`` processes serve ``submit`` (repo CARs); with ``lanes`` another ``workers``
+    processes serve the firehose's ``#commit`` batches (``TAP_LIVE_VERIFY``). Returns the
+    number of workers of each kind."""
+    global _WORKERS, _POOL
+    if _WORKERS or workers <= 0:
+        return _WORKERS
     ctx = multiprocessing.get_context("spawn")
     # spawned from this thread, before any database opens: the processes are this thread's
     # children (visible in /proc/<pid>/task/<pid>/children, for CPU accounting)
-    _LANES.extend(Lane(ctx, i) for i in range(workers))
+    if lanes:
+        _LANES.extend(Lane(ctx, i) for i in range(workers))
+    _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    for _ in range(workers):  # spawn them now, from this thread (the executor would do it lazily)
+        _POOL.submit(_warm)
     _WORKERS = workers
     atexit.register(stop_pool)
-    log.info("verification pool started", extra={"workers": workers})
+    log.info("verification pool started", extra={"workers": workers, "live_lanes": len(_LANES)})
     return workers
 
 
 def pool_running() -> bool:
-    """True when work can go to worker processes."""
+    """True when the firehose can send ``#commit`` batches to worker lanes."""
     return bool(_LANES)
 
 
+def pool() -> ProcessPoolExecutor | None:
+    """The executor for ``submit``-style work (repo CARs), or ``None`` when the pool is off."""
+    return _POOL
+
+
 def lanes() -> list[Lane]:
-    """The worker lanes (empty when the pool is off)."""
+    """The worker lanes (empty when the pool is off or live verification stays inline)."""
     return list(_LANES)
 
 
 def workers() -> int:
-    """Processes in the running pool (0 when off: work runs inline)."""
-    return len(_LANES)
+    """Processes of the executor (0 when off: work runs inline)."""
+    return _WORKERS
 
 
 def submit(fn: Callable[..., Any], *args: Any) -> Future:
-    """Run ``fn(*args)`` in an executor of ``TAP_VERIFY_WORKERS`` processes (created on first
-    use), or inline (a completed future) when the pool is off."""
-    global _POOL
-    if _LANES:
-        if _POOL is None:
-            ctx = multiprocessing.get_context("spawn")
-            _POOL = ProcessPoolExecutor(max_workers=_WORKERS, mp_context=ctx, initializer=_init_worker)
+    """Run ``fn(*args)`` in the executor of ``TAP_VERIFY_WORKERS`` processes, or inline (a
+    completed future) when the pool is off."""
+    if _POOL is not None:
         return _POOL.submit(fn, *args)
     fut: Future = Future()
     try:
@@ -167,8 +177,8 @@ def submit(fn: Callable[..., Any], *args: Any) -> Future:
 
 def stop_pool() -> None:
     """Stop the workers (pending work is cancelled: the flow redoes it after a restart)."""
-    global _POOL
-    p, _POOL = _POOL, None
+    global _POOL, _WORKERS
+    p, _POOL, _WORKERS = _POOL, None, 0
     if p is not None:
         p.shutdown(wait=False, cancel_futures=True)
     lanes_, _LANES[:] = list(_LANES), []

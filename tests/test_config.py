@@ -93,3 +93,17 @@ def test_every_setting_has_help_and_parses_its_default():
     for s in SETTINGS:
         assert s.help and s.env
     load_config({}, dotenv=None)
+
+
+def test_live_verify_setting():
+    """TAP_LIVE_VERIFY: pool/inline are obeyed; auto follows the CPU count; bad values refused."""
+    import os
+
+    from config import ConfigError, load_config
+
+    assert load_config({"TAP_LIVE_VERIFY": "pool"}).live_verify_in_pool
+    assert not load_config({"TAP_LIVE_VERIFY": "inline"}).live_verify_in_pool
+    assert not load_config({"TAP_LIVE_VERIFY": "pool", "TAP_VERIFY_WORKERS": "0"}).live_verify_in_pool
+    assert load_config({}).live_verify_in_pool == ((os.cpu_count() or 1) >= 4)
+    with pytest.raises(ConfigError, match="TAP_LIVE_VERIFY"):
+        load_config({"TAP_LIVE_VERIFY": "sometimes"})
