@@ -180,7 +180,19 @@ def stop_pool() -> None:
     global _POOL, _WORKERS
     p, _POOL, _WORKERS = _POOL, None, 0
     if p is not None:
+        procs = list((getattr(p, "_processes", None) or {}).values())
         p.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:  # stateless: no need to let a long CAR finish
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join(timeout=1)
+        try:  # the executor's semaphores started multiprocessing's resource tracker: reap it too
+            from multiprocessing import resource_tracker
+
+            resource_tracker._resource_tracker._stop()
+        except Exception:
+            pass
     lanes_, _LANES[:] = list(_LANES), []
     for lane in lanes_:
         lane.close()  # EOF: the worker returns
