@@ -24,8 +24,10 @@ process used, so you can see who was the bottleneck on this 2-core machine):
   not grow with repos ever seen.
 - ``<measure>:1p``: the same measure with verification inside the flow process
   (``TAP_VERIFY_WORKERS=0``: one process does everything but delivery); without the suffix the
-  flow runs with its verification pool (``TAP_VERIFY_WORKERS``, default 2 processes). bytewax's
-  own ``-w``/``-i/-a`` are refused by the service (``runtime/topology.py``).
+  flow runs with its verification pool (``TAP_VERIFY_WORKERS``, default 2 processes, repo CARs;
+  live commits too with 4+ CPUs); ``<measure>:pool`` forces live commits into the pool
+  (``TAP_LIVE_VERIFY=pool``). bytewax's own ``-w``/``-i/-a`` are refused by the service
+  (``runtime/topology.py``).
 
 Per-core limits of the same run come from ``bench/protocol.py`` (imported), printed next to each
 figure. Data sets are cached under ``$HOME/.cache/tapflow-bench``. The last line holds the figures
@@ -61,6 +63,13 @@ TARGETS = {
     "live_commits_per_s": (">=", 8_000),
     "p99_ms": ("<", 50),
     "rss_1m_repos_mb": ("<", 1000),
+}
+
+
+#: ``<measure>:<variant>``: the settings a variant runs with
+VARIANTS = {
+    "1p": {"TAP_VERIFY_WORKERS": "0"},  # everything in the flow process (plus the delivery child)
+    "pool": {"TAP_LIVE_VERIFY": "pool"},  # live #commit frames verified in the pool's lanes too
 }
 
 
@@ -538,13 +547,13 @@ def main(argv: list[str] | None = None) -> None:
                 margs = args
                 mtmp = tmp / m.replace(":", "-").replace("@", "-at-")
                 mtmp.mkdir(parents=True, exist_ok=True)
-                if variant == "1p":  # verification in the flow process itself
+                if variant in VARIANTS:
                     margs = argparse.Namespace(**vars(args))
-                    margs.env = {**args.env, "TAP_VERIFY_WORKERS": "0"}
+                    margs.env = {**args.env, **VARIANTS[variant]}
                     if args.profile:
-                        margs.profile = args.profile / "1p"
+                        margs.profile = args.profile / variant
                 try:
-                    if variant not in ("", "1p"):
+                    if variant and variant not in VARIANTS:
                         log(f"unknown variant {variant}")
                         continue
                     if base.startswith("backfill-"):
@@ -613,7 +622,8 @@ def report(results: dict, limits: dict, s: dict, args) -> None:
             fig[name] = round(best, 1) if best < 100 else round(best)
 
     def sfx1p(m: str) -> str:
-        return "_1p" if m.endswith(":1p") else ""
+        variant = m.partition(":")[2]
+        return "_" + variant if variant else ""
 
     for m in results:
         base = m.partition(":")[0]
