@@ -364,7 +364,8 @@ def measure_live(path: Path, s: dict, tmp: Path, args, rate: float = 0.0) -> dic
         else:
             log(f"live: {res['commits_per_s']:,.0f} commits/s ({n_frames:,} commits, {n_ops:,} ops in {elapsed:.1f}s); "
                 f"CPU {_cpu_line(watch, n_frames, 'commit')}")
-            if args.peers:  # same upstream, same frames, the service stopped first
+            if args.peers and not args.env.get("TAP_VERIFY_WORKERS") and not args.env.get("TAP_LIVE_VERIFY"):
+                # same upstream, same frames, the service stopped first (once: not for variants)
                 from bench import peers
 
                 cons.stop()
