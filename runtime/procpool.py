@@ -187,12 +187,6 @@ def stop_pool() -> None:
                 proc.kill()
         for proc in procs:
             proc.join(timeout=1)
-        try:  # the executor's semaphores started multiprocessing's resource tracker: reap it too
-            from multiprocessing import resource_tracker
-
-            resource_tracker._resource_tracker._stop()
-        except Exception:
-            pass
     lanes_, _LANES[:] = list(_LANES), []
     for lane in lanes_:
         lane.close()  # EOF: the worker returns
