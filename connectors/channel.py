@@ -432,6 +432,7 @@ class ChannelTarget:
         flights = self._flights
         sent = self._sent
         delivered = metrics().events_delivered
+        h2_pack = _H2.pack
         window = self._window if ack_mode else 1 << 62
         try:
             while not conn.closed:
@@ -454,7 +455,8 @@ class ChannelTarget:
                     if ack_mode and f.conn is not None:
                         continue  # already written (a stale retry entry)
                     p = f.ev.payload
-                    parts.append(text_frame_header(len(p)))
+                    n = len(p)  # (most events: text_frame_header's middle case, inlined)
+                    parts.append(h2_pack(0x81, 126, n) if 126 <= n < 65536 else text_frame_header(n))
                     parts.append(p)
                     batch.append(f)
                 if not batch:

@@ -262,7 +262,7 @@ class OutboxFollower:
             if not k.startswith(prefix):
                 break
             n += 1
-            if k not in skip:  # (in skip: acked before a restart, row not deleted yet)
+            if not skip or k not in skip:  # (in skip: acked before a restart, row not deleted yet)
                 row = it.value()  # (event_from_row, inlined: this loop runs once per row)
                 i = row.index(0, 1)
                 keys.append(k)
