@@ -36,7 +36,8 @@ from aiohttp import EofStream, WebSocketError, WSMsgType, web
 
 from config import Config
 from connectors.scheduler import Scheduler
-from connectors.targets import TakenCallback, metrics
+from connectors.targets import TakenCallback, metrics, taken_many
+from store.layout import FLAG_INTERNAL
 from store.outbox import OutboxEvent
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ class ChannelTarget:
         self._window = window
         self._retry_timeout = cfg.retry_timeout
         self._on_taken = on_taken
+        self._on_taken_many = taken_many(on_taken)
         self._write_batch = write_batch
-        self._sched = Scheduler(self._release)
+        self._sched = Scheduler(self._release, self._release_many)
         self._flights: dict[int, _Flight] = {}  # offered, not yet taken: id -> flight
         self._ready: deque[_Flight] = deque()  # may be written to any client now
         self._sent: dict[int, _Flight] = {}  # ack mode: written, unacked; oldest send first
@@ -166,6 +168,22 @@ class ChannelTarget:
             return
         self._flights[ev.id] = _Flight(ev)
         self._sched.add(ev)
+
+    def offer_many(self, events: list[OutboxEvent]) -> None:
+        """``offer`` for a run of events read together (the follower's per-shard runs)."""
+        flights = self._flights
+        out: list[OutboxEvent] = []
+        internal: list[bytes] = []
+        for ev in events:
+            if ev.flags & FLAG_INTERNAL:
+                internal.append(ev.key)
+            else:
+                flights[ev.id] = _Flight(ev)
+                out.append(ev)
+        if internal:
+            self._on_taken_many(internal)
+        if out:
+            self._sched.add_many(out)
 
     async def stop(self) -> None:
         self._stopped = True
@@ -202,6 +220,17 @@ class ChannelTarget:
         """The scheduler allows ``ev`` out."""
         self._enqueue(self._flights[ev.id])
 
+    def _release_many(self, events: list[OutboxEvent]) -> None:
+        """The scheduler allows ``events`` out, in this order."""
+        flights = self._flights
+        ready = self._ready
+        for ev in events:
+            f = flights[ev.id]
+            if not f.queued:
+                f.queued = True
+                ready.append(f)
+        self._have_ready.set()
+
     def _enqueue(self, f: _Flight, front: bool = False) -> None:
         if f.queued:
             return
@@ -217,6 +246,17 @@ class ChannelTarget:
         self._sched.taken(f.ev)
         self._on_taken(f.ev.key)
 
+    def _take_many(self, batch: list[_Flight]) -> None:
+        flights = self._flights
+        sched_taken = self._sched.taken
+        keys: list[bytes] = []
+        for f in batch:
+            ev = f.ev
+            del flights[ev.id]
+            sched_taken(ev)
+            keys.append(ev.key)
+        self._on_taken_many(keys)
+
     def ack(self, event_id: int) -> None:
         """A client acked ``event_id`` (on any connection)."""
         f = self._flights.get(event_id)
@@ -229,6 +269,34 @@ class ChannelTarget:
                 conn.window_open.set()
         self._sent.pop(event_id, None)
         self._take(f)
+
+    def ack_many(self, event_ids: list[int]) -> None:
+        """``ack`` for each of ``event_ids`` (the acks one socket read brought, in order)."""
+        flights = self._flights
+        sent = self._sent
+        sched_taken = self._sched.taken
+        keys: list[bytes] = []
+        conns: list[_Conn] = []
+        last: _Conn | None = None
+        for i in event_ids:
+            f = flights.pop(i, None)
+            if f is None:
+                continue  # unknown, or already taken: harmless
+            conn = f.conn
+            if conn is not None:
+                conn.sent.discard(i)
+                if conn is not last:
+                    conns.append(conn)
+                    last = conn
+            sent.pop(i, None)
+            ev = f.ev
+            sched_taken(ev)
+            keys.append(ev.key)
+        for conn in conns:
+            if not conn.window_open.is_set() and len(conn.sent) < self._window:
+                conn.window_open.set()
+        if keys:
+            self._on_taken_many(keys)
 
     # --- retries (ack mode) ------------------------------------------------------------------------
 
@@ -309,38 +377,53 @@ class ChannelTarget:
         reader = ws._reader
         assert reader is not None
         write = conn.transport.write if conn.transport is not None else None
-        ack = self.ack if self._ack_mode else None
-        while not conn.closed:
-            try:
-                msg = await reader.read()
-            except EofStream:
-                return "closed by client"
-            except WebSocketError as e:
-                return f"protocol error: {e}"
-            except Exception as e:  # connection reset and the like
-                return f"read error: {e!r}"
-            t = msg.type
-            if t is WSMsgType.TEXT or t is WSMsgType.BINARY:
+        ack_many = self.ack_many if self._ack_mode else None
+        # Acks already parsed by aiohttp (queued in the reader) are applied together: one
+        # ``ack_many`` per socket read instead of the whole ack path per frame.
+        buffered = getattr(reader, "_buffer", None)
+        acks: list[int] = []
+        try:
+            while not conn.closed:
+                if acks and not buffered:
+                    ack_many(acks)  # type: ignore[misc]
+                    acks = []
                 try:
-                    ack_id = parse_client_frame(msg.data)
-                except BadFrame as e:
-                    return f"bad client frame: {e}"
-                if ack_id is not None and ack is not None:
-                    ack(ack_id)
-            elif t is WSMsgType.PING:
-                if write is not None and not conn.transport.is_closing():
-                    write(_control_frame(0x8A, msg.data))  # pong, same payload
-            elif t is WSMsgType.CLOSE:
-                if write is not None and not conn.transport.is_closing():
-                    # echo the client's close (its own close handshake, as gorilla does)
-                    code = msg.data if isinstance(msg.data, int) and msg.data not in (1005, 1006) else 0
-                    write(_control_frame(0x88, _H_CODE.pack(code) if code else b""))
-                return "closed by client"
-            elif t is WSMsgType.PONG:
-                continue
-            else:  # CLOSING, CLOSED, ERROR
-                return f"closed ({t.name})"
-        return "closed"
+                    msg = await reader.read()
+                except EofStream:
+                    return "closed by client"
+                except WebSocketError as e:
+                    return f"protocol error: {e}"
+                except Exception as e:  # connection reset and the like
+                    return f"read error: {e!r}"
+                t = msg.type
+                if t is WSMsgType.TEXT or t is WSMsgType.BINARY:
+                    try:
+                        ack_id = parse_client_frame(msg.data)
+                    except BadFrame as e:
+                        return f"bad client frame: {e}"
+                    if ack_id is not None and ack_many is not None:
+                        acks.append(ack_id)
+                    continue
+                if acks:
+                    ack_many(acks)  # type: ignore[misc]
+                    acks = []
+                if t is WSMsgType.PING:
+                    if write is not None and not conn.transport.is_closing():
+                        write(_control_frame(0x8A, msg.data))  # pong, same payload
+                elif t is WSMsgType.CLOSE:
+                    if write is not None and not conn.transport.is_closing():
+                        # echo the client's close (its own close handshake, as gorilla does)
+                        code = msg.data if isinstance(msg.data, int) and msg.data not in (1005, 1006) else 0
+                        write(_control_frame(0x88, _H_CODE.pack(code) if code else b""))
+                    return "closed by client"
+                elif t is WSMsgType.PONG:
+                    continue
+                else:  # CLOSING, CLOSED, ERROR
+                    return f"closed ({t.name})"
+            return "closed"
+        finally:
+            if acks:  # acks read before the connection went still count
+                ack_many(acks)  # type: ignore[misc]
 
     async def _write_loop(self, conn: _Conn) -> None:
         ready = self._ready
@@ -349,6 +432,7 @@ class ChannelTarget:
         flights = self._flights
         sent = self._sent
         delivered = metrics().events_delivered
+        h2_pack = _H2.pack
         window = self._window if ack_mode else 1 << 62
         try:
             while not conn.closed:
@@ -371,7 +455,8 @@ class ChannelTarget:
                     if ack_mode and f.conn is not None:
                         continue  # already written (a stale retry entry)
                     p = f.ev.payload
-                    parts.append(text_frame_header(len(p)))
+                    n = len(p)  # (most events: text_frame_header's middle case, inlined)
+                    parts.append(h2_pack(0x81, 126, n) if 126 <= n < 65536 else text_frame_header(n))
                     parts.append(p)
                     batch.append(f)
                 if not batch:
@@ -392,8 +477,7 @@ class ChannelTarget:
                         sent.pop(i, None)
                         sent[i] = f
                 else:
-                    for f in batch:
-                        self._take(f)
+                    self._take_many(batch)
                 if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
                     await self._drain(conn)
                 elif ready:

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from store.layout import FLAG_LIVE
 from store.outbox import OutboxEvent
 
 
@@ -64,7 +65,7 @@ def _may_send(d: _Did, ev: OutboxEvent) -> bool:
     """Rules 1 and 2 for the event at the head of the DID's queue."""
     if d.state is DidState.IDLE:
         return True  # nothing in flight: anything may go
-    if ev.live:
+    if ev.flags & FLAG_LIVE:
         return False  # a live event waits for everything before it
     return d.state is DidState.HISTORICAL  # historical overlaps historical, never a live event
 
@@ -78,27 +79,62 @@ class Scheduler:
     not block.
     """
 
-    def __init__(self, send: Callable[[OutboxEvent], None]) -> None:
+    def __init__(self, send: Callable[[OutboxEvent], None],
+                 send_many: Callable[[list[OutboxEvent]], None] | None = None) -> None:
         self._send = send
+        # ``add_many`` hands what it released to ``send_many`` at once, in release order
+        self._send_many = send_many if send_many is not None else self._send_each
         self._dids: dict[str, _Did] = {}
 
     # --- the two transitions ------------------------------------------------------------
 
     def add(self, ev: OutboxEvent) -> None:
         """A new event of ``ev.did`` (ids of one DID must arrive in increasing order)."""
+        out: list[OutboxEvent] = []
+        self._add(ev, out)
+        for e in out:
+            self._send(e)
+
+    def add_many(self, events: Iterable[OutboxEvent]) -> None:
+        """``add`` each of ``events`` in order; what they release goes to ``send_many`` once,
+        in the order ``add`` would have sent it (a backfill run costs one call, not one per event)."""
+        out: list[OutboxEvent] = []
+        dids = self._dids
+        historical = DidState.HISTORICAL
+        for ev in events:
+            d = dids.get(ev.did)
+            if d is None:  # IDLE: anything may go, and nothing waits behind it yet
+                d = dids[ev.did] = _Did()
+                d.in_flight.add(ev.key)
+                d.state = DidState.LIVE if ev.flags & FLAG_LIVE else historical
+                out.append(ev)
+            elif d.state is historical and not ev.flags & FLAG_LIVE and not d.queue:  # rule 1
+                d.in_flight.add(ev.key)
+                out.append(ev)
+            else:
+                d.queue.append(ev)
+                self._pump(ev.did, d, out)
+        if out:
+            self._send_many(out)
+
+    def _send_each(self, evs: list[OutboxEvent]) -> None:
+        for ev in evs:
+            self._send(ev)
+
+    def _add(self, ev: OutboxEvent, out: list[OutboxEvent]) -> None:
         d = self._dids.get(ev.did)
         if d is None:  # IDLE: anything may go, and nothing waits behind it yet
             d = self._dids[ev.did] = _Did()
             d.in_flight.add(ev.key)
-            d.state = DidState.LIVE if ev.live else DidState.HISTORICAL
-            self._send(ev)
+            d.state = DidState.LIVE if ev.flags & FLAG_LIVE else DidState.HISTORICAL
+            out.append(ev)
             return
-        if d.state is DidState.HISTORICAL and not ev.live and not d.queue:  # rule 1, nothing ahead
+        if d.state is DidState.HISTORICAL and not ev.flags & FLAG_LIVE and not d.queue:  # rule 1, nothing ahead
             d.in_flight.add(ev.key)
-            self._send(ev)
+            out.append(ev)
             return
         d.queue.append(ev)
-        self._pump(ev.did, d)
+        self._pump(ev.did, d, out)
 
     def taken(self, ev: OutboxEvent) -> bool:
         """``ev`` was taken by the consumer. False if it was neither in flight nor waiting."""
@@ -125,30 +161,31 @@ class Scheduler:
                 return False
             if d.state is DidState.DRAINING:
                 d.state = DidState.HISTORICAL  # the head may no longer be live; _pump decides again
-        self._pump(ev.did, d)
+        out: list[OutboxEvent] = []
+        self._pump(ev.did, d, out)
+        for e in out:
+            self._send(e)
         return True
 
-    def _pump(self, did: str, d: _Did) -> None:
-        """Send from the head of the DID's queue while the rules allow (rule 3: FIFO)."""
-        out: list[OutboxEvent] = []
+    def _pump(self, did: str, d: _Did, out: list[OutboxEvent]) -> None:
+        """Release from the head of the DID's queue into ``out`` while the rules allow (rule 3:
+        FIFO); the caller sends ``out`` once the state change is done."""
         q = d.queue
         while q:
             ev = q[0]
             if not _may_send(d, ev):
-                if ev.live:
+                if ev.flags & FLAG_LIVE:
                     d.state = DidState.DRAINING
                 break
             q.popleft()
             d.in_flight.add(ev.key)
             out.append(ev)
-            if ev.live:
+            if ev.flags & FLAG_LIVE:
                 d.state = DidState.LIVE
                 break
             d.state = DidState.HISTORICAL
         if not q and not d.in_flight:
             del self._dids[did]  # IDLE: keep nothing
-        for ev in out:
-            self._send(ev)
 
     # --- inspection (tests, metrics) -------------------------------------------------------
 

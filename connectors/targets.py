@@ -29,6 +29,9 @@ Contract:
   included, see ``OutboxEvent.internal``), per shard in id order, exactly once per process
   lifetime; after a restart, every event not yet acked is offered again. It must not block
   or await: queue the event and return.
+- A target may also have ``offer_many(events)``: the follower then hands it each run of
+  events read from one shard in one call (same order, same contract as ``offer`` per event).
+  ``taken_many(on_taken)`` is the matching batch form of ``on_taken`` (from the loop thread).
 - ``on_taken(key)`` may be called from any thread (a Kafka delivery-report thread, say); it
   is cheapest from the event loop thread. Calling it twice, or for a key never offered,
   is harmless.
@@ -51,6 +54,19 @@ from store.outbox import OutboxEvent
 log = logging.getLogger(__name__)
 
 TakenCallback = Callable[[bytes], None]
+
+
+def taken_many(on_taken: TakenCallback) -> Callable[[list[bytes]], None]:
+    """The batch form of ``on_taken`` (``AckTracker`` provides one; else one call per key)."""
+    many = getattr(on_taken, "many", None)
+    if many is not None:
+        return many
+
+    def each(keys: list[bytes]) -> None:
+        for k in keys:
+            on_taken(k)
+
+    return each
 
 
 @runtime_checkable
@@ -77,12 +93,14 @@ class AckTracker:
     them into ack batches in the ``acks`` column family). ``in_flight`` is what the capacity bound counts.
     """
 
-    def __init__(self, n_targets: int, on_complete: Callable[[bytes], None]) -> None:
+    def __init__(self, n_targets: int, on_complete: Callable[[bytes], None],
+                 on_complete_many: Callable[[list[bytes]], None] | None = None) -> None:
         if not 1 <= n_targets <= 30:
             raise ValueError("between 1 and 30 delivery targets")
         self._all = (1 << n_targets) - 1
         self._pending: dict[bytes, int] = {}  # key -> bitmask of targets that still have to take it
         self._on_complete = on_complete
+        self._on_complete_many = on_complete_many
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._foreign: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -104,8 +122,13 @@ class AckTracker:
     def register(self, key: bytes) -> None:
         self._pending[key] = self._all
 
+    def register_many(self, keys: list[bytes]) -> None:
+        """``register`` each of ``keys`` (a run of rows read together)."""
+        self._pending.update(dict.fromkeys(keys, self._all))
+
     def callback(self, index: int) -> TakenCallback:
-        """The ``on_taken`` of target number ``index``."""
+        """The ``on_taken`` of target number ``index``; its attribute ``many`` takes a list of
+        keys at once (what a target that learns of many takes together should call)."""
         bit = 1 << index
 
         def on_taken(key: bytes) -> None:
@@ -114,6 +137,14 @@ class AckTracker:
             else:
                 self._taken(bit, key)
 
+        def on_taken_many(keys: list[bytes]) -> None:
+            if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
+                for key in keys:
+                    self._taken_elsewhere(bit, key)
+            else:
+                self._taken_many(bit, keys)
+
+        on_taken.many = on_taken_many  # type: ignore[attr-defined]
         return on_taken
 
     def _taken(self, bit: int, key: bytes) -> None:
@@ -126,6 +157,27 @@ class AckTracker:
         else:
             del self._pending[key]
             self._on_complete(key)
+
+    def _taken_many(self, bit: int, keys: list[bytes]) -> None:
+        pending = self._pending
+        done: list[bytes] = []
+        for key in keys:
+            left = pending.get(key)
+            if left is None or not left & bit:
+                continue  # duplicate, or never offered: harmless
+            left &= ~bit
+            if left:
+                pending[key] = left
+            else:
+                del pending[key]
+                done.append(key)
+        if not done:
+            return
+        if self._on_complete_many is not None:
+            self._on_complete_many(done)
+        else:
+            for key in done:
+                self._on_complete(key)
 
     def _taken_elsewhere(self, bit: int, key: bytes) -> None:
         with self._foreign_lock:

@@ -220,3 +220,32 @@ def test_random_interleavings_obey_the_rules(seed):
         seen_sent = len(h.sent)
     assert len(h.sent) == sum(len(v) for v in pushed.values())
     assert len(h.s) == 0
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_add_many_releases_what_add_would_in_the_same_order(seed):
+    """``add_many`` (the follower's per-shard runs) is ``add`` per event: same sends, same
+    order, same states, under random runs of live/historical events and random acks."""
+    rnd = random.Random(seed)
+    one, many_sent = Harness(), []
+    many_calls: list[int] = []
+    many = Scheduler(many_sent.append, lambda evs: (many_calls.append(len(evs)), many_sent.extend(evs)))
+    dids = [f"did:plc:m{i}" for i in range(5)]
+    acked: set[int] = set()
+    for _ in range(150):
+        in_flight = [e for e in one.sent if e.id not in acked]
+        if rnd.random() < 0.5 or not in_flight:
+            run = [ev(rnd.choice(dids), live=rnd.random() < 0.2) for _ in range(rnd.randrange(1, 12))]
+            before = len(one.sent)
+            one.push(*run)
+            calls = len(many_calls)
+            many.add_many(run)
+            assert len(many_calls) == calls + (len(one.sent) > before), "one send_many per run"
+        else:
+            e = rnd.choice(in_flight)
+            acked.add(e.id)
+            assert one.s.taken(e) and many.taken(e)
+        assert [e.id for e in many_sent] == one.ids()
+        assert all(many.state(d) is one.s.state(d) and many.waiting(d) == one.s.waiting(d)
+                   and many.in_flight(d) == one.s.in_flight(d) for d in dids)
+    assert len(one.sent) >= 50 and any(n > 1 for n in many_calls)
