@@ -772,7 +772,7 @@ def test_wakeup_latency(tmp_path, pds_loop):
     from operators.repo import FETCH_WAKEUP
 
     env = Env(tmp_path, pds_loop)
-    b = env.backfiller(scan_interval=0.05)
+    b = env.backfiller(scan_interval=5.0)  # without the wake-up a row would wait up to 5 s
     b.start()
     lat = []
     try:
@@ -788,12 +788,12 @@ def test_wakeup_latency(tmp_path, pds_loop):
                 out = b.poll()
                 time.sleep(0.0005)
             lat.append(time.perf_counter() - t)
-            time.sleep(0.013)  # land at a random point of the 50 ms scan cycle
+            time.sleep(0.013)
     finally:
         b.stop()
     lat.sort()
     print(f"\nbackfill wake-up: row -> answer p50 {lat[10] * 1e3:.1f} ms, max {lat[-1] * 1e3:.1f} ms")
-    assert lat[10] < 0.03
+    assert lat[-1] < 2.5  # every row answered through the wake-up, none by the 5 s scan
 
 
 def test_verification_pool_path(tmp_path, pds_loop, caplog):
