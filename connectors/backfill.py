@@ -87,7 +87,6 @@ from operators.items import (
 )
 from operators.filters import CollectionFilter
 from protocol.snapshot import PackedChunk, PackedSnapshot, SnapshotFailed, pack_snapshot
-from protocol.snapshot import warm as warm_pool_worker
 from protocol.snapshot import record_json as _record_json
 from runtime import procpool
 from store.db import Database, open_flow_db
@@ -213,10 +212,6 @@ class Backfiller:
     def start(self) -> None:
         if self.cfg.outbox_only:
             return
-        p = procpool.pool()
-        if p is not None:  # start the workers now (they spawn on demand), not at the first repo
-            for _ in range(max(1, self.cfg.verify_workers)):
-                p.submit(warm_pool_worker)
         self._thread.start(self._run)
 
     def stop(self) -> None:
@@ -520,11 +515,11 @@ class Backfiller:
         """``pack_snapshot`` in the verification pool (a thread when there is none, or it broke;
         inline for a small CAR)."""
         # allow_partial: with resync deletes on, a hole in the MST would read as deletions
-        task = partial(pack_snapshot, car, signing_key, did, allow_partial=not self.cfg.resync_deletes,
-                       max_car_size=self.cfg.max_car_size, keep=self._keep_wire, chunk_size=self.chunk_size)
+        opts = {"allow_partial": not self.cfg.resync_deletes, "max_car_size": self.cfg.max_car_size,
+                "chunk_size": self.chunk_size}
         if len(car) <= INLINE_CAR_BYTES:  # cheaper here than the pool's per-task cost (hand-offs, wake-ups)
-            return pack_snapshot(car, signing_key, did, allow_partial=not self.cfg.resync_deletes,
-                                 max_car_size=self.cfg.max_car_size, keep=self._keep, chunk_size=self.chunk_size)
+            return pack_snapshot(car, signing_key, did, keep=self._keep, **opts)
+        task = partial(pack_snapshot, car, signing_key, did, keep=self._keep_wire, **opts)
         p = procpool.pool()
         if p is not None:
             try:

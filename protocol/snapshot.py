@@ -94,12 +94,6 @@ _BODY = b"%b" + _TAIL
 _BODY_NO_RECORD = b"%b" + _TAIL_NO_RECORD
 
 
-def warm() -> None:
-    """Import what ``pack_snapshot`` needs (run once per pool worker at service start)."""
-    import protocol.commit  # noqa: F401
-    import protocol.keys  # noqa: F401
-
-
 def record_json(block: bytes | None) -> bytes | None:
     """Record block -> the JSON of an event's ``record`` field, or None (missing, not atproto data, unsafe)."""
     if block is None:

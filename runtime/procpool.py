@@ -53,9 +53,11 @@ def _init_worker() -> None:
 
 
 def _warm() -> None:
-    import operators.verify  # noqa: F401  (the modules every task needs)
-    import protocol.atjson  # noqa: F401
+    """Import what every task needs (commit frames, repo CARs), once per worker at start."""
+    import operators.verify  # noqa: F401
     import protocol.commit  # noqa: F401
+    import protocol.keys  # noqa: F401
+    import protocol.snapshot  # noqa: F401
 
 
 def _serve(conn: Any) -> None:
