@@ -402,11 +402,8 @@ class FirehoseClient:
         self._vflush_due = False
         while self._vbatch:
             if self._lanes and not self._idle:
-                if any(not lane.dead for lane in self._lanes):
+                if not self._all_lanes_dead():
                     return  # all busy: the next answer sends the rest
-                # every worker died: no verdicts from now on, RepoLogic verifies inline
-                self._preverify = False
-                _log.error("every verification worker is gone; verifying in RepoLogic")
                 fut = Future()
                 fut.set_exception(RuntimeError("no verification worker left"))
                 for i, (slot, _) in enumerate(self._vbatch):
@@ -429,9 +426,7 @@ class FirehoseClient:
                     PREVERIFY.labels("send_failed").inc()
                     _log.warning("verification worker unreachable", extra={"error": f"{type(e).__name__}: {e}"[:200]})
                     fut.set_exception(e)
-                    if all(w.dead for w in self._lanes):
-                        self._preverify = False
-                        _log.error("every verification worker is gone; verifying in RepoLogic")
+                    self._all_lanes_dead()
             else:
                 fut = procpool.submit(verify_commit_frames, frames, self._patterns)
             for i, (slot, _) in enumerate(batch):
@@ -440,6 +435,16 @@ class FirehoseClient:
             self._submitted += len(batch)
             self.stats["preverify_batches"] += 1
             self.stats["preverify_frames"] += len(batch)
+
+    def _all_lanes_dead(self) -> bool:
+        """True when every worker has died; then no verdicts from now on (RepoLogic verifies
+        inline), said once in the log."""
+        if any(not lane.dead for lane in self._lanes):
+            return False
+        if self._preverify:
+            self._preverify = False
+            _log.error("every verification worker is gone; verifying in RepoLogic")
+        return True
 
     def _pre_answer(self, lane: Any, fut: Future) -> None:
         """A lane's answer is readable (loop callback): hand it to the drain side, reuse the lane."""
@@ -451,9 +456,8 @@ class FirehoseClient:
             _log.warning("verification request failed", extra={"error": str(e)[:200]})
         if not lane.dead:
             self._idle.append(lane)
-        elif all(w.dead for w in self._lanes) and self._preverify:
-            self._preverify = False
-            _log.error("every verification worker is gone; verifying in RepoLogic")
+        else:
+            self._all_lanes_dead()
         if self._vbatch:
             self._pre_flush()
 
