@@ -602,16 +602,13 @@ class RepoLogic:
             raw = meta.get(key)
             cur = unpack_u64(raw) if raw else 0
             wb.put(key, pack_u64(max(0, cur + delta)), h_meta)
-        for shard, seq in b.cmd.items():
-            key = meta_cmd_applied(shard)
-            raw = meta.get(key)
-            if not raw or unpack_u64(raw) < seq:
-                wb.put(key, pack_u64(seq), h_meta)
-        for shard, seq in b.fh.items():
-            key = meta_firehose_applied(shard)
-            raw = meta.get(key)
-            if not raw or unpack_u64(raw) < seq:
-                wb.put(key, pack_u64(seq), h_meta)
+        # highest control / firehose seq applied per shard: never moves back
+        for marks, key_of in ((b.cmd, meta_cmd_applied), (b.fh, meta_firehose_applied)):
+            for shard, seq in marks.items():
+                key = key_of(shard)
+                raw = meta.get(key)
+                if not raw or unpack_u64(raw) < seq:
+                    wb.put(key, pack_u64(seq), h_meta)
         if wb.len():
             db.write(wb)
         if b.fetch_queued and self.on_fetch_queued:
