@@ -40,6 +40,7 @@ from rocksdict import ReadOptions
 
 from store.db import Database
 from store.layout import (
+    OUTBOX_ACKED,
     ACKBATCH_PREFIX,
     DMETA_ACK_BATCH,
     META_ACKS_DONE,
@@ -53,12 +54,10 @@ from store.layout import (
     split_outbox_keys,
 )
 
-__all__ = ["AckLog", "AckApplier", "OUTBOX_ACKED"]
+__all__ = ["AckLog", "AckApplier"]
 
 log = logging.getLogger(__name__)
 
-#: Counter name of deleted (acked) outbox rows; ControlSource is its only writer (shard 0).
-OUTBOX_ACKED = "outbox_acked"
 #: Runs shorter than this are checked with point lookups, longer ones with an iterator.
 RUN_SCAN_MIN = 4
 #: Keys per batch when converting the per-event rows of an older version.

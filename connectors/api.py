@@ -39,12 +39,11 @@ from aiohttp import web
 from rocksdict import WriteOptions
 
 from config import Config
-from store.db import Database
+from store.db import Database, outbox_depth, read_counter
 from store.layout import (
     decode_counter,
     META_CONTROL_CURSOR,
     command_key,
-    meta_counter_prefix,
     meta_cursor_collection,
     meta_cursor_list_repos,
     pack_u64,
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 
 DMETA_COMMAND_SEQ = b"commands/seq"
 META_FIREHOSE_SEQ = b"stats/firehose_seq"
-OUTBOX_ACKED = "outbox_acked"  # written by ControlSource (connectors.acks.AckApplier)
 LIST_DEFAULT_LIMIT = 100
 LIST_MAX_LIMIT = 1000
 
@@ -356,17 +354,7 @@ class Api:
     # stats
 
     def _counter(self, name: str) -> int:
-        prefix = meta_counter_prefix(name)
-        it = self.flow.cf("meta").iter()
-        it.seek(prefix)
-        total = 0
-        while it.valid():
-            k = it.key()
-            if not k.startswith(prefix):
-                break
-            total += decode_counter(it.value())
-            it.next()
-        return total
+        return read_counter(self.flow, name)
 
     def _stat(self, key: str, fn: Callable[[], int], fail: str) -> web.Response:
         try:
@@ -383,7 +371,7 @@ class Api:
         return self._stat("record_count", lambda: self._counter("records"), "failed to get record count")
 
     async def stats_outbox_buffer(self, request: web.Request) -> web.Response:
-        return self._stat("outbox_buffer", lambda: max(0, self._counter("outbox") - self._counter(OUTBOX_ACKED)),
+        return self._stat("outbox_buffer", lambda: max(0, outbox_depth(self.flow)),
                           "failed to get outbox buffer size")
 
     async def stats_resync_buffer(self, request: web.Request) -> web.Response:

@@ -51,14 +51,14 @@ from prometheus_client import Counter, Gauge
 from runtime.shutdown import cap_awake, check_stop
 from config import Config
 from operators.items import AddRepo, RemoveRepo
-from connectors.acks import OUTBOX_ACKED, AckApplier
-from store.db import ChangeWatch, Database, StoreError, open_delivery_db, open_flow_db
+from connectors.acks import AckApplier
+from store.db import ChangeWatch, Database, StoreError, open_delivery_db, open_flow_db, outbox_depth, read_counter
 from store.layout import (
+    OUTBOX_ACKED,
     decode_counter,
     META_CONTROL_CURSOR,
     command_key,
     meta_cmd_applied,
-    meta_counter_prefix,
     pack_u64,
     shard_of,
     unpack_u64,
@@ -77,26 +77,6 @@ IDLE_MAX = 0.05
 
 CONTROL_CURSOR = Gauge("tapflow_control_cursor", "highest API command seq applied by every shard involved",
                        multiprocess_mode="livemax")
-
-
-def read_counter(db: Database, name: str) -> int:
-    """Sum of ``count/<name>/<shard>`` over shards."""
-    total = 0
-    prefix = meta_counter_prefix(name)
-    it = db.cf("meta").iter()
-    it.seek(prefix)
-    while it.valid():
-        k = it.key()
-        if not k.startswith(prefix):
-            break
-        total += decode_counter(it.value())
-        it.next()
-    return total
-
-
-def outbox_depth(db: Database) -> int:
-    """Events written to the outbox and not yet deleted: sum(count/outbox/*) - count/outbox_acked/0."""
-    return read_counter(db, "outbox") - read_counter(db, OUTBOX_ACKED)
 
 
 class DepthGauge:

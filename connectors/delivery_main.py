@@ -212,20 +212,9 @@ async def _housekeeping(commands, follower, flow, stop: asyncio.Event) -> None:
 
 
 def _outbox_depth(flow) -> int:
-    from store.layout import meta_counter_prefix
+    from store.db import outbox_depth
 
-    def total(name: str) -> int:
-        prefix = meta_counter_prefix(name)
-        it = flow.cf("meta").iter()
-        it.seek(prefix)
-        n = 0
-        while it.valid() and it.key().startswith(prefix):
-            v = it.value()
-            n += int.from_bytes(v, "big") if len(v) == 8 else 0
-            it.next()
-        return n
-
-    return max(0, total("outbox") - total("outbox_acked"))
+    return max(0, outbox_depth(flow))
 
 
 def main() -> int:

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rocksdict import AccessType, ColumnFamily, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
+from rocksdict import AccessType, ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
 
-from store.layout import DELIVERY_CFS, FLOW_CFS
+from store.layout import DELIVERY_CFS, FLOW_CFS, OUTBOX_ACKED, decode_counter, meta_counter_prefix
 
 
 class StoreError(RuntimeError):
@@ -191,6 +191,16 @@ def close_all() -> None:
             except Exception:
                 pass
         _open.clear()
+
+
+def read_counter(db: Database, name: str) -> int:
+    """Sum of ``count/<name>/<shard>`` over shards."""
+    return sum(decode_counter(v) for _, v in prefix_items(db.cf("meta"), meta_counter_prefix(name)))
+
+
+def outbox_depth(db: Database) -> int:
+    """Events written to the outbox and not yet deleted: sum(count/outbox/*) - count/outbox_acked/0."""
+    return read_counter(db, "outbox") - read_counter(db, OUTBOX_ACKED)
 
 
 def prefix_items(cf: Rdict, prefix: bytes, start: bytes | None = None):

@@ -155,6 +155,11 @@ def meta_counter_prefix(name: str) -> bytes:
     return b"count/" + name.encode() + b"/"
 
 
+#: Outbox rows deleted after every target took them (one writer: ControlSource's AckApplier);
+#: outbox depth = sum(count/outbox/*) - this.
+OUTBOX_ACKED = "outbox_acked"
+
+
 def meta_cmd_applied(shard: int) -> bytes:
     """Highest control-command seq the shard's RepoLogic has applied."""
     return b"cmdapplied/" + _U16.pack(shard)
