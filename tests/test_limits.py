@@ -14,6 +14,7 @@ clear error, and the flow goes on.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -255,7 +256,6 @@ def _client(tmp_path, port: int, max_frame_size: int):
 
 
 async def _until(cond, timeout: float = 10.0) -> None:
-    import asyncio
     import time
 
     t = time.monotonic()
@@ -264,19 +264,28 @@ async def _until(cond, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _read_frames(tmp_path, frames, limit: int, settle: float = 0.0):
+    """A client with ``TAP_MAX_FRAME_SIZE=limit`` reads ``frames`` from a relay until seq 3
+    arrived (then ``settle`` seconds more); returns (drained pairs, the relay, the client)."""
+    async with _Relay(frames) as relay:
+        c = _client(tmp_path, relay.port, limit)
+        c.start()
+        try:
+            await _until(lambda: c.received_seq == 3)
+            if settle:
+                await asyncio.sleep(settle)
+        finally:
+            c.stop()
+    return c.drain(100), relay, c
+
+
 async def test_frame_size_limit_rejects_counts_and_goes_on(tmp_path):
     from prometheus_client import REGISTRY
 
     metric = ("tapflow_firehose_frames_rejected_total", {"reason": "frame_too_large"})
     n0 = REGISTRY.get_sample_value(*metric) or 0.0
-    async with _Relay([(1, _commit_frame(1)), (2, _commit_frame(2, pad=4000)), (3, _commit_frame(3))]) as relay:
-        c = _client(tmp_path, relay.port, 1024)
-        c.start()
-        try:
-            await _until(lambda: c.received_seq == 3)
-        finally:
-            c.stop()
-    got = c.drain(100)
+    got, _, _ = await _read_frames(tmp_path, [(1, _commit_frame(1)), (2, _commit_frame(2, pad=4000)),
+                                              (3, _commit_frame(3))], 1024)
     kinds = [(seq, type(item).__name__, getattr(item, "reason", "")) for seq, item in got]
     assert kinds[0][:2] == (1, "FirehoseCommit") and kinds[-1][:2] == (3, "FirehoseCommit")
     too_large = [item for _, item in got if getattr(item, "reason", "") == "frame_too_large"]
@@ -288,8 +297,6 @@ async def test_frame_size_limit_bounds_memory_on_the_redial_too(tmp_path):
     """The redial that skips an oversized frame used to read it with no limit (a relay could make
     tapflow buffer a frame of any size). Now it reads at most SKIP_READ_FACTOR times the limit;
     a frame larger still is never read: the client redials at the live head, counted and logged."""
-    import asyncio
-
     from prometheus_client import REGISTRY
 
     from connectors.firehose import SKIP_READ_FACTOR
@@ -298,15 +305,8 @@ async def test_frame_size_limit_bounds_memory_on_the_redial_too(tmp_path):
     metric = ("tapflow_firehose_frames_rejected_total", {"reason": "frame_too_large"})
     n0 = REGISTRY.get_sample_value(*metric) or 0.0
     huge = _commit_frame(2, pad=4 * SKIP_READ_FACTOR * limit)  # (a real attack would send gigabytes)
-    async with _Relay([(1, _commit_frame(1)), (2, huge), (3, _commit_frame(3))]) as relay:
-        c = _client(tmp_path, relay.port, limit)
-        c.start()
-        try:
-            await _until(lambda: c.received_seq == 3)
-            await asyncio.sleep(0.2)
-        finally:
-            c.stop()
-    got = c.drain(100)
+    got, relay, c = await _read_frames(tmp_path, [(1, _commit_frame(1)), (2, huge), (3, _commit_frame(3))], limit,
+                                       settle=0.2)
     assert [s for s, item in got if item is not None and type(item).__name__ == "FirehoseCommit"] == [1, 3]
     assert relay.cursors == [None, 1, None]  # head, skip-redial (bounded read fails too), head
     assert REGISTRY.get_sample_value(*metric) == n0 + 1 and c.stats["rejected"] == 1
@@ -318,15 +318,9 @@ async def test_frame_between_limit_and_skip_read_is_read_once_and_rejected(tmp_p
     from connectors.firehose import SKIP_READ_FACTOR
 
     limit = 1024
-    async with _Relay([(1, _commit_frame(1)), (2, _commit_frame(2, pad=(SKIP_READ_FACTOR // 2) * limit)),
-                       (3, _commit_frame(3))]) as relay:
-        c = _client(tmp_path, relay.port, limit)
-        c.start()
-        try:
-            await _until(lambda: c.received_seq == 3)
-        finally:
-            c.stop()
-    got = c.drain(100)
+    got, relay, _ = await _read_frames(tmp_path, [(1, _commit_frame(1)),
+                                                 (2, _commit_frame(2, pad=(SKIP_READ_FACTOR // 2) * limit)),
+                                                 (3, _commit_frame(3))], limit)
     assert [(s, getattr(i, "reason", type(i).__name__)) for s, i in got] == [
         (1, "FirehoseCommit"), (2, "frame_too_large"), (3, "FirehoseCommit")]
     assert relay.cursors == [None, 1]
