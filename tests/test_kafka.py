@@ -254,13 +254,18 @@ async def test_refused_topic_creation_is_a_clear_error(broker_factory):
         await t.start()
 
 
-@pytest.mark.kafka
-async def test_events_topic_keys_headers_values_and_order(kafka_broker):
-    cfg = cfg_for(kafka_broker.bootstrap, kafka_partitions=4)
+async def _started_target(cfg) -> tuple[KafkaTarget, list[bytes], "Outbox"]:
+    """A started KafkaTarget, the list its taken keys go to, and an Outbox to make events."""
     taken: list[bytes] = []
     t = KafkaTarget(cfg, taken.append)
     await t.start()
-    ob = Outbox()
+    return t, taken, Outbox()
+
+
+@pytest.mark.kafka
+async def test_events_topic_keys_headers_values_and_order(kafka_broker):
+    cfg = cfg_for(kafka_broker.bootstrap, kafka_partitions=4)
+    t, taken, ob = await _started_target(cfg)
     dids = [f"did:plc:u{i:03d}" for i in range(25)]
     offered = []
     for n in range(40):
@@ -302,10 +307,7 @@ async def test_events_topic_keys_headers_values_and_order(kafka_broker):
 @pytest.mark.kafka
 async def test_records_topic_holds_current_state(kafka_broker):
     cfg = cfg_for(kafka_broker.bootstrap)
-    taken: list[bytes] = []
-    t = KafkaTarget(cfg, taken.append)
-    await t.start()
-    ob = Outbox()
+    t, taken, ob = await _started_target(cfg)
     a, b, c = "did:plc:alice", "did:plc:bob", "did:plc:carol"
     evs = [
         ob.record(a, "create", "p1", text="a1"), ob.record(a, "create", "p2", text="a2"),
@@ -432,10 +434,7 @@ async def test_broker_back_empty_gets_its_topics_back_as_configured(broker_facto
     broker = broker_factory("tansu")
     cfg = cfg_for(broker.bootstrap, kafka_partitions=2)
     assert cfg.kafka_stall_timeout < 60
-    taken: list[bytes] = []
-    t = KafkaTarget(cfg, taken.append)
-    await t.start()
-    ob = Outbox()
+    t, taken, ob = await _started_target(cfg)
     before = [ob.record(f"did:plc:e{i % 3}", "create", f"a{i}") for i in range(30)]
     for ev in before:
         t.offer(ev)
@@ -465,10 +464,7 @@ async def test_broker_back_empty_gets_its_topics_back_as_configured(broker_facto
 @pytest.mark.kafka
 async def test_producer_reset_reproduces_everything_unacked_in_order(kafka_broker):
     cfg = cfg_for(kafka_broker.bootstrap, kafka_partitions=2)
-    taken: list[bytes] = []
-    t = KafkaTarget(cfg, taken.append)
-    await t.start()
-    ob = Outbox()
+    t, taken, ob = await _started_target(cfg)
     evs = [ob.record(f"did:plc:r{i % 5}", "create", f"k{i}") for i in range(2000)]
     for i, ev in enumerate(evs):
         t.offer(ev)
@@ -493,10 +489,7 @@ async def test_metrics_count_per_topic(kafka_broker):
     from prometheus_client import REGISTRY
     cfg = cfg_for(kafka_broker.bootstrap)
     et, rt = cfg.kafka_topic_prefix + "events", cfg.kafka_topic_prefix + "records"
-    taken: list[bytes] = []
-    t = KafkaTarget(cfg, taken.append)
-    await t.start()
-    ob = Outbox()
+    t, taken, ob = await _started_target(cfg)
     evs = [ob.record("did:plc:m", "create", f"k{i}") for i in range(10)] + [ob.identity("did:plc:m")]
     for ev in evs:
         t.offer(ev)
@@ -588,10 +581,7 @@ async def test_stop_with_broker_down_takes_nothing_and_returns(broker_factory):
 async def test_consumer_group_reads_the_events_topic(kafka_broker):
     """The docs/kafka.md consumer: a group with session.timeout.ms=6000 (tansu's slow first join)."""
     cfg = cfg_for(kafka_broker.bootstrap, kafka_partitions=2)
-    taken: list[bytes] = []
-    t = KafkaTarget(cfg, taken.append)
-    await t.start()
-    ob = Outbox()
+    t, taken, ob = await _started_target(cfg)
     evs = [ob.record(f"did:plc:g{i % 3}", "create", f"k{i}") for i in range(30)]
     for ev in evs:
         t.offer(ev)
