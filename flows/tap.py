@@ -25,7 +25,8 @@ prepare_multiprocess(_cfg.data_dir, fresh=True)
 
 from runtime.procpool import start_pool  # noqa: E402
 
-start_pool(_cfg.verify_workers, lanes=_cfg.live_verify_in_pool)  # spawn-started, before any RocksDB opens
+if not _cfg.outbox_only:  # TAP_OUTBOX_ONLY verifies nothing: no worker processes
+    start_pool(_cfg.verify_workers, lanes=_cfg.live_verify_in_pool)  # spawn-started, before any RocksDB opens
 
 from flows.dataflow import build_flow  # noqa: E402
 from runtime.service import start_service  # noqa: E402

@@ -62,3 +62,28 @@ def test_bad_settings_fail_fast_with_every_reason(tmp_path):
     assert "TAP_RELAY_URL='ftp://x': must start with http:// or https://" in out.stderr
     assert "TAP_RETRY_TIMEOUT='soon'" in out.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_verification_pool_only_when_something_is_verified(tmp_path):
+    """The flow starts TAP_VERIFY_WORKERS processes beside the delivery child, and none in
+    TAP_OUTBOX_ONLY mode (no firehose, no backfill: nothing to verify)."""
+    def cmdlines(svc) -> list[str]:
+        out = []
+        for c in _children_of(svc.proc.pid):
+            try:
+                with open(f"/proc/{c}/cmdline", "rb") as f:
+                    out.append(f.read().replace(b"\0", b" ").decode())
+            except FileNotFoundError:
+                pass
+        return out
+
+    for outbox_only, want_workers in (("false", 2), ("true", 0)):
+        (tmp_path / outbox_only).mkdir()
+        svc = make_service(None, tmp_path / outbox_only, TAP_RELAY_URL="http://127.0.0.1:9",
+                           TAP_OUTBOX_ONLY=outbox_only, TAP_VERIFY_WORKERS="2", TAP_LIVE_VERIFY="inline").start()
+        try:
+            kids = cmdlines(svc)
+            assert sum("connectors.delivery_main" in k for k in kids) == 1, kids
+            assert sum("multiprocessing.spawn" in k for k in kids) == want_workers, kids
+        finally:
+            svc.stop()
