@@ -622,23 +622,23 @@ def report(results: dict, limits: dict, s: dict, args) -> None:
         if best == best:
             fig[name] = round(best, 1) if best < 100 else round(best)
 
-    def sfx1p(m: str) -> str:
+    def variant_suffix(m: str) -> str:
         variant = m.partition(":")[2]
         return "_" + variant if variant else ""
 
     for m in results:
         base = m.partition(":")[0]
         if base in ("backfill-channel", "backfill-webhook", "backfill-kafka"):
-            row(base.replace("-", "_") + "_records_per_s" + sfx1p(m), results[m], "records_per_s", "records/s",
+            row(base.replace("-", "_") + "_records_per_s" + variant_suffix(m), results[m], "records_per_s", "records/s",
                 lim_b, "verify+JSON/core", n_key="expected")
         elif base == "live":
-            row("live_commits_per_s" + sfx1p(m), results[m], "commits_per_s", "commits/s", lim_c, "verify/core",
+            row("live_commits_per_s" + variant_suffix(m), results[m], "commits_per_s", "commits/s", lim_c, "verify/core",
                 n_key="commits")
     for m in results:
         if not m.startswith("latency"):
             continue
         base = m.partition(":")[0]
-        sfx = ("" if base == "latency" else "_at_" + base.split("@", 1)[1].split(".")[0]) + sfx1p(m)
+        sfx = ("" if base == "latency" else "_at_" + base.split("@", 1)[1].split(".")[0]) + variant_suffix(m)
         row("p50_ms" + sfx, results[m], "p50_ms", "ms", lower=True)
         row("p99_ms" + sfx, results[m], "p99_ms", "ms", lower=True)
         row("latency_commits_per_s" + sfx, results[m], "commits_per_s", "commits/s", n_key="commits")
