@@ -515,8 +515,8 @@ class Backfiller:
         """``pack_snapshot`` in the verification pool (a thread when there is none, or it broke;
         inline for a small CAR)."""
         # allow_partial: with resync deletes on, a hole in the MST would read as deletions
-        opts = {"allow_partial": not self.cfg.resync_deletes, "max_car_size": self.cfg.max_car_size,
-                "chunk_size": self.chunk_size}
+        opts = dict(allow_partial=not self.cfg.resync_deletes, max_car_size=self.cfg.max_car_size,
+                    chunk_size=self.chunk_size)
         if len(car) <= INLINE_CAR_BYTES:  # cheaper here than the pool's per-task cost (hand-offs, wake-ups)
             return pack_snapshot(car, signing_key, did, keep=self._keep, **opts)
         task = partial(pack_snapshot, car, signing_key, did, keep=self._keep_wire, **opts)
