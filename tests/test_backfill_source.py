@@ -829,3 +829,41 @@ def test_verification_pool_path(tmp_path, pds_loop, caplog):
     assert fails[bad_sig].startswith("failed to verify signature: ")
     assert fails[corrupt].startswith("failed to read repo from CAR: ") and "hash" in fails[corrupt]
     assert not [r for r in caplog.records if r.levelno >= 30 and "pool" in r.getMessage()]  # no thread fallback
+
+
+def test_a_queue_full_of_deleted_rows_is_compacted(tmp_path, pds_loop):
+    """Answered and removed requests leave tombstones that every scan steps over until
+    compaction; a scan that pays for them compacts ``fetch_q`` (1M removed repos made each
+    scan cost ~1.4 s of CPU and the removal take minutes)."""
+    env = Env(tmp_path, pds_loop)
+    q = env.db.cf("fetch_q")
+    waiting = [env.request(f"did:plc:later{i:05d}", not_before=2**40) for i in range(1000)]
+    b = env.backfiller()
+    b.start()
+    try:
+        deadline = time.monotonic() + 10
+        while b.stats["scans"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert b.stats["scans"] >= 5 and b.stats["compactions"] == 0  # a live queue (rows not due yet) is no reason
+        batch = env.db.batch()
+        gone = [fetch_key(PRIO_PENDING, 0, f"did:plc:gone{i:07d}") for i in range(200_000)]
+        for k in gone:
+            batch.put(k, b'{"kind":"repo"}', env.db.handle("fetch_q"))
+        env.db.write(batch)
+        batch = env.db.batch()
+        for k in gone:
+            batch.delete(k, env.db.handle("fetch_q"))
+        env.db.write(batch)
+        assert q.property_int_value("rocksdb.num-deletes-active-mem-table") == 200_000
+        did = "did:plc:afterwards"
+        env.account(did, {"app.bsky.feed.post/1": {"text": "x"}})
+        env.request(did)
+        collect(b, has_last(did))
+        deadline = time.monotonic() + 30
+        while (b._compacting is None or not b._compacting.done()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        b.stop()
+    assert b.stats["compactions"] >= 1
+    assert q.property_int_value("rocksdb.num-deletes-active-mem-table") == 0  # flushed and compacted away
+    assert sum(1 for _ in q.keys()) == len(waiting) + 1  # nothing live was lost (the answered row stays until RepoLogic deletes it)
