@@ -72,6 +72,7 @@ from urllib.parse import urlsplit
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from prometheus_client import Counter, Gauge, Histogram
+from rocksdict import ReadOptions
 
 from runtime.shutdown import cap_awake, check_stop
 from config import Config
@@ -90,7 +91,7 @@ from protocol.snapshot import PackedChunk, PackedSnapshot, SnapshotFailed, pack_
 from protocol.snapshot import record_json as _record_json
 from runtime import procpool
 from store.db import Database, open_flow_db
-from store.layout import parse_fetch_key
+from store.layout import PRIO_IDENTITY, parse_fetch_key
 
 __all__ = ["BackfillSource", "Backfiller", "record_json", "PDS_BACKOFF_S", "CHUNK_SIZE"]
 
@@ -376,7 +377,12 @@ class Backfiller:
     def _scan_rows(self, now: int, repo_free: int, ident_free: int) -> int:
         """Launch what the free slots allow, in key order; returns the number of rows visited."""
         visited = 0
-        it = self.db.cf("fetch_q").iter()
+        if repo_free > 0:
+            it = self.db.cf("fetch_q").iter()
+        else:  # only identity rows can start: never step into the repo rows (and their tombstones)
+            bound = ReadOptions()
+            bound.set_iterate_upper_bound(bytes((PRIO_IDENTITY + 1,)))
+            it = self.db.cf("fetch_q").iter(bound)
         it.seek_to_first()
         while it.valid():
             visited += 1

@@ -102,6 +102,7 @@ class FakePds:
         self.active = 0
         self.max_active = 0
         self.delay = 0.0
+        self.hold = False  # getRepo answers wait while True
         self.runner = None
         self.port = 0
 
@@ -113,6 +114,8 @@ class FakePds:
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
+            while self.hold:
+                await asyncio.sleep(0.02)
             b = self.behaviour.get(did)
             if b == "deactivated":
                 return web.json_response({"error": "RepoDeactivated", "message": f"Repo has been deactivated: {did}"},
@@ -831,6 +834,47 @@ def test_verification_pool_path(tmp_path, pds_loop, caplog):
     assert not [r for r in caplog.records if r.levelno >= 30 and "pool" in r.getMessage()]  # no thread fallback
 
 
+def _deleted_rows(env: Env, n: int, prio: int = PRIO_PENDING) -> None:
+    """``n`` fetch_q rows written and deleted: tombstones at the front of ``prio``'s range."""
+    h = env.db.handle("fetch_q")
+    keys = [fetch_key(prio, 0, f"did:plc:gone{i:07d}") for i in range(n)]
+    for op in ("put", "delete"):
+        batch = env.db.batch()
+        for k in keys:
+            batch.put(k, b'{"kind":"repo"}', h) if op == "put" else batch.delete(k, h)
+        env.db.write(batch)
+
+
+def test_full_repo_slots_scan_identity_rows_only(tmp_path, pds_loop):
+    """With every repo slot busy only identity rows can start: scans stop at their range's end
+    and never step over the repo rows (or their tombstones) behind it."""
+    env = Env(tmp_path, pds_loop)  # 2 repo slots
+    pds_loop.hold = True
+    for i in range(2):
+        env.account(f"did:plc:slow{i}", {})
+        env.request(f"did:plc:slow{i}")
+    b = env.backfiller()
+    b.start()
+    try:
+        deadline = time.monotonic() + 10
+        while pds_loop.active < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pds_loop.active == 2
+        _deleted_rows(env, 200_000)
+        did = "did:plc:ident"
+        env.account(did, {}, handle="bob.test")
+        env.request(did, kind="identity", prio=PRIO_IDENTITY)
+        out = collect(b, lambda o: any(isinstance(x, IdentityRefreshed) for x in o))
+        scans = b.stats["scans"]
+        while b.stats["scans"] < scans + 5 and time.monotonic() < deadline + 10:
+            time.sleep(0.01)
+    finally:
+        pds_loop.hold = False
+        b.stop()
+    assert out[0].identity.handle == "bob.test"
+    assert b.stats["scans"] >= scans + 5 and b.stats["compactions"] == 0
+
+
 def test_a_queue_full_of_deleted_rows_is_compacted(tmp_path, pds_loop):
     """Answered and removed requests leave tombstones that every scan steps over until
     compaction; a scan that pays for them compacts ``fetch_q`` (1M removed repos made each
@@ -845,15 +889,7 @@ def test_a_queue_full_of_deleted_rows_is_compacted(tmp_path, pds_loop):
         while b.stats["scans"] < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert b.stats["scans"] >= 5 and b.stats["compactions"] == 0  # a live queue (rows not due yet) is no reason
-        batch = env.db.batch()
-        gone = [fetch_key(PRIO_PENDING, 0, f"did:plc:gone{i:07d}") for i in range(200_000)]
-        for k in gone:
-            batch.put(k, b'{"kind":"repo"}', env.db.handle("fetch_q"))
-        env.db.write(batch)
-        batch = env.db.batch()
-        for k in gone:
-            batch.delete(k, env.db.handle("fetch_q"))
-        env.db.write(batch)
+        _deleted_rows(env, 200_000)
         assert q.property_int_value("rocksdb.num-deletes-active-mem-table") == 200_000
         did = "did:plc:afterwards"
         env.account(did, {"app.bsky.feed.post/1": {"text": "x"}})
