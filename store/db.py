@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rocksdict import AccessType, ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import AccessType, BlockBasedOptions, ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
 
 from store.layout import DELIVERY_CFS, FLOW_CFS, OUTBOX_ACKED, decode_counter, meta_counter_prefix
 
@@ -45,6 +45,19 @@ def _options(secondary: bool) -> Options:
         # families holding the oldest WAL are flushed.
         opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES)
         opts.set_db_write_buffer_size(MEMTABLES_BYTES)  # all memtables of the database together
+    return opts
+
+
+def _family_options() -> Options:
+    """Point lookups (a repo's state for every firehose event, a record's CID for every op)
+    check a bloom filter before each memtable and table file: on 600k keys, 10 -> 7 us for a
+    key that is there, 2.3 -> 1.0 us for one that is not (the firehose's untracked DIDs)."""
+    opts = Options(raw_mode=True)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    opts.set_block_based_table_factory(table)
+    opts.set_memtable_whole_key_filtering(True)
+    opts.set_memtable_prefix_bloom_ratio(0.02)
     return opts
 
 
@@ -165,7 +178,7 @@ def _open_db(path: Path, names: tuple[str, ...], secondary_dir: Path | None) -> 
     else:
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o700)
-    cf_opts = {n: Options(raw_mode=True) for n in names}
+    cf_opts = {n: _family_options() for n in names}
     try:
         db = Rdict(str(path), options=opts, column_families=cf_opts, **kwargs)
     except Exception as e:
