@@ -122,6 +122,27 @@ def test_remove_deletes_state_records_buffer_and_fetches_but_keeps_outbox(env):
     assert [e["record"]["action"] for e in env.outbox(D) if e["type"] == "record"][-1] == "create"
 
 
+@pytest.mark.parametrize("limit", [1024, 2])
+def test_remove_deletes_rows_one_by_one_and_a_large_repo_by_range(env, monkeypatch, limit):
+    """A repo's rows go by point deletes (a never-synced repo writes no deletion at all);
+    only above ``CLEAR_POINT_DELETES`` rows one range deletion (RocksDB keeps those in memory)."""
+    import operators.repo as repo_mod
+
+    monkeypatch.setattr(repo_mod, "CLEAR_POINT_DELETES", limit)
+    env.active_repo(D, records={P1: cid("a"), P2: cid("b"), P3: cid("c")})
+    other = "did:plc:neighbour"
+    env.active_repo(other, records={P1: cid("x")})
+    env.process(AddRepo("did:plc:neversynced"))
+    rows = env.db.cf("records")
+    deletes = lambda: int(rows.property_value("rocksdb.num-deletes-active-mem-table"))  # noqa: E731
+    before = deletes()
+    env.process(RemoveRepo("did:plc:neversynced"))
+    assert deletes() == before  # nothing stored, nothing deleted
+    env.process(RemoveRepo(D))
+    assert env.records(D) == {} and env.records(other) == {P1: cid("x")}
+    assert deletes() == before + (3 if limit >= 3 else 0)  # a range deletion is not counted here
+
+
 def test_bad_did_rejected_but_command_marked_applied(env):
     out = env.process(AddRepo("not-a-did", seq=5), AddRepo("did:plc:ok\x00x", seq=6))
     assert [r.reason for r in out] == ["bad_did", "bad_did"]
