@@ -155,14 +155,18 @@ def ensure_record_key(s: str) -> str:
 
 # --- TID ---------------------------------------------------------------------------------
 
-_TID_RE = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
+_TID_FIRST = "234567abcdefghij"  # the first character keeps the top bit zero
+_TID_CHARS = "234567abcdefghijklmnopqrstuvwxyz"  # base32-sortable
 
 
 def is_valid_tid(s: str) -> bool:
-    """TID syntax: 13 chars of base32-sortable, first char keeps the top bit zero."""
+    """TID syntax: 13 chars of base32-sortable, first char keeps the top bit zero.
+
+    A set test (``strip``) rather than a regex: every ``#commit`` checks its rev.
+    """
     if not isinstance(s, str):
         return False
-    return len(s) == 13 and _TID_RE.fullmatch(s) is not None
+    return len(s) == 13 and s[0] in _TID_FIRST and not s.strip(_TID_CHARS)
 
 
 def ensure_tid(s: str) -> str:
