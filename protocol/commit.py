@@ -49,7 +49,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol
 
-import cbrrr
 import libipld
 
 from protocol import cbor, syntax
@@ -106,8 +105,7 @@ _CBOR_CID_PREFIX = b"\x01\x71\x12\x20"
 _RAW_CID_PREFIX = b"\x01\x55\x12\x20"
 _CID_PREFIXES = (_CBOR_CID_PREFIX, _RAW_CID_PREFIX)
 _decode = libipld.decode_dag_cbor  # links as binary CIDs; typed fields are checked one by one
-_encode = cbrrr.encode_dag_cbor  # canonical, links as links (``_link``)
-_link = cbrrr.CID
+_encode_links = libipld.encode_dag_cbor  # canonical, any 36-byte sha2-256 CID ``bytes`` as a link
 
 
 # ----------------------------------------------------------------------------- errors
@@ -477,10 +475,13 @@ def _parse_commit(car: Car, did_hint: str | None, rev_hint: str | None, allow_v2
     # The signature input, rebuilt from typed fields (links as links), as the Go and TS
     # implementations do: unknown fields are dropped and ``prev`` is always present. A v2
     # commit signed everything but ``sig`` too: the same fields, version 2, ``rev`` if it had one.
-    unsigned = {"did": did, "data": _link(data), "prev": None if prev is None else _link(prev), "version": version}
+    # libipld writes ``data`` and ``prev`` as links (36-byte sha2-256 CIDs, checked above, are
+    # what it writes as links) and is ~4x cheaper than cbrrr with ``CID`` wrappers; tests compare
+    # the two encodings.
+    unsigned = {"did": did, "data": data, "prev": prev, "version": version}
     if rev:
         unsigned["rev"] = rev
-    return SignedCommit(did, rev, data, prev, sig, _encode(unsigned), commit_cid, car, version)
+    return SignedCommit(did, rev, data, prev, sig, _encode_links(unsigned), commit_cid, car, version)
 
 
 #: What the MST code raised besides ``MSTError`` on hostile trees (found by tests/test_fuzz.py: a

@@ -269,11 +269,13 @@ def _decode_node(cid: bytes, block: bytes, height: int) -> Node:
         for e in ents:
             p = e["p"]
             k = e["k"]
-            if p.__class__ is not int or p > len(prev) or p < 0:
+            if p.__class__ is not int or p >= len(prev) or p < 0:
                 if p.__class__ is not int:
                     raise MSTBadNode(f"MST node {_cid_str(cid)}: entry key or prefix of the wrong type")
-                raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
-            if prev[p:p + 1] == k[:1] and k:  # the suffix repeats a byte the prefix could have covered
+                if p != len(prev):
+                    raise MSTBadNode(f"MST node {_cid_str(cid)}: prefix length {p} beyond the previous key")
+                # p == len(prev) (always so for the first entry): the suffix extends the previous key
+            elif k and k[0] == prev[p]:  # the suffix repeats a byte the prefix could have covered
                 canonical = False
             if len(e) != 4:  # exactly k, p, t, v (a missing v is reported when read, a missing t reads as null)
                 plain = False
@@ -286,12 +288,37 @@ def _decode_node(cid: bytes, block: bytes, height: int) -> Node:
     if height <= 0:
         if height < 0:  # the root: its keys say its layer
             height = key_height(keys[0]) if keys else (0 if left is None else -1)
-        if height == 0 and (left is not None or any(e.get("t") is not None for e in ents)):
-            for t in [left] + [e.get("t") for e in ents]:
-                if t is not None and (t.__class__ is not bytes or len(t) != 36 or not t.startswith(_CBOR_PREFIX)):
-                    raise MSTBadNode(f"MST node {_cid_str(cid)}: subtree link is not a node CID")
-            raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
-    return Node(height, keys, None, None, cid, block, ents, left, (), canonical, plain, None)
+        if height == 0:
+            if left is None:
+                for e in ents:
+                    if e.get("t") is not None:
+                        break
+                else:
+                    left = _NO_SUBTREE
+            if left is not _NO_SUBTREE:
+                for t in [left] + [e.get("t") for e in ents]:
+                    if t is not None and (t.__class__ is not bytes or len(t) != 36 or not t.startswith(_CBOR_PREFIX)):
+                        raise MSTBadNode(f"MST node {_cid_str(cid)}: subtree link is not a node CID")
+                raise MSTHeightError(f"MST node {_cid_str(cid)} on layer 0 has subtrees")
+            left = None
+    # Node(height, keys, None, None, cid, block, ents, left, (), canonical, plain, None), without
+    # the call: one per node of every proof
+    node = _new_node(Node)
+    node.height = height
+    node.keys = keys
+    node.vals = node.subs = node.exact = node.kid = None
+    node.cid = cid
+    node.block = block
+    node.ents = ents
+    node.lcid = left
+    node.stale = ()
+    node.canonical = canonical
+    node.plain = plain
+    return node
+
+
+_NO_SUBTREE = object()  # _decode_node's marker: a layer-0 node without subtree links, as it must be
+_new_node = object.__new__
 
 
 def _cid_str(cid: bytes | None) -> str:

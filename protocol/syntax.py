@@ -155,14 +155,18 @@ def ensure_record_key(s: str) -> str:
 
 # --- TID ---------------------------------------------------------------------------------
 
-_TID_RE = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
+_TID_FIRST = "234567abcdefghij"  # the first character keeps the top bit zero
+_TID_CHARS = "234567abcdefghijklmnopqrstuvwxyz"  # base32-sortable
 
 
 def is_valid_tid(s: str) -> bool:
-    """TID syntax: 13 chars of base32-sortable, first char keeps the top bit zero."""
+    """TID syntax: 13 chars of base32-sortable, first char keeps the top bit zero.
+
+    A set test (``strip``) rather than a regex: every ``#commit`` checks its rev.
+    """
     if not isinstance(s, str):
         return False
-    return len(s) == 13 and _TID_RE.fullmatch(s) is not None
+    return len(s) == 13 and s[0] in _TID_FIRST and not s.strip(_TID_CHARS)
 
 
 def ensure_tid(s: str) -> str:
@@ -264,18 +268,22 @@ def is_valid_datetime(s: str) -> bool:
     m = _DATETIME_RE.fullmatch(s)
     if m is None:
         return False
-    year, month, day = int(m.group(1)), int(m.group(2)), int(m.group(3))
-    hour, minute, second = int(m.group(4)), int(m.group(5)), int(m.group(6))
+    year, month, day, hour, minute, second, _, _, sign, tz_h, tz_m = m.groups()  # one call: every #commit
+    month = int(month)
+    day = int(day)
     if not 1 <= month <= 12:
         return False
+    year = int(year)
     dim = 29 if month == 2 and _is_leap(year) else _DAYS_IN_MONTH[month]
+    hour = int(hour)
+    minute = int(minute)
+    second = int(second)
     if not 1 <= day <= dim or hour > 23 or minute > 59 or second > 59:
         return False
-    sign = m.group(9)
     if sign is not None:
         if s.endswith("-00:00"):
             return False  # ISO 8601 forbids "-00:00" for UTC
-        tz_h, tz_m = int(m.group(10)), int(m.group(11))
+        tz_h, tz_m = int(tz_h), int(tz_m)
         if tz_h > 24:  # Go's time.Parse takes offsets up to 24 hours
             return False
         if year == 0 and sign == "+":

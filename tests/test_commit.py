@@ -577,6 +577,29 @@ def test_bad_commit_objects(sim_events):
         verify_commit(replace_commit(["a", "list"]), sim.key.public_key)
 
 
+def test_signature_input_is_the_typed_encoding(sim_events):
+    """The signature input is the canonical DAG-CBOR of the typed fields with ``data``/``prev`` as
+    links (tag 42), whatever ``prev`` is (null, a dag-cbor or a raw CID) and for a v2 commit
+    without ``rev``: what cbrrr writes from explicit ``CID`` values."""
+    sim, events = sim_events
+    sc = parse_signed_commit(read_car(events[3].decoded()["blocks"]))
+    raw_cid = b"\x01\x55\x12\x20" + sc.data_cid[4:]
+    for prev, version, rev in ((None, 3, sc.rev), (sc.data_cid, 3, sc.rev), (raw_cid, 3, sc.rev),
+                               (sc.data_cid, 2, None)):
+        fields = {"did": sc.did, "version": version, "data": sc.data_cid, "prev": prev, "sig": sc.sig}
+        if rev is not None:
+            fields["rev"] = rev
+        block = cbor.encode({**fields, "data": cbrrr.CID(sc.data_cid),
+                             "prev": None if prev is None else cbrrr.CID(prev)})
+        root = cid_for_dag_cbor(block)
+        got = parse_signed_commit(read_car(write_car([root], {root: block})), allow_v2=True)
+        del fields["sig"]
+        typed = {**fields, "data": cbrrr.CID(sc.data_cid), "prev": None if prev is None else cbrrr.CID(prev)}
+        assert got.unsigned == cbrrr.encode_dag_cbor(typed)
+        assert cbrrr.decode_dag_cbor(got.unsigned)["data"] == cbrrr.CID(sc.data_cid)  # a link, not bytes
+    assert parse_signed_commit(read_car(events[3].decoded()["blocks"])).unsigned == sc.unsigned
+
+
 def test_op_shapes(sim_events):
     sim, events = sim_events
     key = sim.key.public_key

@@ -330,6 +330,50 @@ def test_prefix_beyond_previous_key():
         MST.load(s, root).verify()
 
 
+def test_node_decode_prefix_and_layer0_checks():
+    """What reading a node (the root, or a child on a lookup path) checks of its entries: a prefix
+    that is an int within the previous key (a first entry's must be 0), maximal compression (a
+    prefix may end exactly at the previous key's end), no subtree link on layer 0."""
+    a, b = _layer0("app.bsky.feed.post/", 2)
+    ext = next(k for k in (a + str(i).encode() for i in range(1000)) if key_height(k) == 0)  # a + more
+    bad_p = [(-1, MSTBadNode), (len(a) + 1, MSTBadNode), (True, MSTBadNode), (1.0, MSTBadNode), ("3", MSTBadNode)]
+    for p, err in bad_p:
+        block = cbor.encode({"e": [{"k": a, "p": 0, "t": None, "v": cbrrr.CID(CID1)},
+                                   {"k": b[3:], "p": p, "t": None, "v": cbrrr.CID(CID1)}], "l": None})
+        s: dict = {}
+        with pytest.raises(err):
+            MST.load(s, put(s, block))
+    s = {}
+    first_not_zero = cbor.encode({"e": [{"k": a[1:], "p": 1, "t": None, "v": cbrrr.CID(CID1)}], "l": None})
+    with pytest.raises(MSTBadNode):
+        MST.load(s, put(s, first_not_zero))
+    # a key extending the previous one: prefix = the whole previous key, still canonical
+    s = {}
+    t = MST.load(s, put(s, node_block([(a, CID1, None), (ext, val(2), None)])))
+    assert t.root.canonical and t.get(ext) == val(2) and t.verify() == [(a, CID1), (ext, val(2))]
+    s = {}
+    t = MST.load(s, put(s, node_block([(a, CID1, None), (ext, val(2), None)], prefixes=[0, len(a) - 1])))
+    assert not t.root.canonical  # the suffix repeats the previous key's last byte
+    with pytest.raises(MSTPrefixError):
+        t.verify()
+    # layer 0: no subtree link, whether the node is the root or reached by a lookup
+    top = next(k for k in (f"app.bsky.graph.follow/{i}".encode() for i in range(10000)) if key_height(k) == 1)
+    for leaf_block in (node_block([(a, CID1, CID1)]), node_block([(a, CID1, None), (b, CID1, CID1)]),
+                       node_block([(a, CID1, None)], left=CID1)):
+        s = {}
+        with pytest.raises(MSTHeightError):
+            MST.load(s, put(s, leaf_block))
+        root = put(s, node_block([(top, CID1, None)], left=put(s, leaf_block)))
+        with pytest.raises(MSTHeightError):
+            MST.load(s, root).get(a)
+    s = {}
+    not_a_link = cbor.encode({"e": [{"k": a, "p": 0, "t": b"nope", "v": cbrrr.CID(CID1)}], "l": None})
+    with pytest.raises(MSTBadNode):
+        MST.load(s, put(s, not_a_link))
+    s = {}
+    assert MST.load(s, put(s, node_block([(a, CID1, None), (b, CID1, None)]))).get(b) == CID1
+
+
 def test_empty_inner_node_and_bare_pointer_root():
     s: dict = {}
     empty = put(s, node_block([]))
