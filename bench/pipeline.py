@@ -457,30 +457,38 @@ def measure_rss(tmp: Path, args) -> dict:
         n_ops = sum(f[2] for f in s["frames"])
         cons.wait(lambda st: st["live"] >= n_ops, timeout=120)
         step(f"live: {len(s['frames']):,} commits on the synced repos", synced + n, t)
-        # repos ever seen: remove the million, add another million
-        t = time.monotonic()
-        for k in range(0, n, batch):
-            svc.remove(_fake_dids(10_000_000 + k, min(batch, n - k)), batch=batch)
-        deadline = time.monotonic() + 600
-        while svc.stat("repo-count") > synced and time.monotonic() < deadline:
-            time.sleep(0.5)
-        step("A removed", synced, t)
-        add_pending(30_000_000, "B")
-        time.sleep(3.0)
-        step("B settled", synced + n, time.monotonic())
+        # repos ever seen: remove the million, add another million (``--rss-rounds`` in all)
+        rounds = [("A", 10_000_000)]
+        for r in range(1, max(2, args.rss_rounds)):
+            label, first = chr(ord("A") + r), 10_000_000 + 20_000_000 * r
+            t = time.monotonic()
+            prev_label, prev_first = rounds[-1]
+            for k in range(0, n, batch):
+                svc.remove(_fake_dids(prev_first + k, min(batch, n - k)), batch=batch)
+            deadline = time.monotonic() + 600
+            while svc.stat("repo-count") > synced and time.monotonic() < deadline:
+                time.sleep(0.5)
+            step(f"{prev_label} removed", synced, t)
+            add_pending(first, label)
+            time.sleep(3.0)
+            step(f"{label} settled", synced + n, time.monotonic())
+            rounds.append((label, first))
         watch = w.stop()
         hwm = {k: hwm_mb(p) for k, p in pids.items()}
         peak = watch["peak_rss_mb"]
         a_end = next(r for r in steps if r["step"].startswith("A +") and r["tracked"] == synced + n)
-        b_end = steps[-1]
+        b_end = next(r for r in steps if r["step"] == "B settled")
+        settled = [r["total_mb"] for r in steps if r["step"].endswith(" settled")]
         res = {"steps": steps, "peak_rss_mb": peak, "peak_total_mb": max(sum(r["rss_mb"].values()) for r in steps),
                "peak_sampled_total_mb": max(sum(x[1].values()) for x in w.samples), "hwm_mb": hwm,
                "hwm_total_mb": sum(hwm.values()), "adds_per_s": n / add_s, "synced": synced,
                "synced_records": n_records, "tracked": synced + n,
-               "growth_b_vs_a_mb": b_end["total_mb"] - a_end["total_mb"], "watch": watch, "ok": True}
+               "growth_b_vs_a_mb": b_end["total_mb"] - a_end["total_mb"],
+               "growth_last_round_mb": settled[-1] - (settled[-2] if len(settled) > 1 else a_end["total_mb"]),
+               "watch": watch, "ok": True}
         log(f"rss: peak {res['peak_sampled_total_mb']:.0f} MB (flow+delivery, sampled), per-process peak (VmHWM) "
             + ", ".join(f"{k} {v:.0f} MB" for k, v in hwm.items()) + f"; adds {res['adds_per_s']:,.0f}/s; "
-            f"after a second million {res['growth_b_vs_a_mb']:+.0f} MB")
+            f"after a second million {res['growth_b_vs_a_mb']:+.0f} MB, after the last {res['growth_last_round_mb']:+.0f} MB")
         return res
     finally:
         if cons:
@@ -511,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resync-parallelism", type=int, default=8)
     ap.add_argument("--rss-repos", type=int, default=1_000_000, help="rss: pending repos added")
     ap.add_argument("--rss-batch", type=int, default=50_000, help="rss: DIDs per /repos/add")
+    ap.add_argument("--rss-rounds", type=int, default=2,
+                    help="rss: rounds of (remove the last million, add a new one), counting the first add")
     ap.add_argument("--rss-synced", type=int, default=2_000, help="rss: fully synced repos (50 records each)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of flow + delivery into DIR")
@@ -645,6 +655,7 @@ def report(results: dict, limits: dict, s: dict, args) -> None:
     if "rss" in results:
         row("rss_1m_repos_mb", results["rss"], "peak_sampled_total_mb", "MB", lower=True)
         row("rss_growth_second_million_mb", results["rss"], "growth_b_vs_a_mb", "MB", lower=True)
+        row("rss_growth_last_million_mb", results["rss"], "growth_last_round_mb", "MB", lower=True)
         row("adds_per_s", results["rss"], "adds_per_s", "repos/s")
     print()
     print(f"{'figure':36s} {'best':>10s} {'median':>10s} {'unit':10s} {'per-core limit (same run)':>28s} "

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rocksdict import AccessType, BlockBasedOptions, ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import AccessType, BlockBasedOptions, Cache, ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
 
 from store.layout import DELIVERY_CFS, FLOW_CFS, OUTBOX_ACKED, decode_counter, meta_counter_prefix
 
@@ -22,6 +22,9 @@ from store.layout import DELIVERY_CFS, FLOW_CFS, OUTBOX_ACKED, decode_counter, m
 #: writes, and what a secondary replays into its own memory on catch-up).
 MAX_TOTAL_WAL_BYTES = 64 << 20
 MEMTABLES_BYTES = 128 << 20
+#: One block cache per opened database, shared by its column families (each family's default
+#: cache would grow on its own as more data is read: memory that follows the data ever seen).
+BLOCK_CACHE_BYTES = 32 << 20
 
 
 class StoreError(RuntimeError):
@@ -48,12 +51,13 @@ def _options(secondary: bool) -> Options:
     return opts
 
 
-def _family_options() -> Options:
+def _family_options(cache: Cache) -> Options:
     """Point lookups (a repo's state for every firehose event, a record's CID for every op)
     check a bloom filter before each memtable and table file: on 600k keys, 10 -> 7 us for a
     key that is there, 2.3 -> 1.0 us for one that is not (the firehose's untracked DIDs)."""
     opts = Options(raw_mode=True)
     table = BlockBasedOptions()
+    table.set_block_cache(cache)
     table.set_bloom_filter(10, False)
     opts.set_block_based_table_factory(table)
     opts.set_memtable_whole_key_filtering(True)
@@ -178,7 +182,8 @@ def _open_db(path: Path, names: tuple[str, ...], secondary_dir: Path | None) -> 
     else:
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o700)
-    cf_opts = {n: _family_options() for n in names}
+    cache = Cache(BLOCK_CACHE_BYTES)
+    cf_opts = {n: _family_options(cache) for n in names}
     try:
         db = Rdict(str(path), options=opts, column_families=cf_opts, **kwargs)
     except Exception as e:
