@@ -29,6 +29,7 @@ from pathlib import Path
 from aiohttp import web
 
 from config import Config, ConfigError, load_config, parse_bind
+from store.pairing import PairingError, adopt_incarnation
 
 log = logging.getLogger("tapflow.delivery")
 
@@ -144,6 +145,7 @@ async def serve(cfg: Config, stop: asyncio.Event | None = None, *, started: asyn
     flow = await _wait_for_flow_db(cfg, stop)
     if flow is None:
         return
+    adopt_incarnation(flow, delivery)  # PairingError: main() exits 2, the flow process refused already
     factories = target_factories(cfg)
     follower = OutboxFollower(cfg, flow, delivery, factories) if factories else None
     channel = next((t for t in follower.targets if isinstance(t, ChannelTarget)), None) if follower else None
@@ -241,6 +243,9 @@ def main() -> int:
     except OSError as e:  # e.g. TAP_BIND in use
         log.error("delivery failed to start", extra={"error": str(e)})
         return 1
+    except PairingError as e:
+        log.error("delivery database belongs to another flow database", extra={"error": str(e)})
+        return 2
     except Exception:
         log.exception("delivery failed")
         return 1

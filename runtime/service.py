@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from config import Config
@@ -11,6 +12,7 @@ from runtime.logs import safe_settings, setup_logging
 from runtime.metrics import serve_metrics
 from runtime.shutdown import install as install_signal_handlers
 from runtime.supervisor import DeliveryChild
+from store.pairing import PairingError, check_pairing
 
 log = logging.getLogger("tapflow")
 
@@ -30,6 +32,12 @@ def start_service(cfg: Config) -> None:
 
         serve_metrics(parse_bind(cfg.metrics_listen))
     install_signal_handlers()
+    try:
+        check_pairing(data)
+    except PairingError as e:
+        log.error("data directory does not pair", extra={"error": str(e)})
+        print(str(e), file=sys.stderr)
+        raise SystemExit(2) from None
     if _child is None:
         _child = DeliveryChild()
         _child.start()

@@ -87,3 +87,40 @@ def test_verification_pool_only_when_something_is_verified(tmp_path):
             assert sum("multiprocessing.spawn" in k for k in kids) == want_workers, kids
         finally:
             svc.stop()
+
+
+def test_a_data_dir_whose_databases_do_not_pair_is_refused(tmp_path):
+    """flow/ removed but delivery/ kept: the old acks and cursors would drop the new flow's
+    events (same outbox ids again), so the service refuses to start and says what to remove.
+    delivery/ removed is harmless: it starts again and adopts the flow's incarnation."""
+    import shutil
+
+    from store.db import close_all, open_delivery_db, open_flow_db
+    from store.pairing import INCARNATION
+
+    svc = make_service(None, tmp_path, TAP_RELAY_URL="http://127.0.0.1:9")
+    svc.start()
+    assert svc.api("POST", "/repos/add", {"dids": ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"]})[0] == 200
+    svc.stop()
+    data = svc.data_dir
+    try:
+        first = open_flow_db(data, secondary=True).cf("meta").get(INCARNATION)
+        assert first and open_delivery_db(data, secondary=True).cf("dmeta").get(INCARNATION) == first
+    finally:
+        close_all()
+
+    shutil.rmtree(data / "flow")
+    out = subprocess.run([sys.executable, "-m", "bytewax.run", "flows.tap"], cwd=str(ROOT), env=svc.env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"Remove {data / 'delivery'} as well" in out.stderr and "Traceback" not in out.stderr
+
+    shutil.rmtree(data / "delivery")
+    svc.start()
+    assert svc.api("GET", "/info/did:plc:aaaaaaaaaaaaaaaaaaaaaaaa")[0] == 404  # a new flow database: nothing tracked
+    svc.stop()
+    try:
+        second = open_flow_db(data, secondary=True).cf("meta").get(INCARNATION)
+        assert second and second != first and open_delivery_db(data, secondary=True).cf("dmeta").get(INCARNATION) == second
+    finally:
+        close_all()
