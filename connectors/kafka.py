@@ -106,7 +106,9 @@ PRODUCER_DEFAULTS: dict[str, object] = {
     "batch.num.messages": 10000,
     "batch.size": 1000000,
     "compression.type": "lz4",
-    "queue.buffering.max.messages": 200000,
+    # room for every message of TAP_OUTBOX_CAPACITY (100k) record events in flight (2 each) and
+    # more: at 200,000 a full outbox window filled it, and the rest went the slower backlog way
+    "queue.buffering.max.messages": 500000,
     "queue.buffering.max.kbytes": 262144,
     "partitioner": "murmur2_random",    # Java clients' partitioner: key -> partition is stable and shared
     "statistics.interval.ms": 5000,     # broker states for the stall watchdog
@@ -361,6 +363,16 @@ def _check_compacted(admin: AdminClient, topic: str, timeout: float) -> None:
         log.debug("could not read the config of %s: %r", topic, e)
 
 
+def _read_interval(conf: Mapping[str, object]) -> float:
+    """A quarter of the producer's linger (``linger.ms`` or its alias), at most 10 ms: how
+    often the outbox follower needs to read for Kafka alone (``KafkaTarget.read_interval``)."""
+    try:
+        linger = min(float(conf[k]) for k in ("linger.ms", "queue.buffering.max.ms") if k in conf)  # type: ignore[arg-type]
+    except ValueError:  # no linger set, or not a number (the producer will say so)
+        return 0.0
+    return min(0.01, max(0.0, linger) / 4000)
+
+
 # --- the target ----------------------------------------------------------------------
 
 class _Pending:
@@ -428,6 +440,9 @@ class KafkaTarget:
         self.events_topic = cfg.kafka_topic_prefix + EVENTS
         self.records_topic = cfg.kafka_topic_prefix + RECORDS
         self._conf = producer_config(cfg, producer_overrides)
+        # the producer holds messages linger.ms anyway: the outbox follower may read in runs
+        # of a quarter of that (connectors.targets), fewer catch-ups and seeks per event
+        self.read_interval = _read_interval(self._conf)
         self._create_topics = create_topics
         self._setup_timeout = setup_timeout
         self._poll_interval = poll_interval

@@ -10,9 +10,11 @@ What it does, every few milliseconds:
 
 1. Look whether ``data/flow``'s files changed (``store.db.ChangeWatch``: two ``stat`` calls)
    and ``catch_up`` with the flow's primary only then (or once a second). Rounds follow each
-   other every 2 ms while rows come; when idle the follower sleeps up to 100 ms and the
-   flow's next write wakes it at once (``runtime.dirnotify``, inotify on ``data/flow``), or,
-   without inotify, polls every 2-5 ms (an idle round then costs a few µs, not a catch-up).
+   other every 2 ms while rows come (less often when every target batches anyway: a target's
+   ``read_interval``; Kafka's is a quarter of its ``linger.ms``, 5 ms); when idle the follower
+   sleeps up to 100 ms and the flow's next write wakes it at once (``runtime.dirnotify``,
+   inotify on ``data/flow``), or, without inotify, polls every 2-5 ms (an idle round then
+   costs a few µs, not a catch-up).
 2. Per shard, read the rows after that shard's cursor, in id order (one writer per shard
    commits in id order, so a cursor per shard never misses a row), and offer each event to
    every target. The shard's ``count/outbox/<shard>`` counter (written in the same batch as
@@ -91,6 +93,9 @@ class OutboxFollower:
         self.targets: list[DeliveryTarget] = [make(self.tracker.callback(i)) for i, make in enumerate(targets)]
         # a run of rows goes to a target in one call where it can take one (``offer_many``)
         self._offers = [getattr(t, "offer_many", None) or _offer_each(t) for t in self.targets]
+        # while rows keep coming, a step every POLL_BUSY, or less often when every target
+        # batches anyway (``read_interval``: Kafka lingers 20 ms): fewer catch-ups and seeks
+        self._poll_busy = min(max(POLL_BUSY, float(getattr(t, "read_interval", POLL_BUSY))) for t in self.targets)
         # per shard: last key read, and the value of its outbox counter that those reads cover
         self._cursor: list[bytes | None] = [None] * self._shards
         self._seen: list[int | None] = [None] * self._shards
@@ -124,7 +129,7 @@ class OutboxFollower:
 
     async def run(self) -> None:
         """Follow the outbox until ``stop``."""
-        idle = POLL_BUSY
+        busy = idle = self._poll_busy
         while not self._stopping:
             try:
                 n = self.step()
@@ -134,8 +139,8 @@ class OutboxFollower:
                 n = 0
                 idle = 0.5
             if n:
-                idle = POLL_BUSY
-                await asyncio.sleep(0) if n >= READ_CHUNK else await self._sleep(POLL_BUSY)
+                idle = busy
+                await asyncio.sleep(0) if n >= READ_CHUNK else await self._sleep(busy)
             else:
                 self._idle = True
                 try:  # acks waiting for their flush cap the sleep
@@ -143,8 +148,8 @@ class OutboxFollower:
                 finally:
                     self._idle = False
                 idle = min(idle * 2, self._idle_max)
-                gap = POLL_BUSY - (time.monotonic() - self._last_step)
-                if gap > 0 and not self._stopping:  # woken early: at most a step per POLL_BUSY, so
+                gap = busy - (time.monotonic() - self._last_step)
+                if gap > 0 and not self._stopping:  # woken early: at most a step per busy interval, so
                     await asyncio.sleep(gap)  # the flow's writes of the next ms are read together
 
     async def stop(self) -> None:
