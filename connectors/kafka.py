@@ -154,11 +154,13 @@ Msg = tuple  # (topic, key: bytes, value: bytes | None, headers: list[tuple[str,
 # The hot path: record events as operators.events writes them (orjson, fixed field order), in
 # one regex match up to the end of the event. Anything else takes the general path (full JSON
 # parse); both give the same messages (tests/test_kafka.py checks odd records on both).
-# ``(.*),"cid":"`` is greedy: it takes the last ``,"cid":"`` of the payload, the event's own
-# one iff the record's keys sit deeper (they would end in ``}}}``); a CID is plain base32/base58.
+# ``.*,"cid":"`` is greedy: it takes the last ``,"cid":"`` of the payload, the event's own one
+# iff the record's keys sit deeper (they would end in ``}}}``); a CID is plain base32/base58.
+# The record itself is sliced by position: a group around ``.*`` costs ~1 us per event (it
+# stops the regex engine from skipping back to the ``,`` in one go).
 _REC = re.compile(rb'\{"id":\d+,"type":"record","record":\{"live":(true|false),"did":"([^"\\]*)",'
                   rb'"rev":"([^"\\]*)","collection":"([^"\\]*)","rkey":"([^"\\]*)",'
-                  rb'"action":"(?:(delete)"\}\}|(create|update)","record":(.*),"cid":"([A-Za-z0-9]+)"\}\})\Z',
+                  rb'"action":"(?:(delete)"\}\}|(create|update)","record":.*,"cid":"([A-Za-z0-9]+)"\}\})\Z',
                   re.S)
 _H_TYPE_RECORD = ("type", b"record")
 _H_LIVE = {b"true": ("live", b"true"), b"false": ("live", b"false")}
@@ -180,11 +182,12 @@ def map_record(payload: bytes) -> tuple[bytes, list[tuple[str, bytes]], bytes, b
     m = _REC.match(payload)
     if m is None:
         return None
-    live, did_b, rev, coll, rkey, delete, action, rec, cid = m.groups()
+    live, did_b, rev, coll, rkey, delete, action, cid = m.groups()
     rk = b"at://%b/%b/%b" % (did_b, coll, rkey)
     if delete is not None:
         return did_b, [_H_TYPE_RECORD, _H_LIVE[live], ("did", did_b), ("collection", coll), _H_DELETE,
                        ("rev", rev)], rk, None
+    rec = payload[m.end(7) + 11:m.start(8) - 8]  # between '","record":' and ',"cid":"'
     return (did_b, [_H_TYPE_RECORD, _H_LIVE[live], ("did", did_b), ("collection", coll), _H_ACTION[action],
                     ("rev", rev)], rk, b'{"cid":"%b","rev":"%b","record":%b}' % (cid, rev, rec))
 

@@ -206,7 +206,6 @@ class OutboxFollower:
         # A shard without a counter has never had a row (RepoLogic writes both in one batch);
         # should that ever not hold, the bounded scan every second still finds the rows.
         counts = [_counter(v) or 0 for v in self._meta.get(self._counter_keys)]
-        shared_it = None
         total = 0
         self._more = False
         start = self._rotate
@@ -218,9 +217,7 @@ class OutboxFollower:
                 break
             c = counts[s]
             if s in self._scan or self._seen[s] is None:
-                ro = ReadOptions()
-                ro.set_iterate_upper_bound(self._bounds[s])
-                n, at_end = self._read_shard(s, self._outbox.iter(ro), room)
+                n, at_end = self._read_shard(s, room)
                 if at_end:
                     self._scan.discard(s)
                     self._seen[s] = c
@@ -230,9 +227,7 @@ class OutboxFollower:
                 want = c - self._seen[s]
                 if want <= 0:
                     continue
-                if shared_it is None:
-                    shared_it = self._outbox.iter()
-                n, at_end = self._read_shard(s, shared_it, min(want, room))
+                n, at_end = self._read_shard(s, min(want, room))
                 self._seen[s] += n
                 if n < want:
                     if at_end:  # the counter counted rows we cannot see: trust the rows
@@ -244,38 +239,35 @@ class OutboxFollower:
         self.offered += total
         return total
 
-    def _read_shard(self, s: int, it, limit: int) -> tuple[int, bool]:
+    def _read_shard(self, s: int, limit: int) -> tuple[int, bool]:
         """Offer up to ``limit`` rows of shard ``s`` after its cursor.
 
-        Returns (rows, reached the shard's end). Never steps past the ``limit``-th row, so
-        an exact read stops on the last new row instead of walking into what follows. The
-        run's events are registered and offered together once read (one call per target).
+        Returns (rows, reached the shard's end). The rows come from one ``items`` iterator
+        bounded to the shard (one call per row, not four: valid, key, value, next), so the
+        read stops at the shard's end or one row past the ``limit``-th, never in another
+        shard's tombstones. The run's events are registered and offered together once read
+        (one call per target).
         """
         if limit <= 0:
             return 0, False
-        prefix = shard_prefix(s)
         cur = self._cursor[s]
-        it.seek(cur + b"\x00" if cur is not None else prefix)
+        ro = ReadOptions()
+        ro.set_iterate_upper_bound(self._bounds[s])
         skip = self._acks.skip
         keys: list[bytes] = []
         events: list[OutboxEvent] = []
         n = 0
         k = None
         at_end = True
-        while it.valid():
-            k = it.key()
-            if not k.startswith(prefix):
-                break
+        for k, row in self._outbox.items(from_key=cur + b"\x00" if cur is not None else shard_prefix(s), read_opt=ro):
             n += 1
             if not skip or k not in skip:  # (in skip: acked before a restart, row not deleted yet)
-                row = it.value()  # (event_from_row, inlined: this loop runs once per row)
-                i = row.index(0, 1)
+                i = row.index(0, 1)  # (event_from_row, inlined: this loop runs once per row)
                 keys.append(k)
                 events.append(OutboxEvent(k, s, _from_bytes(k[2:10], "big"), row[1:i].decode(), row[0], row[i + 1:]))
             if n >= limit:
                 at_end = False
                 break
-            it.next()
         if n:
             self._cursor[s] = k
         if events:
