@@ -43,8 +43,8 @@ from connectors.targets import taken_many
 
     asyncio.run(main())
 
-Threading: everything runs on the event loop thread. ``offer`` hands messages to
-librdkafka's queue (``produce`` never blocks; when the queue is full the event waits in a
+Threading: everything runs on the event loop thread. ``offer`` (``offer_many`` for the
+outbox follower's runs of rows) hands messages to librdkafka's queue (``produce`` never blocks; when the queue is full the event waits in a
 local backlog, in order); a periodic task calls ``poll(0)``, which runs the delivery
 callbacks on the loop thread, and then calls ``on_taken`` for finished events.
 
@@ -106,8 +106,8 @@ PRODUCER_DEFAULTS: dict[str, object] = {
     "batch.num.messages": 10000,
     "batch.size": 1000000,
     "compression.type": "lz4",
-    # room for every message of TAP_OUTBOX_CAPACITY (100k) record events in flight (2 each) and
-    # more: at 200,000 a full outbox window filled it, and the rest went the slower backlog way
+    # room for every message of TAP_OUTBOX_CAPACITY (100k) record events in flight (2 each, counted
+    # until their reports are served) and more: past the limit, events take the slower backlog way
     "queue.buffering.max.messages": 500000,
     "queue.buffering.max.kbytes": 262144,
     "partitioner": "murmur2_random",    # Java clients' partitioner: key -> partition is stable and shared
