@@ -24,7 +24,6 @@ Runnable example (a broker on 127.0.0.1:19092)::
 
     import asyncio
     from config import Config
-from connectors.targets import taken_many
     from connectors.kafka import KafkaTarget
     from store.outbox import OutboxEvent
     from store.layout import outbox_key
@@ -44,9 +43,10 @@ from connectors.targets import taken_many
     asyncio.run(main())
 
 Threading: everything runs on the event loop thread. ``offer`` (``offer_many`` for the
-outbox follower's runs of rows) hands messages to librdkafka's queue (``produce`` never blocks; when the queue is full the event waits in a
-local backlog, in order); a periodic task calls ``poll(0)``, which runs the delivery
-callbacks on the loop thread, and then calls ``on_taken`` for finished events.
+outbox follower's runs of rows) hands messages to librdkafka's queue (``produce`` never
+blocks; when the queue is full the event waits in a local backlog, in order); a periodic
+task calls ``poll(0)``, which runs the delivery callbacks on the loop thread, and then
+calls ``on_taken`` for finished events (in one call, the batch form when it has one).
 
 Errors: librdkafka retries by itself. ``message.timeout.ms`` defaults to 0 (infinite) here,
 so while the broker is away messages wait in the producer and nothing is taken. A fatal
@@ -370,7 +370,7 @@ def _read_interval(conf: Mapping[str, object]) -> float:
     """A quarter of the producer's linger (``linger.ms`` or its alias), at most 10 ms: how
     often the outbox follower needs to read for Kafka alone (``KafkaTarget.read_interval``)."""
     try:
-        linger = min(float(conf[k]) for k in ("linger.ms", "queue.buffering.max.ms") if k in conf)  # type: ignore[arg-type]
+        linger = min(float(str(conf[k])) for k in ("linger.ms", "queue.buffering.max.ms") if k in conf)
     except ValueError:  # no linger set, or not a number (the producer will say so)
         return 0.0
     return min(0.01, max(0.0, linger) / 4000)
