@@ -17,8 +17,8 @@ many DIDs and shards, then times, per configuration, two paths until ``on_taken`
 for every event (the broker acked both messages of each record event: ``<prefix>events`` +
 ``<prefix>records``):
 
-- ``outbox``: read the outbox from RocksDB in key order, ``OutboxEvent.from_row``, ``offer``;
-- ``target``: ``offer`` of events already read into memory (the target's own cost).
+- ``outbox``: read the outbox from RocksDB in key order, ``OutboxEvent.from_row``, ``offer_many`` in runs of 500;
+- ``target``: ``offer_many`` in runs of 500 of events already read into memory (the target's own cost).
 
 At most ``--window`` events are unacked at once, as the delivery child does (outbox capacity).
 Prints a table with the event-loop thread's CPU per event and the process's (librdkafka's
@@ -125,15 +125,22 @@ async def run_once(bootstrap: str, data_dir: Path, window: int, overrides: dict,
     c0 = time.thread_time()
     p0 = time.process_time()
     offered = 0
-    for ev in source:
-        t.offer(ev)
-        offered += 1
-        if offered % 500 == 0:
-            await asyncio.sleep(0)
-            while offered - done >= window:
-                waiting = True
-                wake.clear()
-                await wait_any(wake, 1.0)
+    run: list[OutboxEvent] = []
+    for ev in source:  # in runs of 500, as the outbox follower offers a shard's new rows
+        run.append(ev)
+        if len(run) < 500:
+            continue
+        t.offer_many(run)
+        offered += len(run)
+        run = []
+        await asyncio.sleep(0)
+        while offered - done >= window:
+            waiting = True
+            wake.clear()
+            await wait_any(wake, 1.0)
+    if run:
+        t.offer_many(run)
+        offered += len(run)
     waiting = True
     while done < offered:
         wake.clear()

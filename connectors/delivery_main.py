@@ -19,6 +19,7 @@ process serves ``/metrics`` there itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -219,6 +220,17 @@ def _outbox_depth(flow) -> int:
     return max(0, outbox_depth(flow))
 
 
+def tune_gc() -> None:
+    """Collect less often than CPython's default. The delivery child keeps up to
+    ``TAP_OUTBOX_CAPACITY`` events in flight, each a few objects (the event, the target's
+    bookkeeping, Kafka's per-message state) that live for milliseconds: with the default
+    gen-0 threshold (700 allocations) most of them are scanned by a young collection, and
+    again in gen 1, before they die. With 10,000, most die before the first scan; what the
+    process loaded at start is frozen out of every collection."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def main() -> int:
     try:
         cfg = load_config()
@@ -230,6 +242,7 @@ def main() -> int:
 
     setup_logging(cfg.log_level, "delivery")
     set_parent_death_signal(signal.SIGTERM)
+    tune_gc()
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -42,10 +42,11 @@ Runnable example (a broker on 127.0.0.1:19092)::
 
     asyncio.run(main())
 
-Threading: everything runs on the event loop thread. ``offer`` hands messages to
-librdkafka's queue (``produce`` never blocks; when the queue is full the event waits in a
-local backlog, in order); a periodic task calls ``poll(0)``, which runs the delivery
-callbacks on the loop thread, and then calls ``on_taken`` for finished events.
+Threading: everything runs on the event loop thread. ``offer`` (``offer_many`` for the
+outbox follower's runs of rows) hands messages to librdkafka's queue (``produce`` never
+blocks; when the queue is full the event waits in a local backlog, in order); a periodic
+task calls ``poll(0)``, which runs the delivery callbacks on the loop thread, and then
+calls ``on_taken`` for finished events (in one call, the batch form when it has one).
 
 Errors: librdkafka retries by itself. ``message.timeout.ms`` defaults to 0 (infinite) here,
 so while the broker is away messages wait in the producer and nothing is taken. A fatal
@@ -73,7 +74,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -81,6 +82,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from prometheus_client import Counter, Gauge
 
 from config import Config
+from connectors.targets import taken_many
 from store.layout import FLAG_INTERNAL
 from store.outbox import OutboxEvent
 
@@ -104,7 +106,9 @@ PRODUCER_DEFAULTS: dict[str, object] = {
     "batch.num.messages": 10000,
     "batch.size": 1000000,
     "compression.type": "lz4",
-    "queue.buffering.max.messages": 200000,
+    # room for every message of TAP_OUTBOX_CAPACITY (100k) record events in flight (2 each, counted
+    # until their reports are served) and more: past the limit, events take the slower backlog way
+    "queue.buffering.max.messages": 500000,
     "queue.buffering.max.kbytes": 262144,
     "partitioner": "murmur2_random",    # Java clients' partitioner: key -> partition is stable and shared
     "statistics.interval.ms": 5000,     # broker states for the stall watchdog
@@ -147,14 +151,21 @@ class KafkaSetupError(RuntimeError):
 
 Msg = tuple  # (topic, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]] | None)
 
-# The hot path: record events as operators.events writes them (orjson, fixed field order).
-# Anything else takes the general path (full JSON parse); both give the same messages.
-_REC_HEAD = re.compile(rb'\{"id":\d+,"type":"record","record":\{"live":(true|false),"did":"([^"\\]*)",'
-                       rb'"rev":"([^"\\]*)","collection":"([^"\\]*)","rkey":"([^"\\]*)",'
-                       rb'"action":"(create|update|delete)"')
+# The hot path: record events as operators.events writes them (orjson, fixed field order), in
+# one regex match up to the end of the event. Anything else takes the general path (full JSON
+# parse); both give the same messages (tests/test_kafka.py checks odd records on both).
+# ``.*,"cid":"`` is greedy: it takes the last ``,"cid":"`` of the payload, the event's own one
+# iff the record's keys sit deeper (they would end in ``}}}``); a CID is plain base32/base58.
+# The record itself is sliced by position: a group around ``.*`` costs ~1 us per event (it
+# stops the regex engine from skipping back to the ``,`` in one go).
+_REC = re.compile(rb'\{"id":\d+,"type":"record","record":\{"live":(true|false),"did":"([^"\\]*)",'
+                  rb'"rev":"([^"\\]*)","collection":"([^"\\]*)","rkey":"([^"\\]*)",'
+                  rb'"action":"(?:(delete)"\}\}|(create|update)","record":.*,"cid":"([A-Za-z0-9]+)"\}\})\Z',
+                  re.S)
 _H_TYPE_RECORD = ("type", b"record")
 _H_LIVE = {b"true": ("live", b"true"), b"false": ("live", b"false")}
 _H_ACTION = {a: ("action", a) for a in (b"create", b"update", b"delete")}
+_H_DELETE = _H_ACTION[b"delete"]
 
 
 def _hval(v: object) -> bytes:
@@ -165,6 +176,22 @@ def _hval(v: object) -> bytes:
     return str(v).encode()
 
 
+def map_record(payload: bytes) -> tuple[bytes, list[tuple[str, bytes]], bytes, bytes | None] | None:
+    """The fast path of ``build_messages``: (DID, events headers, records key, records value or
+    None for a tombstone) of a record event in operators.events' layout, else None."""
+    m = _REC.match(payload)
+    if m is None:
+        return None
+    live, did_b, rev, coll, rkey, delete, action, cid = m.groups()
+    rk = b"at://%b/%b/%b" % (did_b, coll, rkey)
+    if delete is not None:
+        return did_b, [_H_TYPE_RECORD, _H_LIVE[live], ("did", did_b), ("collection", coll), _H_DELETE,
+                       ("rev", rev)], rk, None
+    rec = payload[m.end(7) + 11:m.start(8) - 8]  # between '","record":' and ',"cid":"'
+    return (did_b, [_H_TYPE_RECORD, _H_LIVE[live], ("did", did_b), ("collection", coll), _H_ACTION[action],
+                    ("rev", rev)], rk, b'{"cid":"%b","rev":"%b","record":%b}' % (cid, rev, rec))
+
+
 def build_messages(ev: OutboxEvent, events_topic: str, records_topic: str) -> list[Msg]:
     """The Kafka messages for one outbox event, in produce order (the events message first).
 
@@ -172,25 +199,10 @@ def build_messages(ev: OutboxEvent, events_topic: str, records_topic: str) -> li
     tombstone per deleted path, an unparseable payload 1 (events only, header ``did``).
     """
     if not ev.flags & FLAG_INTERNAL:
-        payload = ev.payload
-        m = _REC_HEAD.match(payload)
-        if m is not None:
-            live, did_b, rev, coll, rkey, action = m.groups()
-            end = m.end()
-            headers = [_H_TYPE_RECORD, _H_LIVE[live], ("did", did_b), ("collection", coll),
-                       _H_ACTION[action], ("rev", rev)]
-            rk = b"at://" + did_b + b"/" + coll + b"/" + rkey
-            if action == b"delete":
-                if len(payload) == end + 2:  # exactly '}}' follows
-                    return [(events_topic, did_b, payload, headers), (records_topic, rk, None, None)]
-            elif payload.startswith(b',"record":', end) and payload.endswith(b'"}}'):
-                i = payload.rfind(b',"cid":"', end)
-                cid = payload[i + 8:-3]
-                # the last ',"cid":"..."}}' closes the event iff the record's own keys sit deeper
-                # (they would end in '}}}'); a CID is plain base32/base58
-                if i > end and cid.isalnum():
-                    value = b'{"cid":"' + cid + b'","rev":"' + rev + b'","record":' + payload[end + 10:i] + b"}"
-                    return [(events_topic, did_b, payload, headers), (records_topic, rk, value, None)]
+        r = map_record(ev.payload)
+        if r is not None:
+            did_b, headers, rk, value = r
+            return [(events_topic, did_b, ev.payload, headers), (records_topic, rk, value, None)]
     return _build_general(ev, events_topic, records_topic)
 
 
@@ -354,6 +366,16 @@ def _check_compacted(admin: AdminClient, topic: str, timeout: float) -> None:
         log.debug("could not read the config of %s: %r", topic, e)
 
 
+def _read_interval(conf: Mapping[str, object]) -> float:
+    """A quarter of the producer's linger (``linger.ms`` or its alias), at most 10 ms: how
+    often the outbox follower needs to read for Kafka alone (``KafkaTarget.read_interval``)."""
+    try:
+        linger = min(float(str(conf[k])) for k in ("linger.ms", "queue.buffering.max.ms") if k in conf)
+    except ValueError:  # no linger set, or not a number (the producer will say so)
+        return 0.0
+    return min(0.01, max(0.0, linger) / 4000)
+
+
 # --- the target ----------------------------------------------------------------------
 
 class _Pending:
@@ -417,9 +439,13 @@ class KafkaTarget:
             raise KafkaSetupError("TAP_KAFKA_BOOTSTRAP is empty")
         self.cfg = cfg
         self.on_taken = on_taken
+        self._on_taken_many = taken_many(on_taken)
         self.events_topic = cfg.kafka_topic_prefix + EVENTS
         self.records_topic = cfg.kafka_topic_prefix + RECORDS
         self._conf = producer_config(cfg, producer_overrides)
+        # the producer holds messages linger.ms anyway: the outbox follower may read in runs
+        # of a quarter of that (connectors.targets), fewer catch-ups and seeks per event
+        self.read_interval = _read_interval(self._conf)
         self._create_topics = create_topics
         self._setup_timeout = setup_timeout
         self._poll_interval = poll_interval
@@ -509,8 +535,56 @@ class KafkaTarget:
 
     def offer(self, ev: OutboxEvent) -> None:
         """Queue every message of ``ev`` for the broker. Never blocks."""
+        self.offer_many((ev,))
+
+    def offer_many(self, events: Sequence[OutboxEvent]) -> None:
+        """``offer`` for a run of events (the outbox follower's batch form), in order.
+
+        The common case, a record event while nothing waits (no backlog, reset or blocked
+        DID), goes to the producer right here: two ``produce()`` calls, one ``_Pending``.
+        Everything else takes ``_offer_one``, and so does every later event of the run once
+        something waits (a full queue, a refused message), so the order stays the offer order.
+        """
         if not self._running:
             raise RuntimeError("KafkaTarget.offer before start() or after stop()")
+        unacked = self._unacked
+        if not unacked:
+            self._last_progress = time.monotonic()
+        et, rt = self.events_topic, self.records_topic
+        plain = not (self._backlog or self._resetting or self._blocked)
+        produce = self._producer.produce if plain else None
+        sent = 0
+        try:
+            for ev in events:
+                if plain and not ev.flags & FLAG_INTERNAL and ev.key not in unacked:
+                    r = map_record(ev.payload)
+                    if r is not None:
+                        did_b, headers, rk, value = r
+                        pend = unacked[ev.key] = _Pending(self, ev, 2, 1)
+                        dr = pend.dr
+                        i = 0
+                        try:
+                            produce(et, ev.payload, did_b, -1, dr, None, 0, headers)
+                            i = 1
+                            produce(rt, value, rk, -1, dr)
+                        except (BufferError, KafkaException):
+                            self._offer_rest(pend, [(et, did_b, ev.payload, headers), (rt, rk, value, None)], i)
+                            plain = False
+                            continue
+                        pend.sent = 2
+                        sent += 1
+                        continue
+                self._offer_one(ev)
+                plain = not (self._backlog or self._resetting or self._blocked)
+                if plain:
+                    produce = self._producer.produce
+        finally:
+            c = self._produced
+            c[0] += sent
+            c[1] += sent
+
+    def _offer_one(self, ev: OutboxEvent) -> None:
+        """Offer ``ev`` whatever it is and whatever waits (``offer_many``'s general path)."""
         key = ev.key
         if key in self._unacked:  # offered again (a redelivery): the first offer will be taken
             return
@@ -526,46 +600,14 @@ class KafkaTarget:
         if not unacked:
             self._last_progress = time.monotonic()
         unacked[key] = pend
+        pend.msgs = msgs
         if self._blocked and ev.did in self._blocked:
-            pend.msgs = msgs
             self._blocked[ev.did][1].append(pend)  # behind the refused event of its DID
             return
         if self._backlog or self._resetting:
-            pend.msgs = msgs
             self._backlog.append(pend)
             return
-        # the common case, inline: hand all messages over (_send does the same, resumable)
-        produce = self._producer.produce
-        dr = pend.dr
-        i = 0
-        if n == 2 and nrec == 1:  # a record event: events message (headers), records message
-            m0, m1 = msgs
-            try:
-                produce(m0[0], m0[2], m0[1], -1, dr, None, 0, m0[3])
-                i = 1
-                produce(m1[0], m1[2], m1[1], -1, dr)
-            except (BufferError, KafkaException):
-                self._offer_rest(pend, msgs, i)
-                return
-            c = self._produced
-            c[0] += 1
-            c[1] += 1
-            pend.sent = 2
-            return
-        try:
-            for topic, mkey, value, headers in msgs:
-                if headers is None:
-                    produce(topic, value, mkey, -1, dr)
-                else:
-                    produce(topic, value, mkey, -1, dr, None, 0, headers)
-                i += 1
-        except (BufferError, KafkaException):
-            self._offer_rest(pend, msgs, i)
-            return
-        pend.sent = n
-        c = self._produced
-        c[0] += n - nrec
-        c[1] += nrec
+        self._offer_rest(pend, msgs, 0)
 
     def _offer_rest(self, pend: _Pending, msgs: list[Msg], i: int) -> None:
         """produce() refused message i of pend (queue full, or the message itself): count the
@@ -759,12 +801,15 @@ class KafkaTarget:
             self._last_progress = time.monotonic()
             taken, self._taken = self._taken, []
             self.taken += len(taken)
-            cb = self.on_taken
-            for k in taken:
-                try:
-                    cb(k)
-                except Exception:
-                    log.exception("on_taken callback failed for %r", k)
+            try:
+                self._on_taken_many(taken)  # one call for all (AckTracker's batch form)
+            except Exception:
+                log.exception("on_taken callback failed for a batch of %d; taking them one by one", len(taken))
+                for k in taken:  # a second call for a key is harmless (connectors.targets)
+                    try:
+                        self.on_taken(k)
+                    except Exception:
+                        log.exception("on_taken callback failed for %r", k)
         elif not self._unacked:
             self._last_progress = time.monotonic()
         elif self._stall_timeout and not self._resetting and self._running:

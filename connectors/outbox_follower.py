@@ -10,9 +10,11 @@ What it does, every few milliseconds:
 
 1. Look whether ``data/flow``'s files changed (``store.db.ChangeWatch``: two ``stat`` calls)
    and ``catch_up`` with the flow's primary only then (or once a second). Rounds follow each
-   other every 2 ms while rows come; when idle the follower sleeps up to 100 ms and the
-   flow's next write wakes it at once (``runtime.dirnotify``, inotify on ``data/flow``), or,
-   without inotify, polls every 2-5 ms (an idle round then costs a few µs, not a catch-up).
+   other every 2 ms while rows come (less often when every target batches anyway: a target's
+   ``read_interval``; Kafka's is a quarter of its ``linger.ms``, 5 ms); when idle the follower
+   sleeps up to 100 ms and the flow's next write wakes it at once (``runtime.dirnotify``,
+   inotify on ``data/flow``), or, without inotify, polls every 2-5 ms (an idle round then
+   costs a few µs, not a catch-up).
 2. Per shard, read the rows after that shard's cursor, in id order (one writer per shard
    commits in id order, so a cursor per shard never misses a row), and offer each event to
    every target. The shard's ``count/outbox/<shard>`` counter (written in the same batch as
@@ -91,6 +93,9 @@ class OutboxFollower:
         self.targets: list[DeliveryTarget] = [make(self.tracker.callback(i)) for i, make in enumerate(targets)]
         # a run of rows goes to a target in one call where it can take one (``offer_many``)
         self._offers = [getattr(t, "offer_many", None) or _offer_each(t) for t in self.targets]
+        # while rows keep coming, a step every POLL_BUSY, or less often when every target
+        # batches anyway (``read_interval``: Kafka lingers 20 ms): fewer catch-ups and seeks
+        self._poll_busy = min(max(POLL_BUSY, float(getattr(t, "read_interval", POLL_BUSY))) for t in self.targets)
         # per shard: last key read, and the value of its outbox counter that those reads cover
         self._cursor: list[bytes | None] = [None] * self._shards
         self._seen: list[int | None] = [None] * self._shards
@@ -124,7 +129,7 @@ class OutboxFollower:
 
     async def run(self) -> None:
         """Follow the outbox until ``stop``."""
-        idle = POLL_BUSY
+        busy = idle = self._poll_busy
         while not self._stopping:
             try:
                 n = self.step()
@@ -134,8 +139,8 @@ class OutboxFollower:
                 n = 0
                 idle = 0.5
             if n:
-                idle = POLL_BUSY
-                await asyncio.sleep(0) if n >= READ_CHUNK else await self._sleep(POLL_BUSY)
+                idle = busy
+                await asyncio.sleep(0) if n >= READ_CHUNK else await self._sleep(busy)
             else:
                 self._idle = True
                 try:  # acks waiting for their flush cap the sleep
@@ -143,8 +148,8 @@ class OutboxFollower:
                 finally:
                     self._idle = False
                 idle = min(idle * 2, self._idle_max)
-                gap = POLL_BUSY - (time.monotonic() - self._last_step)
-                if gap > 0 and not self._stopping:  # woken early: at most a step per POLL_BUSY, so
+                gap = busy - (time.monotonic() - self._last_step)
+                if gap > 0 and not self._stopping:  # woken early: at most a step per busy interval, so
                     await asyncio.sleep(gap)  # the flow's writes of the next ms are read together
 
     async def stop(self) -> None:
@@ -201,7 +206,6 @@ class OutboxFollower:
         # A shard without a counter has never had a row (RepoLogic writes both in one batch);
         # should that ever not hold, the bounded scan every second still finds the rows.
         counts = [_counter(v) or 0 for v in self._meta.get(self._counter_keys)]
-        shared_it = None
         total = 0
         self._more = False
         start = self._rotate
@@ -213,9 +217,7 @@ class OutboxFollower:
                 break
             c = counts[s]
             if s in self._scan or self._seen[s] is None:
-                ro = ReadOptions()
-                ro.set_iterate_upper_bound(self._bounds[s])
-                n, at_end = self._read_shard(s, self._outbox.iter(ro), room)
+                n, at_end = self._read_shard(s, room)
                 if at_end:
                     self._scan.discard(s)
                     self._seen[s] = c
@@ -225,9 +227,7 @@ class OutboxFollower:
                 want = c - self._seen[s]
                 if want <= 0:
                     continue
-                if shared_it is None:
-                    shared_it = self._outbox.iter()
-                n, at_end = self._read_shard(s, shared_it, min(want, room))
+                n, at_end = self._read_shard(s, min(want, room))
                 self._seen[s] += n
                 if n < want:
                     if at_end:  # the counter counted rows we cannot see: trust the rows
@@ -239,38 +239,35 @@ class OutboxFollower:
         self.offered += total
         return total
 
-    def _read_shard(self, s: int, it, limit: int) -> tuple[int, bool]:
+    def _read_shard(self, s: int, limit: int) -> tuple[int, bool]:
         """Offer up to ``limit`` rows of shard ``s`` after its cursor.
 
-        Returns (rows, reached the shard's end). Never steps past the ``limit``-th row, so
-        an exact read stops on the last new row instead of walking into what follows. The
-        run's events are registered and offered together once read (one call per target).
+        Returns (rows, reached the shard's end). The rows come from one ``items`` iterator
+        bounded to the shard (one call per row, not four: valid, key, value, next), so the
+        read stops at the shard's end or one row past the ``limit``-th, never in another
+        shard's tombstones. The run's events are registered and offered together once read
+        (one call per target).
         """
         if limit <= 0:
             return 0, False
-        prefix = shard_prefix(s)
         cur = self._cursor[s]
-        it.seek(cur + b"\x00" if cur is not None else prefix)
+        ro = ReadOptions()
+        ro.set_iterate_upper_bound(self._bounds[s])
         skip = self._acks.skip
         keys: list[bytes] = []
         events: list[OutboxEvent] = []
         n = 0
         k = None
         at_end = True
-        while it.valid():
-            k = it.key()
-            if not k.startswith(prefix):
-                break
+        for k, row in self._outbox.items(from_key=cur + b"\x00" if cur is not None else shard_prefix(s), read_opt=ro):
             n += 1
             if not skip or k not in skip:  # (in skip: acked before a restart, row not deleted yet)
-                row = it.value()  # (event_from_row, inlined: this loop runs once per row)
-                i = row.index(0, 1)
+                i = row.index(0, 1)  # (event_from_row, inlined: this loop runs once per row)
                 keys.append(k)
                 events.append(OutboxEvent(k, s, _from_bytes(k[2:10], "big"), row[1:i].decode(), row[0], row[i + 1:]))
             if n >= limit:
                 at_end = False
                 break
-            it.next()
         if n:
             self._cursor[s] = k
         if events:

@@ -201,6 +201,35 @@ def test_producer_config_defaults_passthrough_and_guards():
         load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_STALL_TIMEOUT": "0s"}, dotenv=None)
 
 
+def test_read_interval_follows_linger_and_the_follower_takes_the_shortest(tmp_path):
+    """Kafka lets the outbox follower read every linger.ms / 4 (at most 10 ms); a target without
+    ``read_interval`` (the channel) keeps the follower at its 2 ms."""
+    from connectors.outbox_follower import POLL_BUSY, OutboxFollower
+    from store.db import open_delivery_db, open_flow_db
+
+    def target(linger):
+        cfg = load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_LINGER_MS": str(linger)}, dotenv=None)
+        return KafkaTarget(cfg, lambda k: None)
+    assert target(20).read_interval == 0.005 and target(1000).read_interval == 0.01
+    assert target(0).read_interval == 0.0
+    assert KafkaTarget(Config(kafka_bootstrap="h:1"), lambda k: None).read_interval == 0.005  # linger.ms=20
+
+    class Plain:  # no read_interval: a target that wants every row at once
+        name = "plain"
+
+        def __init__(self, on_taken):
+            pass
+
+        def offer(self, ev):
+            pass
+
+    flow, delivery = open_flow_db(tmp_path), open_delivery_db(tmp_path)
+    cfg = Config(kafka_bootstrap="h:1", data_dir=str(tmp_path))
+    assert OutboxFollower(cfg, flow, delivery, [lambda cb: target(20)])._poll_busy == 0.005
+    assert OutboxFollower(cfg, flow, delivery, [lambda cb: target(20), Plain])._poll_busy == POLL_BUSY
+    assert OutboxFollower(cfg, flow, delivery, [lambda cb: target(0)])._poll_busy == POLL_BUSY
+
+
 def test_bad_passthrough_setting_is_a_clear_error():
     cfg = Config(kafka_bootstrap="127.0.0.1:1", kafka_extra=(("no.such.setting", "1"),))
     with pytest.raises(KafkaSetupError, match="TAP_KAFKA_"):
@@ -254,6 +283,18 @@ async def test_refused_topic_creation_is_a_clear_error(broker_factory):
         await t.start()
 
 
+def offer_all(t: KafkaTarget, evs, batched: bool) -> None:
+    """Offer ``evs`` one by one (``offer``), or as one run (``offer_many``, as the follower does)."""
+    if batched:
+        t.offer_many(evs)
+    else:
+        for ev in evs:
+            t.offer(ev)
+
+
+BATCHED = pytest.mark.parametrize("batched", [False, True], ids=["offer", "offer_many"])
+
+
 async def _started_target(cfg) -> tuple[KafkaTarget, list[bytes], "Outbox"]:
     """A started KafkaTarget, the list its taken keys go to, and an Outbox to make events."""
     taken: list[bytes] = []
@@ -305,7 +346,8 @@ async def test_events_topic_keys_headers_values_and_order(kafka_broker):
 
 
 @pytest.mark.kafka
-async def test_records_topic_holds_current_state(kafka_broker):
+@BATCHED
+async def test_records_topic_holds_current_state(kafka_broker, batched):
     cfg = cfg_for(kafka_broker.bootstrap)
     t, taken, ob = await _started_target(cfg)
     a, b, c = "did:plc:alice", "did:plc:bob", "did:plc:carol"
@@ -319,8 +361,7 @@ async def test_records_topic_holds_current_state(kafka_broker):
         ob.account_deleted(c, ["app.bsky.feed.post/p1", "app.bsky.feed.like/l1"]),
         ob.record(b, "create", "p9", text="b9"),
     ]
-    for ev in evs:
-        t.offer(ev)
+    offer_all(t, evs, batched)  # records, an identity and an internal row in one run
     await wait_for(lambda: len(taken) == len(evs), 30, "all events taken")
     st = t.stats()
     await t.stop()
@@ -348,20 +389,20 @@ async def test_records_topic_holds_current_state(kafka_broker):
 
 
 @pytest.mark.kafka
-async def test_full_producer_queue_keeps_a_backlog_in_order(kafka_broker):
+@BATCHED
+async def test_full_producer_queue_keeps_a_backlog_in_order(kafka_broker, batched):
     cfg = cfg_for(kafka_broker.bootstrap, kafka_partitions=2)
     taken: list[bytes] = []
     t = KafkaTarget(cfg, taken.append, producer_overrides={"queue.buffering.max.messages": 7, "linger.ms": 1})
     await t.start()
     ob = Outbox()
     evs = [ob.record(f"did:plc:q{i % 3}", "create", f"k{i}") for i in range(300)]
-    for ev in evs:
-        t.offer(ev)  # never blocks, never raises
+    offer_all(t, evs, batched)  # never blocks, never raises; the queue fills in the middle of the run
     assert t.stats().backlog > 0
     await wait_for(lambda: len(taken) == len(evs), 60, "backlog drained")
     await t.stop()
     msgs = read_all(kafka_broker.bootstrap, cfg.kafka_topic_prefix + "events")
-    assert len(msgs) == 300
+    assert len(msgs) == 300 and sorted(taken) == sorted(e.key for e in evs)
     for d in range(3):
         ids = [orjson.loads(m.value())["id"] for m in sorted(msgs, key=lambda m: m.offset())
                if m.key() == f"did:plc:q{d}".encode()]
@@ -389,7 +430,8 @@ async def test_message_refused_for_good_is_never_taken(kafka_broker):
 
 
 @pytest.mark.kafka
-async def test_refused_event_holds_back_newer_events_of_its_did(kafka_broker):
+@BATCHED
+async def test_refused_event_holds_back_newer_events_of_its_did(kafka_broker, batched):
     """A message refused for good must not be overtaken by newer events of its DID: they wait
     (not produced, not taken) until it is in; other DIDs go on. Once the limit is raised (a new
     producer with a higher message.max.bytes), the DID's events land in id order."""
@@ -404,8 +446,7 @@ async def test_refused_event_holds_back_newer_events_of_its_did(kafka_broker):
     big = ob.record("did:plc:s", "create", "b", text="x" * 5000)
     newer = [ob.record("did:plc:s", "create", f"c{i}") for i in range(3)]
     other = ob.record("did:plc:t", "create", "d")
-    for ev in (first, big, newer[0], other, newer[1], newer[2]):
-        t.offer(ev)
+    offer_all(t, [first, big, newer[0], other, newer[1], newer[2]], batched)  # refused in the middle of the run
     await wait_for(lambda: len(taken) == 2, 30, "the events that are not behind the refused one")
     await asyncio.sleep(2.5)  # at least one retry of the big one, and past the stall timeout
     st = t.stats()
