@@ -217,7 +217,11 @@ def _service_env(kind: str, extra: dict) -> dict:
 
 def _cpu_line(w: dict, n: int, unit: str) -> str:
     wait = w.get("runq_wait_s", {})
-    parts = [f"{k} {v:.1f}s ({v / n * 1e6:.0f} us/{unit}; waited for a CPU {wait.get(k, 0):.1f}s)"
+    own = w.get("own_cpu_s", {})
+    parts = [f"{k} {v:.1f}s ({v / n * 1e6:.0f} us/{unit}"
+             + (f", of which the process itself {own[k] / n * 1e6:.0f} and its workers "
+                f"{(v - own[k]) / n * 1e6:.0f}" if k in own and v - own[k] > 0.05 * v else "")
+             + f"; waited for a CPU {wait.get(k, 0):.1f}s)"
              for k, v in w["cpu_s"].items() if n]
     return ", ".join(parts) + (f"; machine busy {w['machine_busy_cores']:.2f} of {w['machine_cores']:.1f} cores, "
                                f"others {w['other_cpu_s']:.1f}s")
