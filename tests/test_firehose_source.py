@@ -645,7 +645,10 @@ async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
             finally:
                 c.stop()
         assert [s for s, _ in got] == [1, 3, 5, 6]
-        assert got[2][1].pre.result is None  # no verdict: RepoLogic verifies it itself
+        # no verdict: RepoLogic verifies it itself (the loop sees the worker's pipe close at
+        # once, so the frame is not even sent; were it sent before, its verdict would be None)
+        pre = got[2][1].pre
+        assert pre is None or pre.result is None
         assert not c._preverify
     finally:
         procpool.stop_pool()
