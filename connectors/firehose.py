@@ -234,9 +234,10 @@ class _Answer:
     frame; here the result (or error) is stored before ``ready``, and an attribute store is
     atomic under the GIL, so a reader that sees ``ready`` sees the answer."""
 
-    __slots__ = ("ready", "results", "error")
+    __slots__ = ("ready", "results", "error", "n")
 
     def __init__(self) -> None:
+        self.n = 0  # frames asked
         self.ready = False
         self.results: list | None = None
         self.error: BaseException | None = None
@@ -310,7 +311,9 @@ class FirehoseClient:
                  lanes: list | None = None,
                  max_inflight: int = 4096,
                  verify_batch: int = 64,
-                 verify_hold: float = 0.008) -> None:
+                 verify_hold: float = 0.008,
+                 drain_min: int = 512,
+                 drain_hold: float = 0.2) -> None:
         self.cfg = cfg
         self.db = db if db is not None else open_flow_db(cfg.data_dir)
         self.url = cfg.firehose_url
@@ -353,6 +356,14 @@ class FirehoseClient:
         # so frames that arrive while every lane is busy wait and go together
         self._verify_batch = verify_batch
         self._hold = verify_hold if self._lanes else 0.0  # seconds a partial batch waits for company
+        # while the lanes are behind by drain_min frames or more, drains wait (up to drain_hold)
+        # until drain_min are verified: RepoLogic pays ~100 us per shard activation (a WriteBatch,
+        # counters, bytewax's dispatch), so applying a lane's 64 frames at a time spread over 64
+        # shards costs the flow ~2x the inline path's CPU per commit (docs/performance.md)
+        self._in_lanes = 0  # frames sent to a lane and not answered yet (loop thread)
+        self._drain_min = drain_min
+        self._drain_hold = drain_hold
+        self._held_since: float | None = None
 
     # --- cursor ----------------------------------------------------------------------
 
@@ -407,6 +418,25 @@ class FirehoseClient:
 
     def pending(self) -> int:
         return len(self._queue)
+
+    def drain_wait(self, now: float) -> float:
+        """Seconds the next ``drain`` should wait for more verdicts (0 = drain now).
+
+        Only while the lanes are behind (``drain_min`` frames or more not verified yet): then
+        frames are applied ``drain_min`` at a time, or after ``drain_hold`` seconds, instead of
+        one lane answer (a few per shard) at a time. A stream the lanes keep up with (a backlog
+        below ``drain_min``, e.g. 1,000 commits/s) never waits."""
+        behind = self._in_lanes + len(self._vbatch)
+        if behind < self._drain_min or len(self._queue) - behind >= self._drain_min:
+            self._held_since = None
+            return 0.0
+        if self._held_since is None:
+            self._held_since = now
+        left = self._held_since + self._drain_hold - now
+        if left <= 0.0:
+            self._held_since = None
+            return 0.0
+        return left
 
     def ready(self) -> bool:
         """True when ``drain`` would return something now."""
@@ -464,6 +494,8 @@ class FirehoseClient:
                 fut: Any = _Answer()
                 try:
                     lane.send(verify_commit_frames, frames, self._patterns)
+                    fut.n = len(frames)
+                    self._in_lanes += fut.n
                     self._asked[lane] = fut
                     self._watch(lane)
                 except Exception as e:  # the worker died (EPIPE): these resolve to "verify inline"
@@ -511,6 +543,8 @@ class FirehoseClient:
     def _pre_answer(self, lane: Any) -> None:
         """A lane's pipe is readable (loop callback): hand its answer to the drain side, reuse the lane."""
         fut = self._asked.pop(lane, None)
+        if fut is not None:
+            self._in_lanes -= fut.n
         try:
             res = lane.receive()
             if fut is not None:
@@ -737,6 +771,9 @@ _MIN_BATCH = 16
 #: How soon to look again when the next frame waits for the verification pool.
 _POOL_POLL = timedelta(seconds=0.0005)
 
+#: How often to look again (seconds) while a drain waits for the lanes to catch up (drain_wait).
+_HOLD_POLL = 0.005
+
 
 class _FirehosePartition(StatefulSourcePartition):
     def __init__(self, client: FirehoseClient, batch: int, idle: float) -> None:
@@ -757,7 +794,7 @@ class _FirehosePartition(StatefulSourcePartition):
 
     def next_batch(self) -> Iterable[Item]:
         check_stop()
-        pairs = self._c.drain(self._batch)
+        pairs = self._c.drain(self._batch) if not self._c.drain_wait(time.monotonic()) else []
         items = []
         unapplied = self._unapplied
         for seq, item in pairs:
@@ -776,6 +813,9 @@ class _FirehosePartition(StatefulSourcePartition):
 
     def next_awake(self) -> datetime | None:
         if self._c.ready():
+            wait = self._c.drain_wait(time.monotonic())
+            if wait > 0.0:  # the lanes are behind: apply their verdicts in larger batches
+                return datetime.now(timezone.utc) + timedelta(seconds=min(wait, _HOLD_POLL))
             return None
         if self._c.pending():  # the head is a #commit still in the verification pool
             return datetime.now(timezone.utc) + _POOL_POLL
