@@ -25,9 +25,10 @@ process used, so you can see who was the bottleneck on this 2-core machine):
 - ``<measure>:1p``: the same measure with verification inside the flow process
   (``TAP_VERIFY_WORKERS=0``: one process does everything but delivery); without the suffix the
   flow runs with its verification pool (``TAP_VERIFY_WORKERS``, default 2 processes, repo CARs;
-  live commits too with 4+ CPUs); ``<measure>:pool`` forces live commits into the pool
-  (``TAP_LIVE_VERIFY=pool``). bytewax's own ``-w``/``-i/-a`` are refused by the service
-  (``runtime/topology.py``).
+  live commits too with 2+ CPUs); ``<measure>:pool`` forces live commits into the pool
+  (``TAP_LIVE_VERIFY=pool``), ``<measure>:inline`` keeps them in the flow process with the pool
+  running for repo CARs (``TAP_LIVE_VERIFY=inline``). bytewax's own ``-w``/``-i/-a`` are refused
+  by the service (``runtime/topology.py``).
 
 Per-core limits of the same run come from ``bench/protocol.py`` (imported), printed next to each
 figure. Data sets are cached under ``$HOME/.cache/tapflow-bench``. The last line holds the figures
@@ -70,6 +71,7 @@ TARGETS = {
 VARIANTS = {
     "1p": {"TAP_VERIFY_WORKERS": "0"},  # everything in the flow process (plus the delivery child)
     "pool": {"TAP_LIVE_VERIFY": "pool"},  # live #commit frames verified in the pool's lanes too
+    "inline": {"TAP_LIVE_VERIFY": "inline"},  # live #commit frames verified by RepoLogic, repo CARs in the pool
 }
 
 
