@@ -579,11 +579,10 @@ class FirehoseClient:
                 _log.warning("verification request failed", extra={"error": str(e)[:200]})
         if lane.dead:
             self._lane_gone(lane)
-            return
-        if fut is not None:
+        elif fut is not None:
             self._idle.append(lane)
         if self._vbatch:
-            self._pre_flush()
+            self._pre_flush()  # to the lane now idle; or, the last one gone, "no verdict" for all
 
     async def _wait_inflight(self) -> None:
         self._pre_flush()

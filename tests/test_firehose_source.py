@@ -701,3 +701,45 @@ async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
     finally:
         procpool.stop_pool()
     assert not procpool.pool_running()
+
+
+async def test_frames_waiting_for_a_lane_get_no_verdict_when_the_last_lane_dies(tmp_path):
+    """Frames queued for a busy lane when its worker dies are not left waiting: they resolve to
+    "no verdict" (RepoLogic verifies them inline), so the drain never stalls behind them."""
+    import asyncio
+    import os
+    import signal as _signal
+
+    from operators.verify import KeyCache
+    from runtime import procpool
+
+    sim, good, _ = _signed_commit_frames()
+    keys = KeyCache()
+    keys.note(sim.did, sim.key.public_key.multibase())
+    assert procpool.start_pool(1) == 1
+    try:
+        lane = procpool.lanes()[0]
+        cfg = make_cfg(tmp_path, 9)
+        c = FirehoseClient(cfg, open_flow_db(cfg.data_dir), depth=lambda: 0, keys=keys, verify_hold=0.001)
+        body = cbor.decode_multi(good)[1]
+        items = []
+        for seq in range(1, 41):  # 16+ go at once to the lane, the rest wait for it
+            data = frame("#commit", {**body, "seq": seq})
+            item = decode_frame(data).item
+            c._pre_submit(item, data)
+            items.append(item)
+        await asyncio.sleep(0.01)
+        assert c.stats["preverify_batches"] == 1 and c._vbatch  # the lane is busy, frames wait
+        os.kill(lane.proc.pid, _signal.SIGKILL)
+        lane.proc.join(5)
+        for _ in range(200):
+            if all(i.pre.fut is not None and i.pre.fut.done() for i in items):
+                break
+            await asyncio.sleep(0.01)
+        c._queue.extend((i.seq, i) for i in items)
+        out = c.drain(100)
+        assert [s for s, _ in out] == list(range(1, 41))
+        assert all(i.pre.result is None for _, i in out)  # no verdict: RepoLogic verifies inline
+        assert not c._preverify and not c._vbatch
+    finally:
+        procpool.stop_pool()
