@@ -39,7 +39,10 @@ Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
   one queued; frames arriving meanwhile join the next; at most ``max_inflight`` frames out).
   The item carries the verdict (``FirehoseCommit.pre``); ``drain`` hands items out in firehose
   order and stops at a commit still in the pool, so the cursor never passes it. RepoLogic uses
-  a verdict only if its key is still the repo's, else verifies inline.
+  a verdict only if its key is still the repo's, else verifies inline. While the pool is behind
+  by ``drain_min`` (512) frames or more, ``drain`` waits up to ``drain_hold`` (200 ms) for that
+  many verdicts: RepoLogic pays ~100 us per shard activation, so verdicts applied as each lane
+  answer comes (a few commits per shard) cost the flow twice the CPU per commit.
 
 Example::
 
