@@ -134,7 +134,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("verify_workers", ("TAP_VERIFY_WORKERS",), "2", "int",
             "processes that verify repo CARs (and live commits, see TAP_LIVE_VERIFY) beside the flow (0 = all in the flow process)"),
     Setting("live_verify", ("TAP_LIVE_VERIFY",), "auto", "str",
-            "where live #commit frames are verified: pool, inline (in the flow worker), or auto (pool with 4+ CPUs)"),
+            "where live #commit frames are verified: pool, inline (in the flow worker), or auto (pool with 2+ CPUs)"),
 )
 
 # Settings passed straight to the Kafka client: TAP_KAFKA_SECURITY_PROTOCOL -> security.protocol
@@ -192,11 +192,13 @@ class Config:
 
     @property
     def live_verify_in_pool(self) -> bool:
-        """Live ``#commit`` verification in the pool's lanes: ``auto`` only with 4+ CPUs (on 2
-        cores the hand-off and the extra processes cost more than they save: measured)."""
+        """Live ``#commit`` verification in the pool's lanes: ``auto`` with 2+ CPUs. On 2 cores
+        the flow process is the serial part (live = 1 / its CPU per commit): the lanes take the
+        verification off it for about the same CPU in all (measured: docs/performance.md). One
+        CPU has nothing to run them beside the flow."""
         if self.verify_workers <= 0 or self.live_verify == "inline":
             return False
-        return self.live_verify == "pool" or (os.cpu_count() or 1) >= 4
+        return self.live_verify == "pool" or (os.cpu_count() or 1) >= 2
 
     @property
     def firehose_url(self) -> str:

@@ -159,7 +159,9 @@ class ProcWatch:
 
     def start(self) -> "ProcWatch":
         self._t0 = time.monotonic()
+        self._unix0 = time.time()
         self._cpu0 = {k: self._tree_cpu(p) for k, p in self.roots.items()}
+        self._self0 = {k: cpu_s(p) for k, p in self.roots.items()}
         self._wait0 = {k: self._tree_wait(p) for k, p in self.roots.items()}
         self._m0 = machine_cpu()
         self._thread.start()
@@ -176,11 +178,14 @@ class ProcWatch:
         self._stop.set()
         wall = time.monotonic() - self._t0
         cpu = {k: self._tree_cpu(p) - self._cpu0.get(k, 0.0) for k, p in self.roots.items()}
+        # the root process alone (the flow without its verification workers): live = 1 / this
+        own = {k: cpu_s(p) - self._self0.get(k, 0.0) for k, p in self.roots.items()}
         wait = {k: self._tree_wait(p) - self._wait0.get(k, 0.0) for k, p in self.roots.items()}
         m1 = machine_cpu()
         busy = m1[0] - self._m0[0]
         total = m1[1] - self._m0[1]
-        return {"wall_s": wall, "cpu_s": cpu, "runq_wait_s": wait, "peak_rss_mb": dict(self.peak_rss),
+        return {"wall_s": wall, "unix_s": (self._unix0, time.time()), "cpu_s": cpu, "own_cpu_s": own,
+                "runq_wait_s": wait, "peak_rss_mb": dict(self.peak_rss),
                 "machine_busy_cores": busy / wall if wall else 0.0,
                 "machine_cores": total / wall if wall else 0.0,
                 "other_cpu_s": busy - sum(cpu.values())}

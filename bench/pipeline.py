@@ -25,9 +25,10 @@ process used, so you can see who was the bottleneck on this 2-core machine):
 - ``<measure>:1p``: the same measure with verification inside the flow process
   (``TAP_VERIFY_WORKERS=0``: one process does everything but delivery); without the suffix the
   flow runs with its verification pool (``TAP_VERIFY_WORKERS``, default 2 processes, repo CARs;
-  live commits too with 4+ CPUs); ``<measure>:pool`` forces live commits into the pool
-  (``TAP_LIVE_VERIFY=pool``). bytewax's own ``-w``/``-i/-a`` are refused by the service
-  (``runtime/topology.py``).
+  live commits too with 2+ CPUs); ``<measure>:pool`` forces live commits into the pool
+  (``TAP_LIVE_VERIFY=pool``), ``<measure>:inline`` keeps them in the flow process with the pool
+  running for repo CARs (``TAP_LIVE_VERIFY=inline``). bytewax's own ``-w``/``-i/-a`` are refused
+  by the service (``runtime/topology.py``).
 
 Per-core limits of the same run come from ``bench/protocol.py`` (imported), printed next to each
 figure. Data sets are cached under ``$HOME/.cache/tapflow-bench``. The last line holds the figures
@@ -70,6 +71,7 @@ TARGETS = {
 VARIANTS = {
     "1p": {"TAP_VERIFY_WORKERS": "0"},  # everything in the flow process (plus the delivery child)
     "pool": {"TAP_LIVE_VERIFY": "pool"},  # live #commit frames verified in the pool's lanes too
+    "inline": {"TAP_LIVE_VERIFY": "inline"},  # live #commit frames verified by RepoLogic, repo CARs in the pool
 }
 
 
@@ -217,7 +219,11 @@ def _service_env(kind: str, extra: dict) -> dict:
 
 def _cpu_line(w: dict, n: int, unit: str) -> str:
     wait = w.get("runq_wait_s", {})
-    parts = [f"{k} {v:.1f}s ({v / n * 1e6:.0f} us/{unit}; waited for a CPU {wait.get(k, 0):.1f}s)"
+    own = w.get("own_cpu_s", {})
+    parts = [f"{k} {v:.1f}s ({v / n * 1e6:.0f} us/{unit}"
+             + (f", of which the process itself {own[k] / n * 1e6:.0f} and its workers "
+                f"{(v - own[k]) / n * 1e6:.0f}" if k in own and v - own[k] > 0.05 * v else "")
+             + f"; waited for a CPU {wait.get(k, 0):.1f}s)"
              for k, v in w["cpu_s"].items() if n]
     return ", ".join(parts) + (f"; machine busy {w['machine_busy_cores']:.2f} of {w['machine_cores']:.1f} cores, "
                                f"others {w['other_cpu_s']:.1f}s")

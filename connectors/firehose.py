@@ -39,7 +39,10 @@ Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
   one queued; frames arriving meanwhile join the next; at most ``max_inflight`` frames out).
   The item carries the verdict (``FirehoseCommit.pre``); ``drain`` hands items out in firehose
   order and stops at a commit still in the pool, so the cursor never passes it. RepoLogic uses
-  a verdict only if its key is still the repo's, else verifies inline.
+  a verdict only if its key is still the repo's, else verifies inline. While the pool is behind
+  by ``drain_min`` (512) frames or more, ``drain`` waits up to ``drain_hold`` (200 ms) for that
+  many verdicts: RepoLogic pays ~100 us per shard activation, so verdicts applied as each lane
+  answer comes (a few commits per shard) cost the flow twice the CPU per commit.
 
 Example::
 
@@ -63,7 +66,6 @@ import logging
 import random
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
@@ -228,23 +230,57 @@ def dial_backoff(failures: int) -> float:
 
 # --- pre-verification ------------------------------------------------------------------------
 
+class _Answer:
+    """A lane's answer to one request: set on the loop thread, read on the bytewax thread.
+
+    ``concurrent.futures.Future`` takes a lock in every ``done()`` and ``result()``, twice per
+    frame; here the result (or error) is stored before ``ready``, and an attribute store is
+    atomic under the GIL, so a reader that sees ``ready`` sees the answer."""
+
+    __slots__ = ("ready", "results", "error", "n", "sent", "eta")
+
+    def __init__(self) -> None:
+        self.n = 0  # frames asked
+        self.sent = 0.0  # time.monotonic() of the request
+        self.eta = 0.0  # when the answer is expected (time.monotonic())
+        self.ready = False
+        self.results: list | None = None
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.ready
+
+    def result(self) -> list:
+        if self.error is not None:
+            raise self.error
+        return self.results  # type: ignore[return-value]
+
+    def set_result(self, results: list) -> None:
+        self.results = results
+        self.ready = True
+
+    def set_exception(self, e: BaseException) -> None:
+        self.error = e
+        self.ready = True
+
+
 class _Slot:
-    """A ``#commit`` waiting for the pool: ``fut`` (set once submitted) answers for the batch,
-    ``i`` is the frame's place in it. Replaced by a ``PreVerified`` when drained."""
+    """A ``#commit`` waiting for the pool: ``fut`` (set once submitted: an ``_Answer``, or any
+    object with ``done()`` / ``result()``) answers for the batch, ``i`` is the frame's place in
+    it. Replaced by a ``PreVerified`` when drained."""
 
     __slots__ = ("key", "fut", "i")
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.fut: Future | None = None
+        self.fut: Any = None
         self.i = 0
 
     def resolve(self, patterns: tuple) -> PreVerified:
         try:
-            res = self.fut.result()[self.i]  # type: ignore[union-attr]
+            res = self.fut.result()[self.i]
         except Exception:  # pool broken or stopped: RepoLogic verifies inline
             res = None
-        (_VERDICT if res is not None else _NO_VERDICT).inc()
         return PreVerified(self.key, patterns, res)
 
 
@@ -280,7 +316,9 @@ class FirehoseClient:
                  lanes: list | None = None,
                  max_inflight: int = 4096,
                  verify_batch: int = 64,
-                 verify_hold: float = 0.008) -> None:
+                 verify_hold: float = 0.008,
+                 drain_min: int = 512,
+                 drain_hold: float = 0.2) -> None:
         self.cfg = cfg
         self.db = db if db is not None else open_flow_db(cfg.data_dir)
         self.url = cfg.firehose_url
@@ -305,6 +343,11 @@ class FirehoseClient:
         # #commit pre-verification in runtime.procpool's lanes (default: when the pool runs)
         self._lanes = procpool.lanes() if lanes is None else list(lanes)
         self._idle = list(self._lanes)  # lanes with no request out (loop thread)
+        self._live = len(self._lanes)  # lanes whose worker has not died
+        self._gone: set = set()
+        self._asked: dict[Any, _Answer] = {}  # lane -> the answer its request will fill (loop thread)
+        self._watched: set = set()  # lanes whose pipe the loop watches (registered once, not per request)
+        self._watch_loop: Any = None
         self._preverify = procpool.pool_running() if preverify is None else preverify
         self._keys = keys if keys is not None else SIGNING_KEYS
         self._load_key = _stored_key(self.db)
@@ -318,6 +361,15 @@ class FirehoseClient:
         # so frames that arrive while every lane is busy wait and go together
         self._verify_batch = verify_batch
         self._hold = verify_hold if self._lanes else 0.0  # seconds a partial batch waits for company
+        # while the lanes are behind by drain_min frames or more, drains wait (up to drain_hold)
+        # until drain_min are verified: RepoLogic pays ~100 us per shard activation (a WriteBatch,
+        # counters, bytewax's dispatch), so applying a lane's 64 frames at a time spread over 64
+        # shards costs the flow ~2x the inline path's CPU per commit (docs/performance.md)
+        self._in_lanes = 0  # frames sent to a lane and not answered yet (loop thread)
+        self._per_frame = 0.0004  # seconds a frame takes in a lane, request to answer (moving average)
+        self._drain_min = drain_min
+        self._drain_hold = drain_hold
+        self._held_since: float | None = None
 
     # --- cursor ----------------------------------------------------------------------
 
@@ -346,6 +398,7 @@ class FirehoseClient:
         q = self._queue
         out = []
         patterns = self._patterns
+        verdicts = resolved = 0
         while q and len(out) < n:
             pair = q[0]
             item = pair[1]
@@ -355,14 +408,57 @@ class FirehoseClient:
                     fut = pre.fut
                     if fut is None or not fut.done():
                         break
-                    item.pre = pre.resolve(patterns)
-                    self._resolved += 1
+                    item.pre = pre = pre.resolve(patterns)
+                    resolved += 1
+                    if pre.result is not None:
+                        verdicts += 1
             q.popleft()
             out.append(pair)
+        if resolved:  # counted once per drain: a Prometheus inc per frame is not free
+            self._resolved += resolved
+            if verdicts:
+                _VERDICT.inc(verdicts)
+            if resolved > verdicts:
+                _NO_VERDICT.inc(resolved - verdicts)
         return out
 
     def pending(self) -> int:
         return len(self._queue)
+
+    def head_wait(self, now: float) -> float:
+        """Seconds until the verdict on the head of the queue is expected (0: any time now).
+
+        The drain side looks again then instead of every ``_POOL_POLL``: at 1,000 commits/s the
+        head waits ~10 ms for the pool (the hold, then the lane), 20 empty bytewax activations."""
+        q = self._queue
+        if not q:
+            return 0.0
+        pre = getattr(q[0][1], "pre", None)
+        if pre.__class__ is not _Slot:
+            return 0.0
+        fut = pre.fut
+        if fut is None:  # waiting for company (verify_hold) or a free lane
+            return _UNSENT_POLL
+        return max(0.0, getattr(fut, "eta", 0.0) - now)
+
+    def drain_wait(self, now: float) -> float:
+        """Seconds the next ``drain`` should wait for more verdicts (0 = drain now).
+
+        Only while the lanes are behind (``drain_min`` frames or more not verified yet): then
+        frames are applied ``drain_min`` at a time, or after ``drain_hold`` seconds, instead of
+        one lane answer (a few per shard) at a time. A stream the lanes keep up with (a backlog
+        below ``drain_min``, e.g. 1,000 commits/s) never waits."""
+        behind = self._in_lanes + len(self._vbatch)
+        if behind < self._drain_min or len(self._queue) - behind >= self._drain_min:
+            self._held_since = None
+            return 0.0
+        if self._held_since is None:
+            self._held_since = now
+        left = self._held_since + self._drain_hold - now
+        if left <= 0.0:
+            self._held_since = None
+            return 0.0
+        return left
 
     def ready(self) -> bool:
         """True when ``drain`` would return something now."""
@@ -402,13 +498,13 @@ class FirehoseClient:
         self._vflush_due = False
         while self._vbatch:
             if self._lanes and not self._idle:
-                if not self._all_lanes_dead():
+                if self._live:
                     return  # all busy: the next answer sends the rest
-                fut = Future()
-                fut.set_exception(RuntimeError("no verification worker left"))
+                ans = _Answer()
+                ans.set_exception(RuntimeError("no verification worker left"))
                 for i, (slot, _) in enumerate(self._vbatch):
                     slot.i = i
-                    slot.fut = fut
+                    slot.fut = ans
                 self._submitted += len(self._vbatch)
                 self._vbatch = []
                 return
@@ -417,16 +513,20 @@ class FirehoseClient:
             frames = [(data, slot.key) for slot, data in batch]
             if self._lanes:
                 lane = self._idle.pop()
-                fut: Future = Future()
+                fut: Any = _Answer()
                 try:
                     lane.send(verify_commit_frames, frames, self._patterns)
-                    asyncio.get_running_loop().add_reader(lane.fileno(), self._pre_answer, lane, fut)
+                    fut.n = len(frames)
+                    fut.sent = time.monotonic()
+                    fut.eta = fut.sent + fut.n * self._per_frame
+                    self._in_lanes += fut.n
+                    self._asked[lane] = fut
+                    self._watch(lane)
                 except Exception as e:  # the worker died (EPIPE): these resolve to "verify inline"
-                    lane.dead = True
                     PREVERIFY.labels("send_failed").inc()
                     _log.warning("verification worker unreachable", extra={"error": f"{type(e).__name__}: {e}"[:200]})
                     fut.set_exception(e)
-                    self._all_lanes_dead()
+                    self._lane_gone(lane)
             else:
                 fut = procpool.submit(verify_commit_frames, frames, self._patterns)
             for i, (slot, _) in enumerate(batch):
@@ -436,30 +536,56 @@ class FirehoseClient:
             self.stats["preverify_batches"] += 1
             self.stats["preverify_frames"] += len(batch)
 
-    def _all_lanes_dead(self) -> bool:
-        """True when every worker has died; then no verdicts from now on (RepoLogic verifies
-        inline), said once in the log."""
-        if any(not lane.dead for lane in self._lanes):
-            return False
-        if self._preverify:
+    def _watch(self, lane: Any) -> None:
+        """Have the loop call ``_pre_answer`` whenever ``lane``'s pipe is readable: registered
+        once per lane (and loop), not per request (two ``epoll_ctl`` calls per batch saved)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._watch_loop:  # a new loop (the client restarted): nothing watched there yet
+            self._watch_loop = loop
+            self._watched = set()
+        if lane not in self._watched:
+            loop.add_reader(lane.fileno(), self._pre_answer, lane)
+            self._watched.add(lane)
+
+    def _lane_gone(self, lane: Any) -> None:
+        """``lane``'s worker died: stop watching it; when it was the last, no verdicts from now
+        on (RepoLogic verifies inline), said once in the log."""
+        if lane in self._watched:
+            self._watched.discard(lane)
+            try:
+                self._watch_loop.remove_reader(lane.fileno())
+            except (OSError, ValueError, RuntimeError):  # pipe closed or loop gone: nothing to undo
+                pass
+        lane.dead = True
+        if lane not in self._gone:
+            self._gone.add(lane)
+            self._live -= 1
+        if self._live <= 0 and self._preverify:
             self._preverify = False
             _log.error("every verification worker is gone; verifying in RepoLogic")
-        return True
 
-    def _pre_answer(self, lane: Any, fut: Future) -> None:
-        """A lane's answer is readable (loop callback): hand it to the drain side, reuse the lane."""
-        asyncio.get_running_loop().remove_reader(lane.fileno())
+    def _pre_answer(self, lane: Any) -> None:
+        """A lane's pipe is readable (loop callback): hand its answer to the drain side, reuse the lane."""
+        fut = self._asked.pop(lane, None)
+        if fut is not None:
+            self._in_lanes -= fut.n
+            if fut.n:  # how long a frame takes in a lane, for the drain side's next look (head_wait)
+                self._per_frame += 0.2 * ((time.monotonic() - fut.sent) / fut.n - self._per_frame)
         try:
-            fut.set_result(lane.receive())
+            res = lane.receive()
+            if fut is not None:
+                fut.set_result(res)
         except Exception as e:  # a failed request or a dead worker: RepoLogic verifies inline
-            fut.set_exception(e)
-            _log.warning("verification request failed", extra={"error": str(e)[:200]})
-        if not lane.dead:
+            if fut is not None:
+                fut.set_exception(e)
+            if not lane.dead:
+                _log.warning("verification request failed", extra={"error": str(e)[:200]})
+        if lane.dead:
+            self._lane_gone(lane)
+        elif fut is not None:
             self._idle.append(lane)
-        else:
-            self._all_lanes_dead()
         if self._vbatch:
-            self._pre_flush()
+            self._pre_flush()  # to the lane now idle; or, the last one gone, "no verdict" for all
 
     async def _wait_inflight(self) -> None:
         self._pre_flush()
@@ -667,8 +793,15 @@ class FirehoseClient:
 #: frames wait at most ``verify_hold`` for company.
 _MIN_BATCH = 16
 
-#: How soon to look again when the next frame waits for the verification pool.
-_POOL_POLL = timedelta(seconds=0.0005)
+#: How soon to look again (seconds) when the next frame waits for the verification pool and its
+#: answer is due (or overdue); earlier than that, at its expected time (head_wait), at most
+#: _MAX_POOL_WAIT ahead; every _UNSENT_POLL while it waits to be sent.
+_POOL_POLL = 0.0005
+_MAX_POOL_WAIT = 0.02
+_UNSENT_POLL = 0.002
+
+#: How often to look again (seconds) while a drain waits for the lanes to catch up (drain_wait).
+_HOLD_POLL = 0.005
 
 
 class _FirehosePartition(StatefulSourcePartition):
@@ -690,7 +823,7 @@ class _FirehosePartition(StatefulSourcePartition):
 
     def next_batch(self) -> Iterable[Item]:
         check_stop()
-        pairs = self._c.drain(self._batch)
+        pairs = self._c.drain(self._batch) if not self._c.drain_wait(time.monotonic()) else []
         items = []
         unapplied = self._unapplied
         for seq, item in pairs:
@@ -709,9 +842,13 @@ class _FirehosePartition(StatefulSourcePartition):
 
     def next_awake(self) -> datetime | None:
         if self._c.ready():
+            wait = self._c.drain_wait(time.monotonic())
+            if wait > 0.0:  # the lanes are behind: apply their verdicts in larger batches
+                return datetime.now(timezone.utc) + timedelta(seconds=min(wait, _HOLD_POLL))
             return None
         if self._c.pending():  # the head is a #commit still in the verification pool
-            return datetime.now(timezone.utc) + _POOL_POLL
+            wait = min(max(self._c.head_wait(time.monotonic()), _POOL_POLL), _MAX_POOL_WAIT)
+            return datetime.now(timezone.utc) + timedelta(seconds=wait)
         return cap_awake(datetime.now(timezone.utc) + (timedelta(days=1) if self._off else self._idle))
 
     def snapshot(self) -> None:

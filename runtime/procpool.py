@@ -19,8 +19,8 @@ Two ways in:
   threads. ``concurrent.futures.ProcessPoolExecutor`` costs ~300 us of the flow's CPU per
   task (a manager and a feeder thread, wake-ups, GIL hand-offs), as much as verifying a
   commit, which matters whenever batches are small (any rate below saturation).
-  Only when live verification goes to the pool (``TAP_LIVE_VERIFY``: on 2 cores the hand-off
-  costs more than it saves, measured: docs/performance.md).
+  Only when live verification goes to the pool (``TAP_LIVE_VERIFY``; ``auto`` = 2+ CPUs:
+  measured on 2 cores, docs/performance.md).
 - ``submit(fn, *args)`` / ``pool()``: an executor of ``TAP_VERIFY_WORKERS`` processes (repo CARs
   from the backfill, whose tasks are large), or run inline when the pool is off.
 

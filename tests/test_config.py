@@ -95,15 +95,17 @@ def test_every_setting_has_help_and_parses_its_default():
     load_config({}, dotenv=None)
 
 
-def test_live_verify_setting():
+def test_live_verify_setting(monkeypatch):
     """TAP_LIVE_VERIFY: pool/inline are obeyed; auto follows the CPU count; bad values refused."""
-    import os
-
+    import config
     from config import ConfigError, load_config
 
     assert load_config({"TAP_LIVE_VERIFY": "pool"}).live_verify_in_pool
     assert not load_config({"TAP_LIVE_VERIFY": "inline"}).live_verify_in_pool
     assert not load_config({"TAP_LIVE_VERIFY": "pool", "TAP_VERIFY_WORKERS": "0"}).live_verify_in_pool
-    assert load_config({}).live_verify_in_pool == ((os.cpu_count() or 1) >= 4)
+    for cpus, in_pool in ((1, False), (2, True), (8, True), (None, False)):  # auto: the pool from 2 CPUs
+        monkeypatch.setattr(config.os, "cpu_count", lambda: cpus)
+        assert load_config({}).live_verify_in_pool is in_pool, cpus
+        assert not load_config({"TAP_VERIFY_WORKERS": "0"}).live_verify_in_pool
     with pytest.raises(ConfigError, match="TAP_LIVE_VERIFY"):
         load_config({"TAP_LIVE_VERIFY": "sometimes"})

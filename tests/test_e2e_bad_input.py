@@ -72,9 +72,11 @@ def _info(svc, did: str) -> dict:
     return body if status == 200 else {}
 
 
-def test_forged_commit_and_broken_frames_are_rejected_and_the_repo_heals(data, tmp_path):
+@pytest.mark.parametrize("live_verify", ["inline", "pool"])
+def test_forged_commit_and_broken_frames_are_rejected_and_the_repo_heals(data, tmp_path, live_verify):
     # the DID whose third live commit is forged; garbage and a truncated frame elsewhere;
-    # a dropped connection half-way through a frame
+    # a dropped connection half-way through a frame. Live commits verified by RepoLogic
+    # (inline) or by the verification processes' lanes (pool): the same outcome either way.
     victim = data.repos[data.frame_repo[0]].did
     forged_at = next(i for i in data.frames_of(victim)[2:]
                      if any(o["action"] == "create" for o in cbor.decode_multi(data.frames[i])[1]["ops"]))
@@ -83,7 +85,8 @@ def test_forged_commit_and_broken_frames_are_rejected_and_the_repo_heals(data, t
     drop_at = srv.base_pos[90]
     srv.drop_connection_at(drop_at)
     metrics_port = free_port()
-    svc = _service(srv, tmp_path, TAP_METRICS_LISTEN=f"127.0.0.1:{metrics_port}").start()
+    svc = _service(srv, tmp_path, TAP_METRICS_LISTEN=f"127.0.0.1:{metrics_port}", TAP_LIVE_VERIFY=live_verify,
+                   TAP_VERIFY_WORKERS="2").start()
     client = start_client(svc, tmp_path, data.dids)
     try:
         # 1. backfill every repo (the stream is held, getRepo serves the initial state)
@@ -134,6 +137,9 @@ def test_forged_commit_and_broken_frames_are_rejected_and_the_repo_heals(data, t
         text = _metrics(metrics_port)
         assert _metric(text, "tapflow_rejected_total", source="commit", reason="verify_failed") == 1
         assert _metric(text, "tapflow_firehose_frames_rejected_total", reason="bad_cbor") == 2
+        # the lanes gave the verdicts (the forged one included) only when asked to
+        verdicts = _metric(text, "tapflow_firehose_preverify_total", outcome="verdict")
+        assert verdicts >= len(data.frames) - 10 if live_verify == "pool" else verdicts == 0, verdicts
     finally:
         client.stop()
         svc.stop()

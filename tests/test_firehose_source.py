@@ -613,6 +613,54 @@ def test_drain_holds_everything_behind_a_commit_still_in_the_pool(tmp_path):
         part.close()
 
 
+def test_drains_wait_for_verdicts_while_the_lanes_are_behind(tmp_path):
+    """Lanes behind by drain_min frames or more: the verdicts already in are applied drain_min
+    at a time (or after drain_hold), not one lane answer at a time; a backlog below drain_min
+    (the lanes keep up) is drained at once. The bytewax side looks again when a lane's answer
+    is due, not every half millisecond."""
+    import time as _time
+    from datetime import datetime
+
+    from connectors.firehose import _Answer, _Slot
+
+    cfg = make_cfg(tmp_path, 9)  # nothing listens: the client's dials fail in the background
+    db = open_flow_db(cfg.data_dir)
+    client = FirehoseClient(cfg, db, depth=lambda: 0, drain_min=8, drain_hold=0.3)
+    part = _FirehosePartition(client, 100, 0.005)
+    try:
+        # (the frames in the lanes sit in the queue too; here the queue holds only ready items,
+        # so ``_in_lanes`` stands for frames queued behind them)
+        client._queue.extend((i, decode_frame(identity(i)).item) for i in range(1, 12))
+        client._in_lanes = 7  # behind by less than drain_min: no waiting
+        assert [i.seq for i in part.next_batch()] == list(range(1, 12))
+        client._queue.extend((i, decode_frame(identity(i)).item) for i in range(12, 24))
+        client._in_lanes = 8  # behind: 12 queued, 8 of them in the lanes, 4 ready: wait for 8
+        assert part.next_batch() == [] and client.ready()
+        wake = part.next_awake()
+        assert wake is not None and 0 < (wake - datetime.now(wake.tzinfo)).total_seconds() <= 0.01
+        client._queue.extend((i, decode_frame(identity(i)).item) for i in range(24, 28))
+        assert [i.seq for i in part.next_batch()] == list(range(12, 28))  # 8 ready: drained
+        client._queue.extend((i, decode_frame(identity(i)).item) for i in range(28, 40))
+        assert part.next_batch() == []
+        _time.sleep(0.35)  # drain_hold passed: what is in goes on
+        assert [i.seq for i in part.next_batch()] == list(range(28, 40))
+        # the next look at a commit in a lane: when its answer is due
+        client._in_lanes = 0
+        item = decode_frame(commit(40)).item
+        item.pre = slot = _Slot("zKey")
+        client._queue.append((40, item))
+        wake = part.next_awake()  # not sent yet: a look every few ms
+        assert 0 < (wake - datetime.now(wake.tzinfo)).total_seconds() <= 0.005
+        slot.fut = ans = _Answer()
+        ans.eta = _time.monotonic() + 0.015
+        wake = part.next_awake()
+        assert 0.01 < (wake - datetime.now(wake.tzinfo)).total_seconds() <= 0.016
+        ans.set_result([(False, "bad_signature", "commit signature does not verify")])
+        assert part.next_awake() is None and [i.seq for i in part.next_batch()] == [40]
+    finally:
+        part.close()
+
+
 async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
     """The real pool: a spawned worker gives the verdicts; once it is gone, frames go without
     one (RepoLogic verifies inline) and the stream goes on."""
@@ -645,8 +693,53 @@ async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
             finally:
                 c.stop()
         assert [s for s, _ in got] == [1, 3, 5, 6]
-        assert got[2][1].pre.result is None  # no verdict: RepoLogic verifies it itself
+        # no verdict: RepoLogic verifies it itself (the loop sees the worker's pipe close at
+        # once, so the frame is not even sent; were it sent before, its verdict would be None)
+        pre = got[2][1].pre
+        assert pre is None or pre.result is None
         assert not c._preverify
     finally:
         procpool.stop_pool()
     assert not procpool.pool_running()
+
+
+async def test_frames_waiting_for_a_lane_get_no_verdict_when_the_last_lane_dies(tmp_path):
+    """Frames queued for a busy lane when its worker dies are not left waiting: they resolve to
+    "no verdict" (RepoLogic verifies them inline), so the drain never stalls behind them."""
+    import asyncio
+    import os
+    import signal as _signal
+
+    from operators.verify import KeyCache
+    from runtime import procpool
+
+    sim, good, _ = _signed_commit_frames()
+    keys = KeyCache()
+    keys.note(sim.did, sim.key.public_key.multibase())
+    assert procpool.start_pool(1) == 1
+    try:
+        lane = procpool.lanes()[0]
+        cfg = make_cfg(tmp_path, 9)
+        c = FirehoseClient(cfg, open_flow_db(cfg.data_dir), depth=lambda: 0, keys=keys, verify_hold=0.001)
+        body = cbor.decode_multi(good)[1]
+        items = []
+        for seq in range(1, 41):  # 16+ go at once to the lane, the rest wait for it
+            data = frame("#commit", {**body, "seq": seq})
+            item = decode_frame(data).item
+            c._pre_submit(item, data)
+            items.append(item)
+        await asyncio.sleep(0.01)
+        assert c.stats["preverify_batches"] == 1 and c._vbatch  # the lane is busy, frames wait
+        os.kill(lane.proc.pid, _signal.SIGKILL)
+        lane.proc.join(5)
+        for _ in range(200):
+            if all(i.pre.fut is not None and i.pre.fut.done() for i in items):
+                break
+            await asyncio.sleep(0.01)
+        c._queue.extend((i.seq, i) for i in items)
+        out = c.drain(100)
+        assert [s for s, _ in out] == list(range(1, 41))
+        assert all(i.pre.result is None for _, i in out)  # no verdict: RepoLogic verifies inline
+        assert not c._preverify and not c._vbatch
+    finally:
+        procpool.stop_pool()

@@ -65,8 +65,9 @@ def test_bad_settings_fail_fast_with_every_reason(tmp_path):
 
 
 def test_verification_pool_only_when_something_is_verified(tmp_path):
-    """The flow starts TAP_VERIFY_WORKERS processes beside the delivery child, and none in
-    TAP_OUTBOX_ONLY mode (no firehose, no backfill: nothing to verify)."""
+    """The flow starts TAP_VERIFY_WORKERS processes beside the delivery child (as many more, the
+    lanes, with live commits in the pool), and none in TAP_OUTBOX_ONLY mode (no firehose, no
+    backfill: nothing to verify)."""
     def cmdlines(svc) -> list[str]:
         out = []
         for c in _children_of(svc.proc.pid):
@@ -77,10 +78,11 @@ def test_verification_pool_only_when_something_is_verified(tmp_path):
                 pass
         return out
 
-    for outbox_only, want_workers in (("false", 2), ("true", 0)):
-        (tmp_path / outbox_only).mkdir()
-        svc = make_service(None, tmp_path / outbox_only, TAP_RELAY_URL="http://127.0.0.1:9",
-                           TAP_OUTBOX_ONLY=outbox_only, TAP_VERIFY_WORKERS="2", TAP_LIVE_VERIFY="inline").start()
+    # live commits inline: the 2 processes for repo CARs; in the pool: 2 lanes more
+    for outbox_only, live_verify, want_workers in (("false", "inline", 2), ("false", "pool", 4), ("true", "pool", 0)):
+        (tmp_path / live_verify / outbox_only).mkdir(parents=True)
+        svc = make_service(None, tmp_path / live_verify / outbox_only, TAP_RELAY_URL="http://127.0.0.1:9",
+                           TAP_OUTBOX_ONLY=outbox_only, TAP_VERIFY_WORKERS="2", TAP_LIVE_VERIFY=live_verify).start()
         try:
             kids = cmdlines(svc)
             assert sum("connectors.delivery_main" in k for k in kids) == 1, kids
