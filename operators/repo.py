@@ -493,6 +493,8 @@ class RepoLogic:
         self.resync_deletes = cfg.resync_deletes
         self.stats: Counter[str] = Counter()
         self._now = 0.0
+        # meta values this logic wrote (counters by (name, shard), marks by key); see _write
+        self._meta_known: dict = {}
         self._handlers: dict[type, Callable[[_Batch, Any, int], Optional[Rejected]]] = {
             FirehoseCommit: self._on_commit,
             FirehoseSync: self._on_sync,
@@ -597,20 +599,32 @@ class RepoLogic:
                 b.count("outbox", shard, n)
         meta = db.cf("meta")
         h_meta = db.handle("meta")
-        for (name, shard), delta in b.counters.items():
-            key = meta_counter(name, shard)
-            raw = meta.get(key)
-            cur = unpack_u64(raw) if raw else 0
-            wb.put(key, pack_u64(max(0, cur + delta)), h_meta)
+        # Counters and marks: RepoLogic is their only writer, so the values it wrote last are
+        # remembered (a RocksDB read per shard and counter per activation otherwise).
+        known = self._meta_known
+        written: dict = {}
+        for ck, delta in b.counters.items():
+            cur = known.get(ck)
+            if cur is None:
+                raw = meta.get(meta_counter(*ck))
+                cur = unpack_u64(raw) if raw else 0
+            written[ck] = new = max(0, cur + delta)
+            wb.put(meta_counter(*ck), pack_u64(new), h_meta)
         # highest control / firehose seq applied per shard: never moves back
         for marks, key_of in ((b.cmd, meta_cmd_applied), (b.fh, meta_firehose_applied)):
             for shard, seq in marks.items():
                 key = key_of(shard)
-                raw = meta.get(key)
-                if not raw or unpack_u64(raw) < seq:
+                cur = known.get(key)
+                if cur is None:
+                    raw = meta.get(key)
+                    cur = unpack_u64(raw) if raw else 0
+                if cur < seq:
                     wb.put(key, pack_u64(seq), h_meta)
+                    cur = seq
+                written[key] = cur
         if wb.len():
             db.write(wb)
+        known.update(written)  # only once durable: a failed write leaves them to be read again
         if b.fetch_queued and self.on_fetch_queued:
             self.on_fetch_queued()
         if b.events and self.on_events:
