@@ -233,17 +233,18 @@ def outbox_key_runs(keys: list[bytes]) -> list[tuple[bytes, bytes, int]]:
     deleting ``[first, after)`` deletes exactly the keys of the run, nothing else.
     """
     from_bytes = int.from_bytes
-    nums = sorted({from_bytes(k, "big") for k in keys if len(k) == OUTBOX_KEY_LEN})
+    key_of = {from_bytes(k, "big"): k for k in keys if len(k) == OUTBOX_KEY_LEN}  # (first keys reused)
+    nums = sorted(key_of)
     runs: list[tuple[bytes, bytes, int]] = []
     if not nums:
         return runs
     first = prev = nums[0]
     for x in nums[1:]:
         if x != prev + 1:
-            runs.append((first.to_bytes(10, "big"), _after_key(prev), prev - first + 1))
+            runs.append((key_of[first], _after_key(prev), prev - first + 1))
             first = x
         prev = x
-    runs.append((first.to_bytes(10, "big"), _after_key(prev), prev - first + 1))
+    runs.append((key_of[first], _after_key(prev), prev - first + 1))
     return runs
 
 
