@@ -109,7 +109,6 @@ from collections import Counter, deque
 from bisect import bisect_right
 from dataclasses import dataclass, fields
 from itertools import count, islice, repeat
-from operator import itemgetter
 from typing import Any, Callable, Iterable, Optional
 
 import orjson
@@ -308,13 +307,19 @@ class _Batch:
 
     # undo marks: one per item
     def mark(self) -> tuple:
-        return (len(self._undo), len(self.events), dict(self.counters), self.fetch_queued)
+        return (len(self._undo), len(self.events), self.fetch_queued)
 
     def rollback(self, mark: tuple) -> None:
-        n_undo, n_events, counters, fetch_queued = mark
+        n_undo, n_events, fetch_queued = mark
         while len(self._undo) > n_undo:
             entry = self._undo.pop()
-            if entry[0] == "s":
+            if entry[0] == "t":  # a counter's previous value (counters are undone like rows)
+                _, k, old = entry
+                if old is _MISSING:
+                    self.counters.pop(k, None)
+                else:
+                    self.counters[k] = old
+            elif entry[0] == "s":
                 _, did, old = entry
                 if old is _MISSING:
                     self.states.pop(did, None)
@@ -341,7 +346,6 @@ class _Batch:
                 if not was_cleared:
                     self.cleared[cf].discard(prefix)
         del self.events[n_events:]
-        self.counters = counters
         self.fetch_queued = fetch_queued
 
     # repo states: callers get a private copy and store it back with put_state
@@ -446,7 +450,9 @@ class _Batch:
     def count(self, name: str, shard: int, delta: int) -> None:
         if delta:
             k = (name, shard)
-            self.counters[k] = self.counters.get(k, 0) + delta
+            old = self.counters.get(k, _MISSING)
+            self._undo.append(("t", k, old))
+            self.counters[k] = (0 if old is _MISSING else old) + delta
 
 
 # --- the operator ------------------------------------------------------------------------
@@ -522,6 +528,7 @@ class RepoLogic:
             if handler is None:
                 rejected.append(Rejected(str(did or "")[:300], source, "unknown_item", type(item).__name__))
                 continue
+            shard = -1
             if not valid_did(did):
                 rejected.append(Rejected(str(did)[:300], source, "bad_did"))
             else:
@@ -540,10 +547,12 @@ class RepoLogic:
                 if r is not None:
                     rejected.append(r)
             if type(item) in FIREHOSE_ITEMS and isinstance(did, str) and isinstance(item.seq, int):
-                try:
-                    s = shard_of(did, self.shards)
-                except Exception:  # not encodable: the firehose side skipped it too
-                    s = -1
+                s = shard
+                if s < 0:  # a bad DID: still done with (the firehose cursor may pass it)
+                    try:
+                        s = shard_of(did, self.shards)
+                    except Exception:  # not encodable: the firehose side skipped it too
+                        s = -1
                 if s >= 0 and item.seq > b.fh.get(s, 0):
                     b.fh[s] = item.seq
             if isinstance(item, (AddRepo, RemoveRepo)) and isinstance(item.seq, int) and item.seq > 0:
@@ -586,6 +595,7 @@ class RepoLogic:
             put = wb.put
             okey = outbox_key
             ldid, lflags, lkind, head, mid = None, -1, None, b"", b""
+            per_shard: dict[int, int] = {}
             for eid, (shard, did, flags, kind, body) in zip(count(eid), b.events):
                 if kind is None:
                     row = encode_outbox_row(did, flags, body)
@@ -595,7 +605,8 @@ class RepoLogic:
                         head, mid = outbox_row_head(did, flags) + ID_HEAD, kind_mid(kind)
                     row = b"%b%d%b%b}" % (head, eid, mid, body)
                 put(okey(shard, eid), row, h_out)
-            for shard, n in Counter(map(itemgetter(0), b.events)).items():
+                per_shard[shard] = per_shard.get(shard, 0) + 1
+            for shard, n in per_shard.items():
                 b.count("outbox", shard, n)
         meta = db.cf("meta")
         h_meta = db.handle("meta")
