@@ -16,8 +16,8 @@ Use directly (tests, tools)::
     rejected = logic.process([AddRepo("did:plc:abc", seq=1)])
 
 or from bytewax 0.21: ``op.stateful_batch("repo_logic", keyed, repo_logic_builder(cfg))``
-(the stream is keyed by ``str(shard_of(did))``; bytewax passes no key, each item carries
-its DID). What flows out is only ``Rejected`` items: bad input never raises out of
+(``flows.dataflow`` puts every item under one key, so one ``process`` call takes an
+activation's items of every shard; bytewax passes no key, each item carries its DID). What flows out is only ``Rejected`` items: bad input never raises out of
 ``process()``; it is counted and logged downstream. A RocksDB read or write failure
 (``StoreError``) does raise: without durability the flow must stop, and everything it was
 processing is still in the durable queues it came from.
@@ -1123,7 +1123,7 @@ def shared_id_allocator(db: Database) -> IdAllocator:
 
 
 class RepoLogicBatch(StatefulBatchLogic):
-    """bytewax adapter: one RepoLogic per shard key, retained for the life of the flow."""
+    """bytewax adapter: one RepoLogic per key (the flow uses one), retained for the life of the flow."""
 
     def __init__(self, logic: RepoLogic) -> None:
         self.logic = logic
