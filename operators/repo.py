@@ -246,6 +246,8 @@ class RepoState:
     @classmethod
     def from_json(cls, raw: bytes) -> "RepoState":
         d = orjson.loads(raw)
+        if tuple(d) == _FIELD_ORDER:  # as to_json writes it: positional, 4-5x cheaper than **d
+            return cls(*d.values())
         try:
             return cls(**d)
         except TypeError:  # written by a newer version: ignore fields we do not know
@@ -258,7 +260,8 @@ class RepoState:
                          self.snap_pos)
 
 
-_STATE_FIELDS = frozenset(f.name for f in fields(RepoState))
+_FIELD_ORDER = tuple(f.name for f in fields(RepoState))
+_STATE_FIELDS = frozenset(_FIELD_ORDER)
 
 
 def load_repo_state(raw: bytes | None) -> Optional[RepoState]:

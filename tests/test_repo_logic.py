@@ -1070,6 +1070,22 @@ def test_repo_state_json_roundtrip_tolerates_unknown_fields(env):
     assert RepoState.from_json(orjson.dumps(d)) == st
 
 
+def test_repo_state_json_roundtrip_any_field_order_or_missing_fields():
+    """``from_json`` reads what ``to_json`` wrote positionally; rows with their fields in another
+    order, or without newer fields (older versions), still land in the right fields."""
+    from dataclasses import fields
+
+    from operators.repo import RepoState
+
+    st = RepoState(**{f.name: (7 + i if f.type == "int" else f"v{i}") for i, f in enumerate(fields(RepoState))})
+    assert RepoState.from_json(st.to_json()) == st
+    d = orjson.loads(st.to_json())
+    assert RepoState.from_json(orjson.dumps(dict(reversed(d.items())))) == st
+    del d["snap_pos"], d["buf_rev"]
+    old = RepoState.from_json(orjson.dumps(d))
+    assert (old.snap_pos, old.buf_rev, old.buf_next, old.state) == ("", "", st.buf_next, st.state)
+
+
 # --------------------------------------------------------------------------- real signed commits
 
 def _real_env(tmp_path, **cfg):
