@@ -211,13 +211,24 @@ class OutboxFollower:
         # A shard without a counter has never had a row (RepoLogic writes both in one batch);
         # should that ever not hold, the bounded scan every second still finds the rows.
         counts = self._counts()
-        shared_it = None
-        total = 0
         keys: list[bytes] = []
         events: list[OutboxEvent] = []
         self._more = False
         start = self._rotate
         self._rotate = (self._rotate + 1) % self._shards
+        try:
+            total = self._read_shards(counts, start, room, keys, events)
+        finally:  # rows of shards whose cursor moved are offered even if a later shard failed
+            if events:  # every shard's run at once: one call per target, not one per shard
+                self.tracker.register_many(keys)
+                for offer in self._offers:
+                    offer(events)
+        self.offered += total
+        return total
+
+    def _read_shards(self, counts, start: int, room: int, keys: list[bytes], events: list[OutboxEvent]) -> int:
+        total = 0
+        shared_it = None
         for j in range(self._shards):
             s = (start + j) % self._shards
             if room <= 0:
@@ -248,11 +259,6 @@ class OutboxFollower:
                         self._more = True
             total += n
             room -= n
-        if events:  # every shard's run at once: one call per target, not one per shard
-            self.tracker.register_many(keys)
-            for offer in self._offers:
-                offer(events)
-        self.offered += total
         return total
 
     def _counts(self) -> list[int] | tuple[int, ...]:
@@ -276,7 +282,20 @@ class OutboxFollower:
         prefix = shard_prefix(s)
         cur = self._cursor[s]
         it.seek(cur + b"\x00" if cur is not None else prefix)
-        skip = self._acks.skip
+        first = len(events)
+        try:
+            n, k, at_end = self._scan_rows(s, it, limit, prefix, self._acks.skip, keys, events)
+        except BaseException:  # the cursor stays: this shard's rows are read again, offered once
+            del keys[first:], events[first:]
+            raise
+        if n:
+            self._cursor[s] = k
+        return n, at_end
+
+    @staticmethod
+    def _scan_rows(s: int, it, limit: int, prefix: bytes, skip: set, keys: list[bytes],
+                   events: list[OutboxEvent]) -> tuple[int, bytes | None, bool]:
+        """The row loop of ``_read_shard``: (rows stepped over, last key, reached the end)."""
         n = 0
         k = None
         at_end = True
@@ -294,9 +313,7 @@ class OutboxFollower:
                 at_end = False
                 break
             it.next()
-        if n:
-            self._cursor[s] = k
-        return n, at_end
+        return n, k, at_end
 
     # --- acks ------------------------------------------------------------------------------
 
