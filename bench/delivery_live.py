@@ -8,7 +8,7 @@ the rate the flow reaches, which on this shared machine moves with everyone else
 fixed-rate figure for the child is what before/after comparisons of its code need. This bench
 plays the flow's part itself: it owns ``data/flow`` (primary), writes one WriteBatch per live
 commit exactly as RepoLogic does (a repo row, one ``FLAG_LIVE`` outbox row, the shard's outbox
-counter), at ``--rate`` commits/s over 200 DIDs, and applies the child's ack batches like
+counter and the counters' one-key copy), at ``--rate`` commits/s over 200 DIDs, and applies the child's ack batches like
 ControlSource (``connectors.acks.AckApplier`` every 20 ms). The child is
 ``python -m connectors.delivery_main`` (``/channel`` in ack mode), the client
 ``bench.consumers channel`` (acks every event). Figures: the child's CPU µs per event
@@ -36,7 +36,8 @@ from bench.harness import PY, Consumer, cpu_s, free_port, http_json, loadavg, ru
 from connectors.acks import AckApplier  # noqa: E402
 from operators.events import ID_HEAD, kind_mid, record_body  # noqa: E402
 from store.db import close_all, open_delivery_db, open_flow_db  # noqa: E402
-from store.layout import FLAG_LIVE, meta_counter, outbox_key, outbox_row_head, pack_u64, shard_of  # noqa: E402
+from store.layout import (FLAG_LIVE, META_OUTBOX_COUNTS, meta_counter, outbox_key, outbox_row_head,  # noqa: E402
+                          pack_counts, pack_u64, shard_of)
 
 SHARDS = 64
 DIDS = [f"did:plc:bench{i:019d}" for i in range(200)]
@@ -128,6 +129,7 @@ def run_once(rate: float, seconds: float, tmp: Path, profile: Path | None, cprof
             wb.put(outbox_key(s, eid), b"%b%d%b%b}" % (outbox_row_head(did, FLAG_LIVE) + ID_HEAD, eid, mid, body), h_out)
             counts[s] += 1
             wb.put(meta_counter("outbox", s), pack_u64(counts[s]), h_meta)
+            wb.put(META_OUTBOX_COUNTS, pack_counts(counts), h_meta)
             sent[(did, rev)] = time.monotonic()
             flow.write(wb)
             eid += 1

@@ -44,7 +44,7 @@ from config import Config
 from connectors.acks import AckLog
 from connectors.targets import AckTracker, DeliveryTarget, TakenCallback, metrics
 from store.db import ChangeWatch, Database
-from store.layout import meta_counter, shard_prefix, unpack_i64
+from store.layout import META_OUTBOX_COUNTS, meta_counter, shard_prefix, unpack_i64
 from runtime.dirnotify import DirNotify
 from store.outbox import OutboxEvent
 
@@ -103,6 +103,7 @@ class OutboxFollower:
         self._scan: set[int] = set(range(self._shards))  # shards to read with a bounded scan
         self._counter_keys = [meta_counter("outbox", s) for s in range(self._shards)]
         self._unpack_counts = struct.Struct(">%dq" % self._shards).unpack  # counters: i64 BE (pack_i64)
+        self._unpack_vec = struct.Struct(">%dQ" % self._shards).unpack  # META_OUTBOX_COUNTS
         self._bounds = [shard_prefix(s + 1) if s + 1 < 65536 else b"\xff\xff\xff" for s in range(self._shards)]
         self._rotate = 0
         self._last_seq = -1
@@ -262,7 +263,11 @@ class OutboxFollower:
         return total
 
     def _counts(self) -> list[int] | tuple[int, ...]:
-        """Every shard's ``count/outbox/<shard>`` (0 for a shard that never had a row)."""
+        """Every shard's ``count/outbox/<shard>`` (0 for a shard that never had a row): from
+        RepoLogic's one-key copy of them when it is there, else key by key."""
+        vec = self._meta.get(META_OUTBOX_COUNTS)
+        if vec is not None and len(vec) == 8 * self._shards:
+            return self._unpack_vec(vec)
         raw = self._meta.get(self._counter_keys)
         try:  # the usual case, every counter present: one unpack instead of one call per shard
             return self._unpack_counts(b"".join(raw))

@@ -162,8 +162,10 @@ from store.layout import (
     fetch_key,
     meta_cmd_applied,
     meta_firehose_applied,
+    META_OUTBOX_COUNTS,
     meta_counter,
     outbox_key,
+    pack_counts,
     outbox_row_head,
     pack_u64,
     record_key,
@@ -636,6 +638,8 @@ class RepoLogic:
                     wb.put(key, pack_u64(seq), h_meta)
                     cur = seq
                 written[key] = cur
+        if any(ck[0] == "outbox" for ck in b.counters):
+            wb.put(META_OUTBOX_COUNTS, pack_counts(self._outbox_counts(meta, written)), h_meta)
         if wb.len():
             db.write(wb)
         known.update(written)  # only once durable: a failed write leaves them to be read again
@@ -643,6 +647,17 @@ class RepoLogic:
             self.on_fetch_queued()
         if b.events and self.on_events:
             self.on_events()
+
+    def _outbox_counts(self, meta: Any, written: dict) -> list[int]:
+        """Every shard's outbox counter as this batch leaves it (``META_OUTBOX_COUNTS``); the
+        shards this logic has not written yet are read once."""
+        known = self._meta_known
+        keys = [("outbox", s) for s in range(self.shards)]
+        missing = [k for k in keys if k not in written and k not in known]
+        if missing:
+            for k, raw in zip(missing, meta.get([meta_counter(*k) for k in missing])):
+                known[k] = unpack_u64(raw) if raw else 0
+        return [written[k] if k in written else known[k] for k in keys]
 
     # --- shared steps -------------------------------------------------------------------
 

@@ -1048,6 +1048,37 @@ async def test_busy_follower_reads_shards_in_one_offer(stack_factory):
     await c.close()
 
 
+async def test_follower_reads_the_counter_vector_and_falls_back_without_it(stack_factory):
+    """The follower takes the shards' outbox counters from RepoLogic's one-key copy when the
+    flow wrote it, and key by key when it did not (older data): events flow either way."""
+    from store.layout import META_OUTBOX_COUNTS, pack_counts
+
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    ids = s.fake.push(did_n(900), 2) + s.fake.push(did_n(901), 1)  # per-shard counters only
+    assert [m["id"] for m in await c.wait(3, 2.0)] == ids
+    meta = s.fake.db.cf("meta")
+    per_shard = [unpack_u64(meta.get(meta_counter("outbox", sh)) or pack_u64(0)) for sh in range(SHARDS)]
+    assert list(s.follower._counts()) == per_shard
+    # the vector present: it is what the follower reads (one more row counted there, and written)
+    more = s.fake.push(did_n(902), 1)
+    vec = [unpack_u64(meta.get(meta_counter("outbox", sh)) or pack_u64(0)) for sh in range(SHARDS)]
+    b = s.fake.db.batch()
+    b.put(META_OUTBOX_COUNTS, pack_counts(vec), s.fake.db.handle("meta"))
+    s.fake.db.write(b)
+    msgs = await c.wait(4, 2.0)
+    assert [m["id"] for m in msgs][-1] == more[0]
+    s.flow.catch_up()
+    assert list(s.follower._counts()) == vec
+    b = s.fake.db.batch()
+    b.put(META_OUTBOX_COUNTS, pack_counts(vec[:-1] + [vec[-1] + 5]), s.fake.db.handle("meta"))
+    s.fake.db.write(b)
+    s.flow.catch_up()
+    assert list(s.follower._counts())[-1] == vec[-1] + 5  # the vector wins when present
+    await c.ack(*ids, *more)
+    await c.close()
+
+
 async def test_a_failed_shard_read_loses_and_repeats_nothing(stack_factory, monkeypatch):
     """A read that fails in one shard after others were read in the same round: the rows of
     the shards read go out (their cursors moved), the failed shard's rows are read again on the

@@ -1376,3 +1376,29 @@ def test_rocksdb_read_failure_is_a_store_error_not_a_rejection(env, monkeypatch)
     monkeypatch.setattr(env.db, "cf", lambda name: Broken() if name == "repos" else real_cf(name))
     with pytest.raises(StoreError):
         env.process(account(False, "deactivated"))
+
+
+def test_outbox_counter_vector_repeats_the_per_shard_counters(env):
+    """RepoLogic writes every shard's outbox counter again as one value (``META_OUTBOX_COUNTS``,
+    what the delivery child reads per step), in the batch that moves them; a new logic (a
+    restart) fills in the shards it has not written from the database."""
+    import struct
+
+    from store.layout import META_OUTBOX_COUNTS, meta_counter
+
+    def per_shard() -> list[int]:
+        return [int.from_bytes(env.db.cf("meta").get(meta_counter("outbox", s)) or b"", "big")
+                for s in range(env.cfg.shards)]
+
+    def vector() -> list[int]:
+        return list(struct.unpack(">%dQ" % env.cfg.shards, env.db.cf("meta").get(META_OUTBOX_COUNTS)))
+
+    assert env.db.cf("meta").get(META_OUTBOX_COUNTS) is None
+    env.active_repo(did(1), records={P1: cid("a")})
+    assert vector() == per_shard() and sum(per_shard()) >= 2
+    env.logic = env.make_logic()  # restart: nothing remembered
+    env.active_repo(did(2), records={P1: cid("b"), P2: cid("c")})
+    assert shard_of(did(1), 4) != shard_of(did(2), 4)
+    assert vector() == per_shard()  # did(1)'s shard, not written by this logic, read back
+    env.process(commit_item(did(1), rev(2), cid("root-" + rev(1)), cid("B"), [op("create", P2, cid("d"))]))
+    assert vector() == per_shard()
