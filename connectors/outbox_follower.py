@@ -16,10 +16,12 @@ What it does, every few milliseconds:
    without inotify, polls every 2-5 ms (an idle round then costs a few µs, not a catch-up).
 2. Per shard, read the rows after that shard's cursor, in id order (one writer per shard
    commits in id order, so a cursor per shard never misses a row), and offer the events of
-   every shard read in the round to every target in one call. The shard's ``count/outbox/<shard>`` counter (written in the same batch as
-   the rows) says how many rows are new, so a read never walks into the tombstones that acked
-   and deleted rows leave behind; a bounded scan of every shard each second is the safety
-   net. After a restart every row is read again: redelivery (invariant 2).
+   every shard read in the round to every target in one call. The shard's
+   ``count/outbox/<shard>`` counter (written in the same batch as the rows; read all at once
+   from RepoLogic's copy ``countvec/outbox`` when present) says how many rows are new, so a
+   read never walks into the tombstones that acked and deleted rows leave behind; a bounded
+   scan of every shard each second is the safety net. After a restart every row is read
+   again: redelivery (invariant 2).
 3. Stop reading while ``cfg.outbox_capacity`` events are offered and not yet taken by every
    target, or as many acked events wait for the flow to delete them: memory stays bounded.
 4. Events taken by every target are written as one ack batch per flush (every 10 ms or 1000

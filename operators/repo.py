@@ -17,8 +17,9 @@ Use directly (tests, tools)::
 
 or from bytewax 0.21: ``op.stateful_batch("repo_logic", keyed, repo_logic_builder(cfg))``
 (``flows.dataflow`` puts every item under one key, so one ``process`` call takes an
-activation's items of every shard; bytewax passes no key, each item carries its DID). What flows out is only ``Rejected`` items: bad input never raises out of
-``process()``; it is counted and logged downstream. A RocksDB read or write failure
+activation's items of every shard; bytewax passes no key, each item carries its DID). What
+flows out is only ``Rejected`` items: bad input never raises out of ``process()``; it is
+counted and logged downstream. A RocksDB read or write failure
 (``StoreError``) does raise: without durability the flow must stop, and everything it was
 processing is still in the durable queues it came from.
 
@@ -105,6 +106,7 @@ import random
 import re
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from bisect import bisect_right
 from dataclasses import dataclass, fields
@@ -504,8 +506,8 @@ class RepoLogic:
         self.resync_deletes = cfg.resync_deletes
         self.stats: Counter[str] = Counter()
         self._now = 0.0
-        # meta values this logic wrote (counters by (name, shard), marks by key); see _write
-        self._meta_known: dict = {}
+        # meta values RepoLogic wrote (counters by (name, shard), marks by key); see _write
+        self._meta_known = _meta_known(db)
         self._handlers: dict[type, Callable[[_Batch, Any, int], Optional[Rejected]]] = {
             FirehoseCommit: self._on_commit,
             FirehoseSync: self._on_sync,
@@ -1128,6 +1130,19 @@ _SOURCES = {
 
 _ids_lock = threading.Lock()
 _ids: dict[str, IdAllocator] = {}
+_known: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _meta_known(db: Database) -> dict:
+    """The counters and marks RepoLogic wrote through ``db``, shared by every RepoLogic on that
+    handle (several instances, as a key per shard makes, must see each other's writes: each
+    writes every shard's outbox counter again in ``META_OUTBOX_COUNTS``). RepoLogic is the only
+    writer of these keys, so what it wrote last is what the database holds."""
+    with _ids_lock:
+        ent = _known.get(id(db))
+        if ent is None or ent[0]() is not db:
+            ent = _known[id(db)] = (weakref.ref(db), {})
+        return ent[1]
 
 
 def shared_id_allocator(db: Database) -> IdAllocator:

@@ -1393,12 +1393,20 @@ def test_outbox_counter_vector_repeats_the_per_shard_counters(env):
     def vector() -> list[int]:
         return list(struct.unpack(">%dQ" % env.cfg.shards, env.db.cf("meta").get(META_OUTBOX_COUNTS)))
 
+    import operators.repo as repo_mod
+
     assert env.db.cf("meta").get(META_OUTBOX_COUNTS) is None
     env.active_repo(did(1), records={P1: cid("a")})
     assert vector() == per_shard() and sum(per_shard()) >= 2
-    env.logic = env.make_logic()  # restart: nothing remembered
+    repo_mod._known.clear()  # a new process: nothing remembered
+    env.logic = env.make_logic()
     env.active_repo(did(2), records={P1: cid("b"), P2: cid("c")})
     assert shard_of(did(1), 4) != shard_of(did(2), 4)
-    assert vector() == per_shard()  # did(1)'s shard, not written by this logic, read back
-    env.process(commit_item(did(1), rev(2), cid("root-" + rev(1)), cid("B"), [op("create", P2, cid("d"))]))
+    assert vector() == per_shard()  # did(1)'s shard, not written since the restart, read back
+    # two logics on one handle (a bytewax key per shard makes one per shard) see each other
+    other = env.make_logic()
+    other.process([commit_item(did(1), rev(2), cid("root-" + rev(1)), cid("B"), [op("create", P2, cid("d"))])])
+    assert vector() == per_shard()
+    env.process(commit_item(did(2), rev(2), cid("root-" + rev(1)), cid("C"), [op("create", P3, cid("e"))]))
+    assert env.state(did(1)).rev == env.state(did(2)).rev == rev(2)  # both commits applied
     assert vector() == per_shard()
