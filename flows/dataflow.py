@@ -7,8 +7,9 @@ the delivery child, following the outbox.
 Every item goes under ONE key: tapflow runs one bytewax worker (``runtime.topology``), and
 RepoLogic handles items of any shard in one ``process`` call (each item's shard comes from
 its DID), so a key per shard only split an activation into one call and one RocksDB write
-per shard: a live batch of N commits spread over ~N of the 64 shards cost ~N writes, and
-half of RepoLogic's CPU per commit beyond verification (``bench/repo_live.py``).
+per shard: a live batch of N commits spread over ~N of the 64 shards cost ~N writes (in
+30-commit batches, about half of RepoLogic's CPU per commit beyond verification:
+``bench/repo_live.py --per-shard`` against without).
 """
 
 from __future__ import annotations
