@@ -225,6 +225,9 @@ class AckApplier:
         counts = [0] * len(runs)
         short: list[tuple[int, bytes]] = []  # (run index, key)
         for i, (lo, hi, n) in enumerate(runs):
+            if n == 1:  # live events: mostly lone keys (each DID's own shard and id)
+                short.append((i, lo))
+                continue
             if n < RUN_SCAN_MIN:
                 first = int.from_bytes(lo, "big")
                 short += [(i, (first + j).to_bytes(OUTBOX_KEY_LEN, "big")) for j in range(n)]

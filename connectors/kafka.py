@@ -366,16 +366,6 @@ def _check_compacted(admin: AdminClient, topic: str, timeout: float) -> None:
         log.debug("could not read the config of %s: %r", topic, e)
 
 
-def _read_interval(conf: Mapping[str, object]) -> float:
-    """A quarter of the producer's linger (``linger.ms`` or its alias), at most 10 ms: how
-    often the outbox follower needs to read for Kafka alone (``KafkaTarget.read_interval``)."""
-    try:
-        linger = min(float(str(conf[k])) for k in ("linger.ms", "queue.buffering.max.ms") if k in conf)
-    except ValueError:  # no linger set, or not a number (the producer will say so)
-        return 0.0
-    return min(0.01, max(0.0, linger) / 4000)
-
-
 # --- the target ----------------------------------------------------------------------
 
 class _Pending:
@@ -445,7 +435,6 @@ class KafkaTarget:
         self._conf = producer_config(cfg, producer_overrides)
         # the producer holds messages linger.ms anyway: the outbox follower may read in runs
         # of a quarter of that (connectors.targets), fewer catch-ups and seeks per event
-        self.read_interval = _read_interval(self._conf)
         self._create_topics = create_topics
         self._setup_timeout = setup_timeout
         self._poll_interval = poll_interval

@@ -10,17 +10,18 @@ What it does, every few milliseconds:
 
 1. Look whether ``data/flow``'s files changed (``store.db.ChangeWatch``: two ``stat`` calls)
    and ``catch_up`` with the flow's primary only then (or once a second). Rounds follow each
-   other every 2 ms while rows come (less often when every target batches anyway: a target's
-   ``read_interval``; Kafka's is a quarter of its ``linger.ms``, 5 ms); when idle the follower
-   sleeps up to 100 ms and the flow's next write wakes it at once (``runtime.dirnotify``,
-   inotify on ``data/flow``), or, without inotify, polls every 2-5 ms (an idle round then
-   costs a few µs, not a catch-up).
+   other every 5 ms while rows come (``STEP_INTERVAL``; the inotify watch is paused then, so a
+   busy flow's writes cost no wake-up each); when idle the follower sleeps up to 100 ms and the
+   flow's next write wakes it at once (``runtime.dirnotify``, inotify on ``data/flow``), or,
+   without inotify, polls every 2-5 ms (an idle round then costs a few µs, not a catch-up).
 2. Per shard, read the rows after that shard's cursor, in id order (one writer per shard
-   commits in id order, so a cursor per shard never misses a row), and offer each event to
-   every target. The shard's ``count/outbox/<shard>`` counter (written in the same batch as
-   the rows) says how many rows are new, so a read never walks into the tombstones that acked
-   and deleted rows leave behind; a bounded scan of every shard each second is the safety
-   net. After a restart every row is read again: redelivery (invariant 2).
+   commits in id order, so a cursor per shard never misses a row), and offer the events of
+   every shard read in the round to every target in one call. The shard's
+   ``count/outbox/<shard>`` counter (written in the same batch as the rows; read all at once
+   from RepoLogic's copy ``countvec/outbox`` when present) says how many rows are new, so a
+   read never walks into the tombstones that acked and deleted rows leave behind; a bounded
+   scan of every shard each second is the safety net. After a restart every row is read
+   again: redelivery (invariant 2).
 3. Stop reading while ``cfg.outbox_capacity`` events are offered and not yet taken by every
    target, or as many acked events wait for the flow to delete them: memory stays bounded.
 4. Events taken by every target are written as one ack batch per flush (every 10 ms or 1000
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from typing import Callable, Sequence
 
@@ -44,7 +46,7 @@ from config import Config
 from connectors.acks import AckLog
 from connectors.targets import AckTracker, DeliveryTarget, TakenCallback, metrics
 from store.db import ChangeWatch, Database
-from store.layout import meta_counter, shard_prefix, unpack_i64
+from store.layout import META_OUTBOX_COUNTS, meta_counter, shard_prefix, unpack_i64
 from runtime.dirnotify import DirNotify
 from store.outbox import OutboxEvent
 
@@ -56,7 +58,11 @@ ACK_FLUSH_INTERVAL = 0.010
 ACK_FLUSH_KEYS = 1000
 SAFETY_SCAN_INTERVAL = 1.0
 CATCH_UP_MAX_QUIET = 1.0  # catch up at least this often even if the files look unchanged
-POLL_BUSY = 0.002
+POLL_BUSY = 0.002  # first idle sleep without inotify
+# At most one step per STEP_INTERVAL: a step's fixed cost (catch-up 0.1-0.3 ms, the shard
+# counters, a socket write, the client's ack read) is shared by the rows of 5 ms instead of
+# 2 ms; live delivery then adds at most ~5 ms to an event's latency.
+STEP_INTERVAL = 0.005
 POLL_IDLE_MAX = 0.005  # idle polling without inotify
 POLL_IDLE_NOTIFIED = 0.1  # idle sleep when the flow's writes wake the follower
 READ_CHUNK = 5000  # rows per pass before yielding to the sockets
@@ -77,7 +83,7 @@ def _counter(raw: bytes | None) -> int | None:
 
 class OutboxFollower:
     def __init__(self, cfg: Config, flow: Database, delivery: Database, targets: Sequence[TargetFactory],
-                 *, safety_scan_interval: float = SAFETY_SCAN_INTERVAL) -> None:
+                 *, safety_scan_interval: float = SAFETY_SCAN_INTERVAL, step_interval: float = STEP_INTERVAL) -> None:
         if not targets:
             raise ValueError("at least one delivery target")
         self._cfg = cfg
@@ -93,14 +99,13 @@ class OutboxFollower:
         self.targets: list[DeliveryTarget] = [make(self.tracker.callback(i)) for i, make in enumerate(targets)]
         # a run of rows goes to a target in one call where it can take one (``offer_many``)
         self._offers = [getattr(t, "offer_many", None) or _offer_each(t) for t in self.targets]
-        # while rows keep coming, a step every POLL_BUSY, or less often when every target
-        # batches anyway (``read_interval``: Kafka lingers 20 ms): fewer catch-ups and seeks
-        self._poll_busy = min(max(POLL_BUSY, float(getattr(t, "read_interval", POLL_BUSY))) for t in self.targets)
         # per shard: last key read, and the value of its outbox counter that those reads cover
         self._cursor: list[bytes | None] = [None] * self._shards
         self._seen: list[int | None] = [None] * self._shards
         self._scan: set[int] = set(range(self._shards))  # shards to read with a bounded scan
         self._counter_keys = [meta_counter("outbox", s) for s in range(self._shards)]
+        self._unpack_counts = struct.Struct(">%dq" % self._shards).unpack  # counters: i64 BE (pack_i64)
+        self._unpack_vec = struct.Struct(">%dQ" % self._shards).unpack  # META_OUTBOX_COUNTS
         self._bounds = [shard_prefix(s + 1) if s + 1 < 65536 else b"\xff\xff\xff" for s in range(self._shards)]
         self._rotate = 0
         self._last_seq = -1
@@ -113,6 +118,7 @@ class OutboxFollower:
         self._notify = DirNotify(flow.path, self._on_flow_write)
         self._idle_max = POLL_IDLE_MAX
         self._safety_interval = safety_scan_interval
+        self._busy = step_interval
         self.offered = 0
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -129,7 +135,7 @@ class OutboxFollower:
 
     async def run(self) -> None:
         """Follow the outbox until ``stop``."""
-        busy = idle = self._poll_busy
+        idle = POLL_BUSY
         while not self._stopping:
             try:
                 n = self.step()
@@ -139,17 +145,19 @@ class OutboxFollower:
                 n = 0
                 idle = 0.5
             if n:
-                idle = busy
-                await asyncio.sleep(0) if n >= READ_CHUNK else await self._sleep(busy)
+                idle = POLL_BUSY
+                self._notify.pause()  # busy: the timer steps, no wake-up per flow write
+                await asyncio.sleep(0) if n >= READ_CHUNK else await self._sleep(self._busy)
             else:
                 self._idle = True
+                self._notify.resume()
                 try:  # acks waiting for their flush cap the sleep
                     await self._sleep(min(idle, ACK_FLUSH_INTERVAL) if self._ack_buf else idle)
                 finally:
                     self._idle = False
                 idle = min(idle * 2, self._idle_max)
-                gap = busy - (time.monotonic() - self._last_step)
-                if gap > 0 and not self._stopping:  # woken early: at most a step per busy interval, so
+                gap = self._busy - (time.monotonic() - self._last_step)
+                if gap > 0 and not self._stopping:  # woken early: at most a step per interval, so
                     await asyncio.sleep(gap)  # the flow's writes of the next ms are read together
 
     async def stop(self) -> None:
@@ -205,11 +213,25 @@ class OutboxFollower:
             return 0
         # A shard without a counter has never had a row (RepoLogic writes both in one batch);
         # should that ever not hold, the bounded scan every second still finds the rows.
-        counts = [_counter(v) or 0 for v in self._meta.get(self._counter_keys)]
-        total = 0
+        counts = self._counts()
+        keys: list[bytes] = []
+        events: list[OutboxEvent] = []
         self._more = False
         start = self._rotate
         self._rotate = (self._rotate + 1) % self._shards
+        try:
+            total = self._read_shards(counts, start, room, keys, events)
+        finally:  # rows of shards whose cursor moved are offered even if a later shard failed
+            if events:  # every shard's run at once: one call per target, not one per shard
+                self.tracker.register_many(keys)
+                for offer in self._offers:
+                    offer(events)
+        self.offered += total
+        return total
+
+    def _read_shards(self, counts, start: int, room: int, keys: list[bytes], events: list[OutboxEvent]) -> int:
+        total = 0
+        shared_it = None
         for j in range(self._shards):
             s = (start + j) % self._shards
             if room <= 0:
@@ -217,7 +239,9 @@ class OutboxFollower:
                 break
             c = counts[s]
             if s in self._scan or self._seen[s] is None:
-                n, at_end = self._read_shard(s, room)
+                ro = ReadOptions()
+                ro.set_iterate_upper_bound(self._bounds[s])
+                n, at_end = self._read_shard(s, self._outbox.iter(ro), room, keys, events)
                 if at_end:
                     self._scan.discard(s)
                     self._seen[s] = c
@@ -227,7 +251,9 @@ class OutboxFollower:
                 want = c - self._seen[s]
                 if want <= 0:
                     continue
-                n, at_end = self._read_shard(s, min(want, room))
+                if shared_it is None:
+                    shared_it = self._outbox.iter()
+                n, at_end = self._read_shard(s, shared_it, min(want, room), keys, events)
                 self._seen[s] += n
                 if n < want:
                     if at_end:  # the counter counted rows we cannot see: trust the rows
@@ -236,45 +262,65 @@ class OutboxFollower:
                         self._more = True
             total += n
             room -= n
-        self.offered += total
         return total
 
-    def _read_shard(self, s: int, limit: int) -> tuple[int, bool]:
-        """Offer up to ``limit`` rows of shard ``s`` after its cursor.
+    def _counts(self) -> list[int] | tuple[int, ...]:
+        """Every shard's ``count/outbox/<shard>`` (0 for a shard that never had a row): from
+        RepoLogic's one-key copy of them when it is there, else key by key."""
+        vec = self._meta.get(META_OUTBOX_COUNTS)
+        if vec is not None and len(vec) == 8 * self._shards:
+            return self._unpack_vec(vec)
+        raw = self._meta.get(self._counter_keys)
+        try:  # the usual case, every counter present: one unpack instead of one call per shard
+            return self._unpack_counts(b"".join(raw))
+        except (TypeError, struct.error):
+            return [_counter(v) or 0 for v in raw]
 
-        Returns (rows, reached the shard's end). The rows come from one ``items`` iterator
-        bounded to the shard (one call per row, not four: valid, key, value, next), so the
-        read stops at the shard's end or one row past the ``limit``-th, never in another
-        shard's tombstones. The run's events are registered and offered together once read
-        (one call per target).
+    def _read_shard(self, s: int, it, limit: int, keys: list[bytes], events: list[OutboxEvent]) -> tuple[int, bool]:
+        """Append up to ``limit`` rows of shard ``s`` after its cursor to ``keys``/``events``.
+
+        Returns (rows, reached the shard's end). Never steps past the ``limit``-th row, so
+        an exact read stops on the last new row instead of walking into what follows. A shard's
+        rows come in id order and a DID lives in one shard, so appending shard after shard
+        keeps every DID's order; ``_read`` offers the lot together.
         """
         if limit <= 0:
             return 0, False
+        prefix = shard_prefix(s)
         cur = self._cursor[s]
-        ro = ReadOptions()
-        ro.set_iterate_upper_bound(self._bounds[s])
-        skip = self._acks.skip
-        keys: list[bytes] = []
-        events: list[OutboxEvent] = []
+        it.seek(cur + b"\x00" if cur is not None else prefix)
+        first = len(events)
+        try:
+            n, k, at_end = self._scan_rows(s, it, limit, prefix, self._acks.skip, keys, events)
+        except BaseException:  # the cursor stays: this shard's rows are read again, offered once
+            del keys[first:], events[first:]
+            raise
+        if n:
+            self._cursor[s] = k
+        return n, at_end
+
+    @staticmethod
+    def _scan_rows(s: int, it, limit: int, prefix: bytes, skip: set, keys: list[bytes],
+                   events: list[OutboxEvent]) -> tuple[int, bytes | None, bool]:
+        """The row loop of ``_read_shard``: (rows stepped over, last key, reached the end)."""
         n = 0
         k = None
         at_end = True
-        for k, row in self._outbox.items(from_key=cur + b"\x00" if cur is not None else shard_prefix(s), read_opt=ro):
+        while it.valid():
+            k = it.key()
+            if not k.startswith(prefix):
+                break
             n += 1
             if not skip or k not in skip:  # (in skip: acked before a restart, row not deleted yet)
-                i = row.index(0, 1)  # (event_from_row, inlined: this loop runs once per row)
+                row = it.value()  # (event_from_row, inlined: this loop runs once per row)
+                i = row.index(0, 1)
                 keys.append(k)
                 events.append(OutboxEvent(k, s, _from_bytes(k[2:10], "big"), row[1:i].decode(), row[0], row[i + 1:]))
             if n >= limit:
                 at_end = False
                 break
-        if n:
-            self._cursor[s] = k
-        if events:
-            self.tracker.register_many(keys)
-            for offer in self._offers:
-                offer(events)
-        return n, at_end
+            it.next()
+        return n, k, at_end
 
     # --- acks ------------------------------------------------------------------------------
 

@@ -29,12 +29,10 @@ Contract:
   included, see ``OutboxEvent.internal``), per shard in id order, exactly once per process
   lifetime; after a restart, every event not yet acked is offered again. It must not block
   or await: queue the event and return.
-- A target may also have ``offer_many(events)``: the follower then hands it each run of
-  events read from one shard in one call (same order, same contract as ``offer`` per event).
+- A target may also have ``offer_many(events)``: the follower then hands it the events of
+  one read round in one call (each shard's in id order, so each DID's too; same contract as
+  ``offer`` per event).
   ``taken_many(on_taken)`` is the matching batch form of ``on_taken`` (from the loop thread).
-- A target that batches anyway may have ``read_interval`` (seconds): while rows keep coming,
-  the follower then reads every ``read_interval`` instead of every 2 ms, if every target
-  allows it (fewer RocksDB catch-ups and seeks per row, a little more latency).
 - ``on_taken(key)`` may be called from any thread (a Kafka delivery-report thread, say); it
   is cheapest from the event loop thread. Calling it twice, or for a key never offered,
   is harmless.

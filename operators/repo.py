@@ -16,9 +16,10 @@ Use directly (tests, tools)::
     rejected = logic.process([AddRepo("did:plc:abc", seq=1)])
 
 or from bytewax 0.21: ``op.stateful_batch("repo_logic", keyed, repo_logic_builder(cfg))``
-(the stream is keyed by ``str(shard_of(did))``; bytewax passes no key, each item carries
-its DID). What flows out is only ``Rejected`` items: bad input never raises out of
-``process()``; it is counted and logged downstream. A RocksDB read or write failure
+(``flows.dataflow`` puts every item under one key, so one ``process`` call takes an
+activation's items of every shard; bytewax passes no key, each item carries its DID). What
+flows out is only ``Rejected`` items: bad input never raises out of ``process()``; it is
+counted and logged downstream. A RocksDB read or write failure
 (``StoreError``) does raise: without durability the flow must stop, and everything it was
 processing is still in the durable queues it came from.
 
@@ -105,11 +106,11 @@ import random
 import re
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from bisect import bisect_right
 from dataclasses import dataclass, fields
 from itertools import count, islice, repeat
-from operator import itemgetter
 from typing import Any, Callable, Iterable, Optional
 
 import orjson
@@ -163,8 +164,10 @@ from store.layout import (
     fetch_key,
     meta_cmd_applied,
     meta_firehose_applied,
+    META_OUTBOX_COUNTS,
     meta_counter,
     outbox_key,
+    pack_counts,
     outbox_row_head,
     pack_u64,
     record_key,
@@ -247,6 +250,8 @@ class RepoState:
     @classmethod
     def from_json(cls, raw: bytes) -> "RepoState":
         d = orjson.loads(raw)
+        if tuple(d) == _FIELD_ORDER:  # as to_json writes it: positional, 4-5x cheaper than **d
+            return cls(*d.values())
         try:
             return cls(**d)
         except TypeError:  # written by a newer version: ignore fields we do not know
@@ -259,7 +264,8 @@ class RepoState:
                          self.snap_pos)
 
 
-_STATE_FIELDS = frozenset(f.name for f in fields(RepoState))
+_FIELD_ORDER = tuple(f.name for f in fields(RepoState))
+_STATE_FIELDS = frozenset(_FIELD_ORDER)
 
 
 def load_repo_state(raw: bytes | None) -> Optional[RepoState]:
@@ -339,13 +345,19 @@ class _Batch:
 
     # undo marks: one per item
     def mark(self) -> tuple:
-        return (len(self._undo), len(self.events), dict(self.counters), self.fetch_queued)
+        return (len(self._undo), len(self.events), self.fetch_queued)
 
     def rollback(self, mark: tuple) -> None:
-        n_undo, n_events, counters, fetch_queued = mark
+        n_undo, n_events, fetch_queued = mark
         while len(self._undo) > n_undo:
             entry = self._undo.pop()
-            if entry[0] == "s":
+            if entry[0] == "t":  # a counter's previous value (counters are undone like rows)
+                _, k, old = entry
+                if old is _MISSING:
+                    self.counters.pop(k, None)
+                else:
+                    self.counters[k] = old
+            elif entry[0] == "s":
                 _, did, old = entry
                 if old is _MISSING:
                     self.states.pop(did, None)
@@ -372,7 +384,6 @@ class _Batch:
                 if not was_cleared:
                     self.cleared[cf].discard(prefix)
         del self.events[n_events:]
-        self.counters = counters
         self.fetch_queued = fetch_queued
 
     # repo states: callers get a private copy and store it back with put_state
@@ -477,7 +488,9 @@ class _Batch:
     def count(self, name: str, shard: int, delta: int) -> None:
         if delta:
             k = (name, shard)
-            self.counters[k] = self.counters.get(k, 0) + delta
+            old = self.counters.get(k, _MISSING)
+            self._undo.append(("t", k, old))
+            self.counters[k] = (0 if old is _MISSING else old) + delta
 
 
 # --- the operator ------------------------------------------------------------------------
@@ -524,6 +537,8 @@ class RepoLogic:
         self.resync_deletes = cfg.resync_deletes
         self.stats: Counter[str] = Counter()
         self._now = 0.0
+        # meta values RepoLogic wrote (counters by (name, shard), marks by key); see _write
+        self._meta_known = _meta_known(db)
         self._handlers: dict[type, Callable[[_Batch, Any, int], Optional[Rejected]]] = {
             FirehoseCommit: self._on_commit,
             FirehoseSync: self._on_sync,
@@ -551,6 +566,7 @@ class RepoLogic:
             if handler is None:
                 rejected.append(Rejected(str(did or "")[:300], source, "unknown_item", type(item).__name__))
                 continue
+            shard = -1
             if not valid_did(did):
                 rejected.append(Rejected(str(did)[:300], source, "bad_did"))
             else:
@@ -569,10 +585,12 @@ class RepoLogic:
                 if r is not None:
                     rejected.append(r)
             if type(item) in FIREHOSE_ITEMS and isinstance(did, str) and isinstance(item.seq, int):
-                try:
-                    s = shard_of(did, self.shards)
-                except Exception:  # not encodable: the firehose side skipped it too
-                    s = -1
+                s = shard
+                if s < 0:  # a bad DID: still done with (the firehose cursor may pass it)
+                    try:
+                        s = shard_of(did, self.shards)
+                    except Exception:  # not encodable: the firehose side skipped it too
+                        s = -1
                 if s >= 0 and item.seq > b.fh.get(s, 0):
                     b.fh[s] = item.seq
             if isinstance(item, (AddRepo, RemoveRepo)) and isinstance(item.seq, int) and item.seq > 0:
@@ -615,6 +633,7 @@ class RepoLogic:
             put = wb.put
             okey = outbox_key
             ldid, lflags, lkind, head, mid = None, -1, None, b"", b""
+            per_shard: dict[int, int] = {}
             for eid, (shard, did, flags, kind, body) in zip(count(eid), b.events):
                 if kind is None:
                     row = encode_outbox_row(did, flags, body)
@@ -624,28 +643,54 @@ class RepoLogic:
                         head, mid = outbox_row_head(did, flags) + ID_HEAD, kind_mid(kind)
                     row = b"%b%d%b%b}" % (head, eid, mid, body)
                 put(okey(shard, eid), row, h_out)
-            for shard, n in Counter(map(itemgetter(0), b.events)).items():
+                per_shard[shard] = per_shard.get(shard, 0) + 1
+            for shard, n in per_shard.items():
                 b.count("outbox", shard, n)
         meta = db.cf("meta")
         h_meta = db.handle("meta")
-        for (name, shard), delta in b.counters.items():
-            key = meta_counter(name, shard)
-            raw = meta.get(key)
-            cur = unpack_u64(raw) if raw else 0
-            wb.put(key, pack_u64(max(0, cur + delta)), h_meta)
+        # Counters and marks: RepoLogic is their only writer, so the values it wrote last are
+        # remembered (a RocksDB read per shard and counter per activation otherwise).
+        known = self._meta_known
+        written: dict = {}
+        for ck, delta in b.counters.items():
+            cur = known.get(ck)
+            if cur is None:
+                raw = meta.get(meta_counter(*ck))
+                cur = unpack_u64(raw) if raw else 0
+            written[ck] = new = max(0, cur + delta)
+            wb.put(meta_counter(*ck), pack_u64(new), h_meta)
         # highest control / firehose seq applied per shard: never moves back
         for marks, key_of in ((b.cmd, meta_cmd_applied), (b.fh, meta_firehose_applied)):
             for shard, seq in marks.items():
                 key = key_of(shard)
-                raw = meta.get(key)
-                if not raw or unpack_u64(raw) < seq:
+                cur = known.get(key)
+                if cur is None:
+                    raw = meta.get(key)
+                    cur = unpack_u64(raw) if raw else 0
+                if cur < seq:
                     wb.put(key, pack_u64(seq), h_meta)
+                    cur = seq
+                written[key] = cur
+        if any(ck[0] == "outbox" for ck in b.counters):
+            wb.put(META_OUTBOX_COUNTS, pack_counts(self._outbox_counts(meta, written)), h_meta)
         if wb.len():
             db.write(wb)
+        known.update(written)  # only once durable: a failed write leaves them to be read again
         if b.fetch_queued and self.on_fetch_queued:
             self.on_fetch_queued()
         if b.events and self.on_events:
             self.on_events()
+
+    def _outbox_counts(self, meta: Any, written: dict) -> list[int]:
+        """Every shard's outbox counter as this batch leaves it (``META_OUTBOX_COUNTS``); the
+        shards this logic has not written yet are read once."""
+        known = self._meta_known
+        keys = [("outbox", s) for s in range(self.shards)]
+        missing = [k for k in keys if k not in written and k not in known]
+        if missing:
+            for k, raw in zip(missing, meta.get([meta_counter(*k) for k in missing])):
+                known[k] = unpack_u64(raw) if raw else 0
+        return [written[k] if k in written else known[k] for k in keys]
 
     # --- shared steps -------------------------------------------------------------------
 
@@ -1116,6 +1161,19 @@ _SOURCES = {
 
 _ids_lock = threading.Lock()
 _ids: dict[str, IdAllocator] = {}
+_known: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _meta_known(db: Database) -> dict:
+    """The counters and marks RepoLogic wrote through ``db``, shared by every RepoLogic on that
+    handle (several instances, as a key per shard makes, must see each other's writes: each
+    writes every shard's outbox counter again in ``META_OUTBOX_COUNTS``). RepoLogic is the only
+    writer of these keys, so what it wrote last is what the database holds."""
+    with _ids_lock:
+        ent = _known.get(id(db))
+        if ent is None or ent[0]() is not db:
+            ent = _known[id(db)] = (weakref.ref(db), {})
+        return ent[1]
 
 
 def shared_id_allocator(db: Database) -> IdAllocator:
@@ -1129,7 +1187,7 @@ def shared_id_allocator(db: Database) -> IdAllocator:
 
 
 class RepoLogicBatch(StatefulBatchLogic):
-    """bytewax adapter: one RepoLogic per shard key, retained for the life of the flow."""
+    """bytewax adapter: one RepoLogic per key (the flow uses one), retained for the life of the flow."""
 
     def __init__(self, logic: RepoLogic) -> None:
         self.logic = logic

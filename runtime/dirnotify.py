@@ -9,7 +9,8 @@ the caller keeps polling::
     notify = DirNotify(flow_db.path, on_change)
     if not notify.start(asyncio.get_running_loop()):
         ...  # poll instead
-    ...
+    notify.pause()   # busy: polling on a timer anyway, no wake-up per write
+    notify.resume()  # idle again: writes made meanwhile wake at once
     notify.close()
 """
 
@@ -38,6 +39,7 @@ class DirNotify:
         self._callback = callback
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._armed = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Watch the directory; False if this platform or process cannot (then poll)."""
@@ -55,8 +57,22 @@ class DirNotify:
             return False
         self._fd = fd
         self._loop = loop
-        loop.add_reader(fd, self._ready)
+        self.resume()
         return True
+
+    def pause(self) -> None:
+        """Stop waking the loop until ``resume``: a caller that polls anyway while it is busy
+        saves one wake-up per write (the flow writes once per commit)."""
+        if self._armed and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self._armed = False
+
+    def resume(self) -> None:
+        """Wake the loop on changes again. Changes made while paused are kept by the kernel:
+        the callback runs at once for them (it errs towards waking, never misses a write)."""
+        if not self._armed and self._fd >= 0 and self._loop is not None:
+            self._loop.add_reader(self._fd, self._ready)
+            self._armed = True
 
     def _ready(self) -> None:
         try:
@@ -70,7 +86,6 @@ class DirNotify:
 
     def close(self) -> None:
         if self._fd >= 0:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._fd)
+            self.pause()
             os.close(self._fd)
             self._fd = -1

@@ -996,6 +996,119 @@ async def test_dir_notify_wakes_on_writes_and_new_files(tmp_path):
         n.close()
 
 
+async def test_dir_notify_paused_keeps_changes_for_resume(tmp_path):
+    """Paused (the follower is busy), writes wake nobody; resumed, what was written meanwhile
+    wakes at once: no change is ever missed."""
+    from runtime.dirnotify import DirNotify
+
+    ev = asyncio.Event()
+    n = DirNotify(tmp_path, ev.set)
+    assert n.start(asyncio.get_running_loop())
+    try:
+        n.pause()
+        (tmp_path / "000002.log").write_bytes(b"x")
+        await asyncio.sleep(0.1)
+        assert not ev.is_set()
+        n.resume()
+        await asyncio.wait_for(ev.wait(), 2.0)
+        ev.clear()
+        n.resume()  # twice is harmless
+        with open(tmp_path / "000002.log", "ab") as fh:
+            fh.write(b"y")
+        await asyncio.wait_for(ev.wait(), 2.0)
+    finally:
+        n.close()
+    n.pause()  # after close: harmless
+
+
+async def test_busy_follower_reads_shards_in_one_offer(stack_factory):
+    """A round that finds rows in several shards offers them in one call, each DID in id order."""
+    s = await stack_factory()
+    calls: list[list[int]] = []
+    real = s.channel.offer_many
+    s.channel.offer_many = lambda evs: (calls.append([e.id for e in evs]), real(evs))
+    s.follower._offers = [s.channel.offer_many]
+    c = await Consumer.connect(s.url)
+    ids = []
+    did_of = {}
+    dids = [did_n(700 + i) for i in range(6)]
+    assert len({shard_of(d, SHARDS) for d in dids}) > 1
+    for d in dids:  # written together: the follower's next round finds them all
+        for i in s.fake.push(d, 2):
+            ids.append(i)
+            did_of[i] = d
+    msgs = await c.wait(len(ids), 2.0)
+    assert sorted(m["id"] for m in msgs) == sorted(ids)
+    assert calls and all(len(c_) == len(ids) for c_ in calls)  # one call for every shard's rows
+    for d in dids:  # each DID in id order
+        mine = [i for i in calls[0] if did_of[i] == d]
+        assert mine == sorted(mine) and len(mine) == 2
+    await c.ack(*ids)
+    await _until(lambda: s.fake.rows() == 0)
+    await c.close()
+
+
+async def test_follower_reads_the_counter_vector_and_falls_back_without_it(stack_factory):
+    """The follower takes the shards' outbox counters from RepoLogic's one-key copy when the
+    flow wrote it, and key by key when it did not (older data): events flow either way."""
+    from store.layout import META_OUTBOX_COUNTS, pack_counts
+
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    ids = s.fake.push(did_n(900), 2) + s.fake.push(did_n(901), 1)  # per-shard counters only
+    assert [m["id"] for m in await c.wait(3, 2.0)] == ids
+    meta = s.fake.db.cf("meta")
+    per_shard = [unpack_u64(meta.get(meta_counter("outbox", sh)) or pack_u64(0)) for sh in range(SHARDS)]
+    assert list(s.follower._counts()) == per_shard
+    # the vector present: it is what the follower reads (one more row counted there, and written)
+    more = s.fake.push(did_n(902), 1)
+    vec = [unpack_u64(meta.get(meta_counter("outbox", sh)) or pack_u64(0)) for sh in range(SHARDS)]
+    b = s.fake.db.batch()
+    b.put(META_OUTBOX_COUNTS, pack_counts(vec), s.fake.db.handle("meta"))
+    s.fake.db.write(b)
+    msgs = await c.wait(4, 2.0)
+    assert [m["id"] for m in msgs][-1] == more[0]
+    s.flow.catch_up()
+    assert list(s.follower._counts()) == vec
+    b = s.fake.db.batch()
+    b.put(META_OUTBOX_COUNTS, pack_counts(vec[:-1] + [vec[-1] + 5]), s.fake.db.handle("meta"))
+    s.fake.db.write(b)
+    s.flow.catch_up()
+    assert list(s.follower._counts())[-1] == vec[-1] + 5  # the vector wins when present
+    await c.ack(*ids, *more)
+    await c.close()
+
+
+async def test_a_failed_shard_read_loses_and_repeats_nothing(stack_factory, monkeypatch):
+    """A read that fails in one shard after others were read in the same round: the rows of
+    the shards read go out (their cursors moved), the failed shard's rows are read again on the
+    retry, and nothing is sent twice."""
+    real = OutboxFollower._scan_rows
+    failed: list[int] = []
+
+    def flaky(sh, it, limit, prefix, skip, keys, events):
+        n, k, at_end = real(sh, it, limit, prefix, skip, keys, events)
+        if n and not failed and len(events) > n:  # another shard's rows are already in the round
+            failed.append(sh)
+            raise RuntimeError("read failed")
+        return n, k, at_end
+
+    monkeypatch.setattr(OutboxFollower, "_scan_rows", staticmethod(flaky))
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    dids = [did_n(800 + i) for i in range(6)]
+    assert len({shard_of(d, SHARDS) for d in dids}) > 1
+    ids = [i for d in dids for i in s.fake.push(d, 2)]
+    msgs = await c.wait(len(ids), 3.0)
+    assert failed
+    assert sorted(m["id"] for m in msgs) == sorted(ids)  # every event, each once
+    await asyncio.sleep(0.2)
+    assert len(c.msgs) == len(ids)
+    await c.ack(*ids)
+    await _until(lambda: s.fake.rows() == 0)
+    await c.close()
+
+
 async def test_idle_follower_is_woken_by_the_flows_write(stack_factory):
     """Idle, the follower sleeps up to 100 ms; the flow's writes reach it while it sleeps
     (inotify) and every event still arrives."""

@@ -393,3 +393,16 @@ def test_ack_log_numbers_keep_increasing_across_restarts_and_releases(tmp_path):
     assert log4.load() == 0 and log4.write(keys[5:]) == 5  # after the flow's cursor, never below
     flow.close()
     fresh.close()
+
+
+def test_point_lookup_families_have_bloom_filters(tmp_path):
+    """``repos`` and ``records`` answer a lookup per live commit / op, mostly misses on the
+    firehose: every family's SSTs carry a bloom filter (``store.db._family_options``)."""
+    import re
+
+    from store.db import FLOW_CFS, open_flow_db
+
+    open_flow_db(tmp_path)
+    opts = sorted((tmp_path / "flow").glob("OPTIONS-*"))[-1].read_text()
+    policy = dict(re.findall(r'\[TableOptions/BlockBasedTable "(\w+)"\][^\[]*?filter_policy=(\S+)', opts))
+    assert {cf for cf, p in policy.items() if p != "nullptr"} == set(FLOW_CFS) >= {"repos", "records"}

@@ -262,6 +262,33 @@ async def test_dial_failures_back_off(tmp_path):
     assert 2 <= c.stats["dial_failures"] <= 3, c.stats
 
 
+async def test_frame_metrics_reach_prometheus_in_batches(tmp_path):
+    """Frame and event counts and the last seq are added to Prometheus once per
+    ``METRICS_FLUSH``, not per frame, and none is lost."""
+    from prometheus_client import REGISTRY
+
+    from connectors.firehose import METRICS_FLUSH
+
+    def sample(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (sample("tapflow_firehose_frames_total", type="commit"), sample("tapflow_firehose_frames_total", type="identity"),
+              sample("tap_firehose_events_received_total"))
+    async with Relay() as relay:
+        relay.scripts = [[commit(1), identity(2), commit(3), commit(4), frame("#info", {"name": "OutdatedCursor"})]]
+        c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0)
+        c.start()
+        try:
+            await wait_for(lambda: c.stats["info"] == 1)
+            await asyncio.sleep(METRICS_FLUSH * 3)
+        finally:
+            c.stop()
+    after = (sample("tapflow_firehose_frames_total", type="commit"), sample("tapflow_firehose_frames_total", type="identity"),
+             sample("tap_firehose_events_received_total"))
+    assert [a - b for a, b in zip(after, before)] == [3, 1, 4]
+    assert sample("tap_firehose_last_seq") == 4
+
+
 async def test_error_frames_are_counted_and_reconnect(tmp_path):
     async with Relay() as relay:
         relay.scripts = [

@@ -201,35 +201,6 @@ def test_producer_config_defaults_passthrough_and_guards():
         load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_STALL_TIMEOUT": "0s"}, dotenv=None)
 
 
-def test_read_interval_follows_linger_and_the_follower_takes_the_shortest(tmp_path):
-    """Kafka lets the outbox follower read every linger.ms / 4 (at most 10 ms); a target without
-    ``read_interval`` (the channel) keeps the follower at its 2 ms."""
-    from connectors.outbox_follower import POLL_BUSY, OutboxFollower
-    from store.db import open_delivery_db, open_flow_db
-
-    def target(linger):
-        cfg = load_config({"TAP_KAFKA_BOOTSTRAP": "h:1", "TAP_KAFKA_LINGER_MS": str(linger)}, dotenv=None)
-        return KafkaTarget(cfg, lambda k: None)
-    assert target(20).read_interval == 0.005 and target(1000).read_interval == 0.01
-    assert target(0).read_interval == 0.0
-    assert KafkaTarget(Config(kafka_bootstrap="h:1"), lambda k: None).read_interval == 0.005  # linger.ms=20
-
-    class Plain:  # no read_interval: a target that wants every row at once
-        name = "plain"
-
-        def __init__(self, on_taken):
-            pass
-
-        def offer(self, ev):
-            pass
-
-    flow, delivery = open_flow_db(tmp_path), open_delivery_db(tmp_path)
-    cfg = Config(kafka_bootstrap="h:1", data_dir=str(tmp_path))
-    assert OutboxFollower(cfg, flow, delivery, [lambda cb: target(20)])._poll_busy == 0.005
-    assert OutboxFollower(cfg, flow, delivery, [lambda cb: target(20), Plain])._poll_busy == POLL_BUSY
-    assert OutboxFollower(cfg, flow, delivery, [lambda cb: target(0)])._poll_busy == POLL_BUSY
-
-
 def test_bad_passthrough_setting_is_a_clear_error():
     cfg = Config(kafka_bootstrap="127.0.0.1:1", kafka_extra=(("no.such.setting", "1"),))
     with pytest.raises(KafkaSetupError, match="TAP_KAFKA_"):

@@ -1032,6 +1032,56 @@ def test_bytewax_adapter_runs_in_a_dataflow(tmp_path):
     assert env.counter("repos") == 10 and len(env.fetch_q()) == 10
 
 
+def test_dataflow_key_makes_a_batch_of_many_shards_one_write(tmp_path, monkeypatch):
+    """``flows.dataflow`` keys every item alike: a bytewax batch of items of many shards is ONE
+    RepoLogic call and ONE WriteBatch (a key per shard cost one RocksDB write per shard), and
+    each shard's counters and applied marks still come out right."""
+    import bytewax.operators as op_
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink, TestingSource, run_main
+
+    from flows.dataflow import _one_key
+    from operators.repo import repo_logic_builder
+
+    env = make_env(tmp_path)
+    items = [AddRepo(did(i), seq=i + 1) for i in range(20)]
+    assert len({shard_of(it.did, env.cfg.shards) for it in items}) == env.cfg.shards
+    writes: list[int] = []
+    real = env.db.write
+    monkeypatch.setattr(env.db, "write", lambda b, sync=False: (writes.append(b.len()), real(b, sync)))
+    flow = Dataflow("t")
+    s = op_.input("in", flow, TestingSource(items, batch_size=len(items)))
+    out = op_.stateful_batch("repo", op_.key_on("k", s, _one_key),
+                             repo_logic_builder(env.cfg, db=env.db, ids=env.ids))
+    got: list = []
+    op_.output("out", op_.key_rm("u", out), TestingSink(got))
+    run_main(flow)
+    assert got == [] and len(writes) == 1
+    assert env.counter("repos") == 20 and len(env.fetch_q()) == 20
+    for sh in range(env.cfg.shards):
+        assert env.cmd_applied(sh) == max(it.seq for it in items if shard_of(it.did, env.cfg.shards) == sh)
+
+
+def test_counters_stay_right_across_batches_and_a_failed_write(env, monkeypatch):
+    """RepoLogic remembers the counters it wrote (no read per activation): the sums stay exact
+    over many batches, and a write that failed leaves nothing remembered."""
+    for i in range(6):
+        env.process(AddRepo(did(i)))
+    assert env.counter("repos") == 6
+
+    def boom(batch, sync=False):
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(env.db, "write", boom)
+    with pytest.raises(StoreError):
+        env.process(AddRepo(did(10)), AddRepo(did(11)))
+    monkeypatch.undo()
+    env.process(RemoveRepo(did(0)), AddRepo(did(12)))
+    assert env.counter("repos") == 6
+    assert env.make_logic().process([AddRepo(did(13))]) == []  # a new logic reads them back
+    assert env.counter("repos") == 7
+
+
 def test_repo_state_json_roundtrip_tolerates_unknown_fields(env):
     from operators.repo import RepoState
 
@@ -1039,6 +1089,22 @@ def test_repo_state_json_roundtrip_tolerates_unknown_fields(env):
     d = orjson.loads(st.to_json())
     d["future_field"] = 1
     assert RepoState.from_json(orjson.dumps(d)) == st
+
+
+def test_repo_state_json_roundtrip_any_field_order_or_missing_fields():
+    """``from_json`` reads what ``to_json`` wrote positionally; rows with their fields in another
+    order, or without newer fields (older versions), still land in the right fields."""
+    from dataclasses import fields
+
+    from operators.repo import RepoState
+
+    st = RepoState(**{f.name: (7 + i if f.type == "int" else f"v{i}") for i, f in enumerate(fields(RepoState))})
+    assert RepoState.from_json(st.to_json()) == st
+    d = orjson.loads(st.to_json())
+    assert RepoState.from_json(orjson.dumps(dict(reversed(d.items())))) == st
+    del d["snap_pos"], d["buf_rev"]
+    old = RepoState.from_json(orjson.dumps(d))
+    assert (old.snap_pos, old.buf_rev, old.buf_next, old.state) == ("", "", st.buf_next, st.state)
 
 
 # --------------------------------------------------------------------------- real signed commits
@@ -1331,3 +1397,37 @@ def test_rocksdb_read_failure_is_a_store_error_not_a_rejection(env, monkeypatch)
     monkeypatch.setattr(env.db, "cf", lambda name: Broken() if name == "repos" else real_cf(name))
     with pytest.raises(StoreError):
         env.process(account(False, "deactivated"))
+
+
+def test_outbox_counter_vector_repeats_the_per_shard_counters(env):
+    """RepoLogic writes every shard's outbox counter again as one value (``META_OUTBOX_COUNTS``,
+    what the delivery child reads per step), in the batch that moves them; a new logic (a
+    restart) fills in the shards it has not written from the database."""
+    import struct
+
+    from store.layout import META_OUTBOX_COUNTS, meta_counter
+
+    def per_shard() -> list[int]:
+        return [int.from_bytes(env.db.cf("meta").get(meta_counter("outbox", s)) or b"", "big")
+                for s in range(env.cfg.shards)]
+
+    def vector() -> list[int]:
+        return list(struct.unpack(">%dQ" % env.cfg.shards, env.db.cf("meta").get(META_OUTBOX_COUNTS)))
+
+    import operators.repo as repo_mod
+
+    assert env.db.cf("meta").get(META_OUTBOX_COUNTS) is None
+    env.active_repo(did(1), records={P1: cid("a")})
+    assert vector() == per_shard() and sum(per_shard()) >= 2
+    repo_mod._known.clear()  # a new process: nothing remembered
+    env.logic = env.make_logic()
+    env.active_repo(did(2), records={P1: cid("b"), P2: cid("c")})
+    assert shard_of(did(1), 4) != shard_of(did(2), 4)
+    assert vector() == per_shard()  # did(1)'s shard, not written since the restart, read back
+    # two logics on one handle (a bytewax key per shard makes one per shard) see each other
+    other = env.make_logic()
+    other.process([commit_item(did(1), rev(2), cid("root-" + rev(1)), cid("B"), [op("create", P2, cid("d"))])])
+    assert vector() == per_shard()
+    env.process(commit_item(did(2), rev(2), cid("root-" + rev(1)), cid("C"), [op("create", P3, cid("e"))]))
+    assert env.state(did(1)).rev == env.state(did(2)).rev == rev(2)  # both commits applied
+    assert vector() == per_shard()
