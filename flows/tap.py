@@ -19,6 +19,10 @@ except (ConfigError, TopologyError) as _e:
     print(str(_e), file=sys.stderr)
     raise SystemExit(2) from None
 
+from runtime.memory import limit_malloc_arenas  # noqa: E402
+
+limit_malloc_arenas()  # before any thread or child process starts
+
 from runtime.metrics import prepare_multiprocess  # noqa: E402  (before prometheus_client loads)
 
 prepare_multiprocess(_cfg.data_dir, fresh=True)
