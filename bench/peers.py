@@ -172,6 +172,8 @@ def run_tapflow_verify(data: ReplayData, n: int) -> dict:
 
 
 def run_all(url: str, data: ReplayData, n_ts: int, n_py: int, log=print) -> list[dict]:
+    # a peer waits for as many frames as it is told: never more than the data set holds
+    n_ts, n_py = min(n_ts, len(data.frames)), min(n_py, len(data.frames))
     out = []
     for name, fn in (("tapflow_verify", lambda: run_tapflow_verify(data, n_py)),
                      ("atproto_py", lambda: run_atproto_py(url, n_py)),
