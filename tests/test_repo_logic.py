@@ -1431,3 +1431,18 @@ def test_outbox_counter_vector_repeats_the_per_shard_counters(env):
     env.process(commit_item(did(2), rev(2), cid("root-" + rev(1)), cid("C"), [op("create", P3, cid("e"))]))
     assert env.state(did(1)).rev == env.state(did(2)).rev == rev(2)  # both commits applied
     assert vector() == per_shard()
+
+
+def test_a_large_activation_is_applied_in_bounded_calls(env):
+    """Under one bytewax key an activation can hold a whole /repos/add (50,000 DIDs): it is
+    applied ``MAX_ITEMS_PER_CALL`` items at a time (peak memory), every item, in order."""
+    from operators.repo import MAX_ITEMS_PER_CALL, RepoLogicBatch
+
+    calls = []
+    process = env.logic.process
+    env.logic.process = lambda items: calls.append(len(items)) or process(items)
+    dids = [f"did:plc:bulk{i:020d}" for i in range(2 * MAX_ITEMS_PER_CALL + 10)]
+    out, retain = RepoLogicBatch(env.logic).on_batch([AddRepo(d) for d in dids] + [object()])
+    assert calls == [MAX_ITEMS_PER_CALL, MAX_ITEMS_PER_CALL, 11]
+    assert [r.reason for r in out] == ["unknown_item"] and retain == RepoLogicBatch.RETAIN
+    assert env.counter("repos") == len(dids) and env.state(dids[-1]).state == "pending"
