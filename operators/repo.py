@@ -351,18 +351,13 @@ class _Batch:
         n_undo, n_events, fetch_queued = mark
         while len(self._undo) > n_undo:
             entry = self._undo.pop()
-            if entry[0] == "t":  # a counter's previous value (counters are undone like rows)
+            if entry[0] == "t" or entry[0] == "s":  # a counter's or a repo state's previous value
                 _, k, old = entry
+                d = self.counters if entry[0] == "t" else self.states
                 if old is _MISSING:
-                    self.counters.pop(k, None)
+                    d.pop(k, None)
                 else:
-                    self.counters[k] = old
-            elif entry[0] == "s":
-                _, did, old = entry
-                if old is _MISSING:
-                    self.states.pop(did, None)
-                else:
-                    self.states[did] = old
+                    d[k] = old
             elif entry[0] == "k":
                 _, cf, prefix, key, old = entry
                 bucket = self.kv[cf][prefix]
