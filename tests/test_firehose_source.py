@@ -156,6 +156,8 @@ class Relay:
                 await ws.send(step)
             elif isinstance(step, float):
                 await asyncio.sleep(step)
+            elif isinstance(step, asyncio.Event):  # the test says when to go on
+                await step.wait()
         await ws.wait_closed()
 
     async def __aenter__(self) -> "Relay":
@@ -706,7 +708,8 @@ async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
         lane = procpool.lanes()[0]
         async with Relay() as relay:
             later = frame("#commit", {**cbor.decode_multi(good)[1], "seq": 5})
-            relay.scripts = [[good, forged, 1.5, later, identity(6)]]
+            gate = asyncio.Event()  # the later frames come only once the worker is dead
+            relay.scripts = [[good, forged, gate, later, identity(6)]]
             c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0, keys=keys)
             assert c._preverify  # on by default while the pool runs
             c.start()
@@ -716,6 +719,7 @@ async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
                 assert got[0][1].pre.result[0] is True and got[1][1].pre.result[:2] == (False, "bad_signature")
                 os.kill(lane.proc.pid, _signal.SIGKILL)
                 lane.proc.join(5)
+                gate.set()
                 await wait_for(lambda: got.extend(drain_all(c)) or len(got) >= 4, timeout=20)
             finally:
                 c.stop()
