@@ -46,7 +46,8 @@ from config import Config
 from connectors.acks import AckLog
 from connectors.targets import AckTracker, DeliveryTarget, TakenCallback, metrics
 from store.db import ChangeWatch, Database
-from store.layout import META_OUTBOX_COUNTS, meta_counter, shard_prefix, unpack_i64
+from store.layout import (META_OUTBOX_COUNTS, decode_counter, meta_counter, shard_prefix, unpack_counts,
+                          unpack_i64s)
 from runtime.dirnotify import DirNotify
 from store.outbox import OutboxEvent
 
@@ -77,10 +78,6 @@ def event_from_row(key: bytes, row: bytes, shard: int) -> OutboxEvent:
     return OutboxEvent(key, shard, _from_bytes(key[2:10], "big"), row[1:i].decode(), row[0], row[i + 1:])
 
 
-def _counter(raw: bytes | None) -> int | None:
-    return None if raw is None else unpack_i64(raw)
-
-
 class OutboxFollower:
     def __init__(self, cfg: Config, flow: Database, delivery: Database, targets: Sequence[TargetFactory],
                  *, safety_scan_interval: float = SAFETY_SCAN_INTERVAL, step_interval: float = STEP_INTERVAL) -> None:
@@ -104,8 +101,6 @@ class OutboxFollower:
         self._seen: list[int | None] = [None] * self._shards
         self._scan: set[int] = set(range(self._shards))  # shards to read with a bounded scan
         self._counter_keys = [meta_counter("outbox", s) for s in range(self._shards)]
-        self._unpack_counts = struct.Struct(">%dq" % self._shards).unpack  # counters: i64 BE (pack_i64)
-        self._unpack_vec = struct.Struct(">%dQ" % self._shards).unpack  # META_OUTBOX_COUNTS
         self._bounds = [shard_prefix(s + 1) if s + 1 < 65536 else b"\xff\xff\xff" for s in range(self._shards)]
         self._rotate = 0
         self._last_seq = -1
@@ -269,12 +264,12 @@ class OutboxFollower:
         RepoLogic's one-key copy of them when it is there, else key by key."""
         vec = self._meta.get(META_OUTBOX_COUNTS)
         if vec is not None and len(vec) == 8 * self._shards:
-            return self._unpack_vec(vec)
+            return unpack_counts(vec, self._shards)
         raw = self._meta.get(self._counter_keys)
         try:  # the usual case, every counter present: one unpack instead of one call per shard
-            return self._unpack_counts(b"".join(raw))
+            return unpack_i64s(b"".join(raw), self._shards)
         except (TypeError, struct.error):
-            return [_counter(v) or 0 for v in raw]
+            return [decode_counter(v) for v in raw]
 
     def _read_shard(self, s: int, it, limit: int, keys: list[bytes], events: list[OutboxEvent]) -> tuple[int, bool]:
         """Append up to ``limit`` rows of shard ``s`` after its cursor to ``keys``/``events``.

@@ -167,6 +167,11 @@ def pack_counts(values: list[int]) -> bytes:
     return struct.pack(">%dQ" % len(values), *values)
 
 
+def unpack_counts(raw: bytes, n: int) -> tuple[int, ...]:
+    """The ``n`` values ``pack_counts`` packed; struct.error for any other length."""
+    return struct.unpack(">%dQ" % n, raw)
+
+
 #: Outbox rows deleted after every target took them (one writer: ControlSource's AckApplier);
 #: outbox depth = sum(count/outbox/*) - this.
 OUTBOX_ACKED = "outbox_acked"
@@ -209,6 +214,11 @@ def pack_i64(n: int) -> bytes:
 
 def unpack_i64(b: bytes) -> int:
     return _I64.unpack(b)[0]
+
+
+def unpack_i64s(raw: bytes, n: int) -> tuple[int, ...]:
+    """``n`` values of ``pack_i64`` back to back (counters read together); struct.error otherwise."""
+    return struct.unpack(">%dq" % n, raw)
 
 
 # --- delivery db ------------------------------------------------------------------------
