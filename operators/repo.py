@@ -646,22 +646,24 @@ class RepoLogic:
         # Counters and marks: RepoLogic is their only writer, so the values it wrote last are
         # remembered (a RocksDB read per shard and counter per activation otherwise).
         known = self._meta_known
+
+        def stored(known_key: Any, key: bytes) -> int:
+            cur = known.get(known_key)
+            if cur is None:
+                raw = meta.get(key)
+                cur = unpack_u64(raw) if raw else 0
+            return cur
+
         written: dict = {}
         for ck, delta in b.counters.items():
-            cur = known.get(ck)
-            if cur is None:
-                raw = meta.get(meta_counter(*ck))
-                cur = unpack_u64(raw) if raw else 0
-            written[ck] = new = max(0, cur + delta)
-            wb.put(meta_counter(*ck), pack_u64(new), h_meta)
+            key = meta_counter(*ck)
+            written[ck] = new = max(0, stored(ck, key) + delta)
+            wb.put(key, pack_u64(new), h_meta)
         # highest control / firehose seq applied per shard: never moves back
         for marks, key_of in ((b.cmd, meta_cmd_applied), (b.fh, meta_firehose_applied)):
             for shard, seq in marks.items():
                 key = key_of(shard)
-                cur = known.get(key)
-                if cur is None:
-                    raw = meta.get(key)
-                    cur = unpack_u64(raw) if raw else 0
+                cur = stored(key, key)
                 if cur < seq:
                     wb.put(key, pack_u64(seq), h_meta)
                     cur = seq
