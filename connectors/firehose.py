@@ -351,8 +351,7 @@ class FirehoseClient:
         # #commit pre-verification in runtime.procpool's lanes (default: when the pool runs)
         self._lanes = procpool.lanes() if lanes is None else list(lanes)
         self._idle = list(self._lanes)  # lanes with no request out (loop thread)
-        self._live = len(self._lanes)  # lanes whose worker has not died
-        self._gone: set = set()
+        self._gone: set = set()  # lanes whose worker died
         self._asked: dict[Any, _Answer] = {}  # lane -> the answer its request will fill (loop thread)
         self._watched: set = set()  # lanes whose pipe the loop watches (registered once, not per request)
         self._watch_loop: Any = None
@@ -506,7 +505,7 @@ class FirehoseClient:
         self._vflush_due = False
         while self._vbatch:
             if self._lanes and not self._idle:
-                if self._live:
+                if len(self._gone) < len(self._lanes):  # a live lane will take them
                     return  # all busy: the next answer sends the rest
                 ans = _Answer()
                 ans.set_exception(RuntimeError("no verification worker left"))
@@ -565,10 +564,8 @@ class FirehoseClient:
             except (OSError, ValueError, RuntimeError):  # pipe closed or loop gone: nothing to undo
                 pass
         lane.dead = True
-        if lane not in self._gone:
-            self._gone.add(lane)
-            self._live -= 1
-        if self._live <= 0 and self._preverify:
+        self._gone.add(lane)
+        if len(self._gone) >= len(self._lanes) and self._preverify:
             self._preverify = False
             _log.error("every verification worker is gone; verifying in RepoLogic")
 
