@@ -433,8 +433,6 @@ class KafkaTarget:
         self.events_topic = cfg.kafka_topic_prefix + EVENTS
         self.records_topic = cfg.kafka_topic_prefix + RECORDS
         self._conf = producer_config(cfg, producer_overrides)
-        # the producer holds messages linger.ms anyway: the outbox follower may read in runs
-        # of a quarter of that (connectors.targets), fewer catch-ups and seeks per event
         self._create_topics = create_topics
         self._setup_timeout = setup_timeout
         self._poll_interval = poll_interval
