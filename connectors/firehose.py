@@ -1,6 +1,6 @@
 """FirehoseSource: the relay's ``com.atproto.sync.subscribeRepos`` as flow items.
 
-A daemon thread runs an asyncio loop that holds the WebSocket (``websockets``), decodes
+A daemon thread runs an asyncio loop that holds the WebSocket (aiohttp), decodes
 each binary frame (DAG-CBOR header ``{op, t}`` + body, ``protocol.cbor.decode_multi``)
 and appends ``(seq, item)`` to a deque; bytewax drains the deque in ``next_batch`` and
 never waits. Items: ``FirehoseCommit``, ``FirehoseSync``, ``FirehoseIdentity``,
@@ -23,10 +23,10 @@ Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
   through the continuity check, invariant 4).
 - Malformed frames (bad CBOR, wrong types, text frames, frames over
   ``TAP_MAX_FRAME_SIZE``) are counted as rejections and skipped; the stream continues.
-  A frame over the size limit makes ``websockets`` drop the connection; the redial then
-  reads exactly that frame with ``SKIP_READ_FACTOR`` times the limit, rejects it (its seq
-  still advances the cursor) and restores the limit, so one huge frame cannot wedge the
-  stream. A frame larger still is never read: the redial after it starts at the live head,
+  A frame over the size limit makes the WebSocket client (aiohttp, which refuses it from
+  its header, before reading it) drop the connection; the redial then reads with
+  ``SKIP_READ_FACTOR`` times the limit and rejects every frame over the limit (their seqs
+  still advance the cursor), so one huge frame cannot wedge the stream. A frame larger still is never read: the redial after it starts at the live head,
   as after ``FutureCursor`` (counted and logged; the gap heals, invariant 4). Memory per
   frame stays bounded by ``SKIP_READ_FACTOR * TAP_MAX_FRAME_SIZE``.
 - Back-pressure: no socket reads (and no dial) while the outbox holds
@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 
+import aiohttp
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from prometheus_client import Counter, Gauge
 
@@ -109,6 +110,17 @@ _MAX_DID = 2048
 #: The redial that skips an oversized frame reads it with this many times TAP_MAX_FRAME_SIZE
 #: (to learn its seq and reject it), never unbounded: a relay cannot make us buffer more.
 SKIP_READ_FACTOR = 16
+PING_INTERVAL = 30.0  # s between pings; the relay must answer within half of it
+CLOSE_TIMEOUT = 2.0
+
+_BINARY = aiohttp.WSMsgType.BINARY
+_TEXT = aiohttp.WSMsgType.TEXT
+_ERROR = aiohttp.WSMsgType.ERROR
+_CLOSING = frozenset((aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED))
+
+
+class _Oversized(Exception):
+    """A frame over the connection's size limit (aiohttp refused it before reading it)."""
 
 
 # --- frames ----------------------------------------------------------------------------
@@ -600,9 +612,15 @@ class FirehoseClient:
     # --- the loop ---------------------------------------------------------------------
 
     async def _run(self) -> None:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed
+        # Its own session: no total timeout (the connection lives for days), no shared pool.
+        session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT},
+                                        timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
+        try:
+            await self._dial_loop(session)
+        finally:
+            await session.close()
 
+    async def _dial_loop(self, session: aiohttp.ClientSession) -> None:
         failures = 0
         while True:
             await self._wait_capacity()
@@ -610,22 +628,19 @@ class FirehoseClient:
             url = self.url + (f"?cursor={cursor}" if cursor > 0 else "")
             self.cursor_used.append(cursor)
             _log.info("connecting to firehose", extra={"url": url, "cursor": cursor, "retries": failures})
+            wide = self._skip_oversized  # this connection reads the oversized frame: a wider limit
+            limit = self.cfg.max_frame_size * (SKIP_READ_FACTOR if wide else 1)
             try:
-                ws = await connect(
+                ws = await asyncio.wait_for(session.ws_connect(
                     url,
-                    max_size=self.cfg.max_frame_size * (SKIP_READ_FACTOR if self._skip_oversized else 1),
-                    compression=None,
-                    user_agent_header=USER_AGENT,
-                    open_timeout=self._open_timeout,
-                    ping_interval=30,
-                    ping_timeout=60,
-                    close_timeout=2,
-                    max_queue=64,
+                    max_msg_size=limit + 1,  # aiohttp refuses a message of max_msg_size bytes or more
+                    compress=0,
+                    heartbeat=PING_INTERVAL,  # a pong must come within half of it
                     proxy=None,
-                )
+                ), self._open_timeout)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # OSError, InvalidHandshake, InvalidURI, TimeoutError, ...
+            except Exception as e:  # OSError, WSServerHandshakeError, InvalidURL, TimeoutError, ...
                 CONNECTS.labels("failed").inc()
                 self.stats["dial_failures"] += 1
                 delay = dial_backoff(failures)
@@ -641,26 +656,23 @@ class FirehoseClient:
             _log.info("connected to firehose", extra={"url": url})
             frames_before = self.stats["frames"]
             error_frame = False
+            stopping = False
             try:
-                error_frame = await self._read(ws)
+                error_frame = await self._read(ws, wide)
             except asyncio.CancelledError:
-                # leave without a close handshake: we are stopping
-                ws.transport.abort() if getattr(ws, "transport", None) else None
+                stopping = True  # leave without a close handshake: closing the session drops the socket
                 raise
-            except ConnectionClosed as e:
-                code = e.sent.code if e.sent is not None else None
-                if code == 1009:
-                    self._on_oversized()
-                else:
-                    _log.warning("firehose connection closed", extra={"url": self.url, "error": str(e)})
+            except _Oversized:
+                self._on_oversized()
             except Exception as e:
                 _log.warning("firehose connection failed", extra={"url": self.url, "error": f"{type(e).__name__}: {e}"})
             finally:
                 self.connected = False
-                try:
-                    await asyncio.wait_for(ws.close(), 2)
-                except BaseException:
-                    pass
+                if not stopping:
+                    try:
+                        await asyncio.wait_for(ws.close(), CLOSE_TIMEOUT)
+                    except BaseException:
+                        pass
             got_frames = self.stats["frames"] > frames_before
             if error_frame or not got_frames:
                 # first time: redial at once; a relay that keeps answering with errors or
@@ -707,28 +719,47 @@ class FirehoseClient:
                 _log.info("firehose resumed")
             return
 
-    async def _read(self, ws) -> bool:
-        """Read frames until the connection ends; True if it ended after an error frame."""
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, wide: bool) -> bool:
+        """Read frames until the connection ends; True if it ended after an error frame.
+
+        ``wide``: the connection reads up to ``SKIP_READ_FACTOR`` times the frame limit (the
+        redial after an oversized frame); frames over the limit are then rejected here. Raises
+        ``_Oversized`` when a frame is over the connection's limit (never read)."""
         q = self._queue
         cap = self.cfg.outbox_capacity
         qmax = self._queue_max
         depth = self._depth
         last = self.received_seq
         preverify = self._preverify
+        max_size = self.cfg.max_frame_size
+        receive = ws.receive
         while True:
             if len(q) >= qmax or depth() >= cap:
                 await self._wait_capacity()
-            data = await ws.recv()
+            msg = await receive()
+            mtype = msg.type
+            if mtype is not _BINARY:
+                if mtype is _TEXT:
+                    self.stats["frames"] += 1
+                    REJECTED.labels("text_frame").inc()
+                    self.stats["rejected"] += 1
+                    _log.warning("firehose sent a text frame; skipped", extra={"url": self.url})
+                    continue
+                if mtype is _ERROR:
+                    err = msg.data
+                    if isinstance(err, aiohttp.WebSocketError) and err.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                        raise _Oversized()
+                    raise err if isinstance(err, BaseException) else ConnectionError(str(err))
+                if mtype in _CLOSING:
+                    _log.warning("firehose connection closed",
+                                 extra={"url": self.url, "code": ws.close_code, "reason": str(msg.extra or "")})
+                    return False
+                continue  # ping/pong (answered by aiohttp)
+            data = msg.data
             self.stats["frames"] += 1
-            if isinstance(data, str):
-                REJECTED.labels("text_frame").inc()
-                self.stats["rejected"] += 1
-                _log.warning("firehose sent a text frame; skipped", extra={"url": self.url})
-                continue
-            if self._skip_oversized:
+            if wide:
                 self._skip_oversized = False
-                ws.protocol.max_message_size = self.cfg.max_frame_size
-                if len(data) > self.cfg.max_frame_size:
+                if len(data) > max_size:
                     f = decode_frame(data)
                     f = _reject(f.type, "frame_too_large", f.seq, f.did, f"{len(data)} bytes")
                     self._handle(f, q)
