@@ -632,11 +632,16 @@ class MST:
     trimmed down to a subtree that is not available (only its CID is known, see ``remove``).
     """
 
-    __slots__ = ("root", "store")
+    __slots__ = ("root", "store", "trail")
 
     def __init__(self, root: Node | bytes, store: BlockSource | None = None) -> None:
         self.root = root
         self.store: BlockSource = store if store is not None else {}
+        # The last ``get`` that found its key: (key, root, node holding it, [(parent, index,
+        # child), ...] from the root down). A commit's op is looked up, then inverted on a copy
+        # of the same root: the inversion starts from this walk instead of repeating it. Valid
+        # while ``root`` is that root (nodes are immutable; a walk only memoizes children).
+        self.trail: tuple | None = None
 
     # -- construction
 
@@ -674,7 +679,9 @@ class MST:
         return cls(_build(keys, vals, heights, 0, len(keys), top), {})
 
     def copy(self) -> "MST":
-        return MST(self.root, self.store)
+        t = MST(self.root, self.store)
+        t.trail = self.trail
+        return t
 
     # -- queries
 
@@ -723,6 +730,8 @@ class MST:
             raise MSTPartialError("MST root height unknown (its only subtree is missing)")
         h = key_height(key)
         store = self.store
+        root = node
+        path = []
         while node is not None:
             if h > node.height:
                 return None
@@ -730,12 +739,15 @@ class MST:
             i = bisect_left(keys, key)
             if h == node.height:
                 if i < len(keys) and keys[i] == key:
+                    self.trail = (key, root, node, path)
                     vals = node.vals
                     if vals is not None:
                         return vals[i]
                     return _vals(node)[i]
                 return None
-            node = _child(node, i, store)
+            child = _child(node, i, store)
+            path.append((node, i, child))
+            node = child
         return None
 
     def walk(self, on_missing: Callable[[bytes], None] | None = None) -> Iterator[tuple[bytes, bytes]]:
@@ -1300,17 +1312,22 @@ def _invert_one(tree: MST, key: bytes, value: bytes | None, prev: bytes | None) 
             _check_value(prev)
         h = key_height(key)
         store = tree.store
-        node = root
-        path = []
-        while node.height > h:
-            i = bisect_left(node.keys, key)
-            child = _child(node, i, store)
-            if child is None or child.cid is None:
+        trail = tree.trail
+        if trail is not None and trail[0] is key and trail[1] is root:  # the walk of the op's lookup
+            node = trail[2]
+            path = trail[3]
+        else:
+            node = root
+            path = []
+            while node.height > h:
+                i = bisect_left(node.keys, key)
+                child = _child(node, i, store)
+                if child is None:
+                    return None
+                path.append((node, i, child))
+                node = child
+            if node.height != h:
                 return None
-            path.append((node, i, child.cid))
-            node = child
-        if node.height != h:
-            return None
         c = _FALLBACK
         if h == 0 and node.subs is None and node.ents is not None and node.canonical and node.plain:
             c = _leaf_edit(node, key, value, prev, remove)  # most ops: a key on layer 0
@@ -1335,7 +1352,10 @@ def _invert_one(tree: MST, key: bytes, value: bytes | None, prev: bytes | None) 
             if old != value:
                 return None
             c = _encode_node(new, None)
-        for parent, i, link in reversed(path):
+        for parent, i, child in reversed(path):
+            link = child.cid
+            if link is None:
+                return None
             if c is not None and parent.canonical and parent.plain and parent.cid is not None:
                 block = parent.block
                 needle = _LINK_HDR + link

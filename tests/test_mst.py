@@ -672,6 +672,36 @@ def test_inversion_from_minimal_proof(base, new, seed):
     assert invert_ops(MST.load(proof, new_root), ops) == old_root
 
 
+def test_single_op_inversion_after_lookups():
+    """A single op's inversion starts from the walk of the lookup that found its key (MST.trail):
+    after a lookup of that key, of another key, or on a tree edited since, it gives the root a
+    fresh tree gives, for creates, updates and deletes on every layer."""
+    keys = sorted(("app.bsky.feed.post/" + "%05d" % i).encode() for i in range(300))
+    before = {k: val(i) for i, k in enumerate(keys)}
+    store, root = blocks_of(MST.build(before.items()))
+    for n, k in enumerate(keys[::7]):
+        other = keys[(n * 31 + 1) % len(keys)]  # never k (24n + 1 = 0 mod 300 has no solution)
+        for op in ((k, before[k], None), (k, before[k], val(5000 + n))):  # create, update inverted
+            expect = invert_ops(MST.load(store, root), [op])
+            t = MST.load(store, root)
+            assert t.get(k) == before[k]
+            assert invert_ops(t.copy(), [op]) == expect  # the trail of k
+            t = MST.load(store, root)
+            assert t.get(other) == before[other]
+            assert invert_ops(t.copy(), [op]) == expect  # a trail of another key: not used
+        t = MST.load(store, root)
+        assert t.get(k) == before[k]
+        t.remove(other)  # the root changed since the lookup (and has its CID again)
+        t.root_cid()
+        gone = MST.load(store, root)
+        gone.remove(other)
+        assert invert_ops(t.copy(), [(k, before[k], None)]) == invert_ops(gone, [(k, before[k], None)])
+        dstore, droot = blocks_of(MST.build((x, v) for x, v in before.items() if x != k))
+        t = MST.load(dstore, droot)
+        assert t.get(other) == before[other]
+        assert invert_ops(t.copy(), [(k, None, before[k])]) == root  # a delete inverted after a lookup
+
+
 # ----------------------------------------------------------------------------- hostile trees
 
 

@@ -211,3 +211,19 @@ def test_did_plc_fast_path_agrees_with_regex() -> None:
 
 def test_invalid_syntax_is_value_error() -> None:
     assert issubclass(InvalidSyntax, ValueError)
+
+
+def test_datetime_fast_path_accepts_only_valid() -> None:
+    """The one-regex fast path of ``is_valid_datetime`` takes a subset of what the full check takes:
+    every month/day/hour/minute/second in and out of range, leap and century years, fractions."""
+    taken = 0
+    for year in ("0000", "1900", "2000", "2023", "2024"):
+        for month in range(0, 14):
+            for day in range(0, 33):
+                for hms in ("00:00:00", "23:59:59", "24:00:00", "23:60:00", "23:59:60", "19:07:00.186173"):
+                    s = f"{year}-{month:02d}-{day:02d}T{hms}Z"
+                    if sx._DATETIME_FAST_RE.fullmatch(s) is not None:
+                        taken += 1
+                        assert sx._is_valid_datetime_full(s), s
+                    assert sx.is_valid_datetime(s) is sx._is_valid_datetime_full(s), s
+    assert taken > 1000  # the fast path takes the common form
