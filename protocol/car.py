@@ -31,6 +31,8 @@ __all__ = [
     "CarMissingRoot",
     "CarBadCID",
     "read_car",
+    "index_car",
+    "BlockIndex",
     "write_car",
     "DEFAULT_MAX_CAR_SIZE",
     "DEFAULT_MAX_BLOCKS",
@@ -227,6 +229,95 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
         blocks[cid] = body
         pos = send
     return Car(roots, blocks)
+
+
+class BlockIndex:
+    """The blocks of a CAR held in a buffer (an ``mmap`` of a spooled ``getRepo`` body), found by
+    offset: ``get(cid)`` slices the block out of the buffer on demand.
+
+    Why: ``read_car`` copies every block into a dict of ``bytes`` (about the CAR's size again);
+    here the buffer stays the only copy and the index costs one small int per block.
+    """
+
+    __slots__ = ("_buf", "_at")
+
+    def __init__(self, buf, at: dict[bytes, int]) -> None:
+        self._buf = buf
+        self._at = at  # cid -> body offset << 26 | body length (a section is at most 32 MiB)
+
+    def get(self, cid: bytes, default: bytes | None = None) -> bytes | None:
+        v = self._at.get(cid)
+        if v is None:
+            return default
+        at = v >> 26
+        return self._buf[at : at + (v & _LEN_MASK)]
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._at
+
+
+_LEN_MASK = (1 << 26) - 1
+assert MAX_SECTION_SIZE <= _LEN_MASK
+
+
+def index_car(data, max_size: int = DEFAULT_MAX_CAR_SIZE, max_blocks: int = DEFAULT_MAX_BLOCKS) -> Car:
+    """``read_car`` for a large CAR in a buffer (``mmap``, ``bytes``): the same checks in the same
+    order with the same errors (every block's sha2-256 against its CID), but the ``Car``'s
+    ``blocks`` is a ``BlockIndex`` into ``data``, which must stay open while it is used.
+
+    ``read_car`` keeps its own loop: it is the hot path of every small repo and live commit.
+    """
+    end = len(data)
+    if end > max_size:
+        raise CarTooLarge(f"CAR is {end} bytes, more than {max_size}")
+    if end == 0:
+        raise CarTruncated("empty CAR")
+    hlen, pos = _read_varint(data, 0, end)
+    if hlen > MAX_SECTION_SIZE:
+        raise CarTooLarge(f"CAR header section of {hlen} bytes")
+    if hlen == 0:
+        raise CarBadHeader("CAR header is empty")
+    if pos + hlen > end:
+        raise CarTruncated("CAR ends inside the header")
+    roots = _decode_header(data[pos : pos + hlen])
+    pos += hlen
+
+    at: dict[bytes, int] = {}
+    pfx_cbor = _PFX_DAG_CBOR
+    pfx_raw = _PFX_RAW
+    left = max_blocks
+    view = memoryview(data)  # hashing a view of the block: no copy of its bytes
+    try:
+        while pos < end:
+            slen, pos = _read_varint(data, pos, end)
+            send = pos + slen
+            left -= 1
+            if slen <= 36 or send > end or slen > MAX_SECTION_SIZE or left < 0:
+                if slen == 0:
+                    break  # as read_car: go-car reads an empty section as the end
+                if slen > MAX_SECTION_SIZE:
+                    raise CarTooLarge(f"CAR section of {slen} bytes")
+                if left < 0:
+                    raise CarTooLarge(f"CAR has more than {max_blocks} blocks")
+                if send > end:
+                    raise CarTruncated("CAR ends inside a block")
+                if slen < 36:
+                    raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
+            body_at = pos + 36
+            cid = data[pos:body_at]
+            pfx = cid[:4]
+            if pfx != pfx_cbor and pfx != pfx_raw:
+                raise CarBadCID(f"unsupported block CID prefix {pfx.hex()}")
+            if sha256(view[body_at:send]).digest() != cid[4:]:
+                raise CarHashMismatch(f"block hash does not match its CID at offset {pos}")
+            at[cid] = body_at << 26 | (send - body_at)
+            pos = send
+    finally:
+        view.release()
+    return Car(roots, BlockIndex(data, at))
 
 
 def _varint(n: int) -> bytes:

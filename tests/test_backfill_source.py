@@ -131,6 +131,13 @@ class FakePds:
                 await resp.write(self.cars[did][:50])
                 req.transport.close()
                 return resp
+            if b == "truncated_late":  # the whole body but 100 bytes promised more
+                resp = web.StreamResponse(headers={"Content-Length": str(len(self.cars[did]) + 100),
+                                                   "Content-Type": "application/vnd.ipld.car"})
+                await resp.prepare(req)
+                await resp.write(self.cars[did])
+                req.transport.close()
+                return resp
             if b == "chunked_big":
                 resp = web.StreamResponse(headers={"Content-Type": "application/vnd.ipld.car"})
                 resp.enable_chunked_encoding()
