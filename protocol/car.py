@@ -15,6 +15,7 @@ repeated; the header is DAG-CBOR ``{"version": 1, "roots": [cid, ...]}``.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Mapping
 from hashlib import sha256
 
@@ -235,32 +236,86 @@ class BlockIndex:
     """The blocks of a CAR held in a buffer (an ``mmap`` of a spooled ``getRepo`` body), found by
     offset: ``get(cid)`` slices the block out of the buffer on demand.
 
-    Why: ``read_car`` copies every block into a dict of ``bytes`` (about the CAR's size again);
-    here the buffer stays the only copy and the index costs one small int per block.
+    Why: ``read_car`` copies every block into a dict of ``bytes`` (about the CAR's size again,
+    plus ~150 bytes of objects per block); here the buffer stays the only copy and the index is
+    one open-addressing table of 8-byte slots (16-32 bytes per block, no object per block). A
+    slot holds ``body offset << 26 | body length`` (+1, so 0 is free); the CID is not stored: it
+    is the 36 bytes in front of the body, compared on every probe. The slot of a CID is its
+    ``hash()`` (SipHash, keyed per process as for dicts), so a CAR cannot be built to collide.
     """
 
-    __slots__ = ("_buf", "_at")
+    __slots__ = ("_buf", "_slots", "_mask", "count")
 
-    def __init__(self, buf, at: dict[bytes, int]) -> None:
+    def __init__(self, buf, capacity: int) -> None:
+        bits = max(4, (2 * max(1, capacity)).bit_length())  # at most half full
         self._buf = buf
-        self._at = at  # cid -> body offset << 26 | body length (a section is at most 32 MiB)
+        self._slots = array("Q", bytes(8 << bits))
+        self._mask = (1 << bits) - 1
+        self.count = 0
+
+    def add(self, cid: bytes, at: int, n: int) -> None:
+        """Index the body of ``n`` bytes at ``at`` (right after ``cid`` in the buffer); a CID
+        already there is kept (same CID, same bytes)."""
+        slots, buf, mask = self._slots, self._buf, self._mask
+        i = hash(cid) & mask
+        while True:
+            v = slots[i]
+            if not v:
+                slots[i] = (at << 26 | n) + 1
+                self.count += 1
+                return
+            o = (v - 1) >> 26
+            if buf[o - 36 : o] == cid:
+                return
+            i = (i + 1) & mask
 
     def get(self, cid: bytes, default: bytes | None = None) -> bytes | None:
-        v = self._at.get(cid)
-        if v is None:
+        if cid.__class__ is not bytes:
             return default
-        at = v >> 26
-        return self._buf[at : at + (v & _LEN_MASK)]
+        slots, buf, mask = self._slots, self._buf, self._mask
+        i = hash(cid) & mask
+        while True:
+            v = slots[i]
+            if not v:
+                return default
+            v -= 1
+            o = v >> 26
+            if buf[o - 36 : o] == cid:
+                return buf[o : o + (v & _LEN_MASK)]
+            i = (i + 1) & mask
 
     def __len__(self) -> int:
-        return len(self._at)
+        return self.count
 
     def __contains__(self, cid: object) -> bool:
-        return cid in self._at
+        return isinstance(cid, bytes) and self.get(cid) is not None
 
 
 _LEN_MASK = (1 << 26) - 1
 assert MAX_SECTION_SIZE <= _LEN_MASK
+
+
+def _count_sections(data, pos: int, end: int) -> int:
+    """How many sections follow ``pos`` (stops early at anything malformed: the real pass reports it)."""
+    n = 0
+    while pos < end:
+        b = data[pos]
+        if b < 0x80:
+            slen = b
+            pos += 1
+        elif pos + 1 < end and data[pos + 1] < 0x80:
+            slen = (b & 0x7F) | (data[pos + 1] << 7)
+            pos += 2
+        else:
+            try:
+                slen, pos = _read_varint(data, pos, end)
+            except CarError:
+                break
+        if slen == 0:
+            break
+        pos += slen
+        n += 1
+    return n
 
 
 def index_car(data, max_size: int = DEFAULT_MAX_CAR_SIZE, max_blocks: int = DEFAULT_MAX_BLOCKS) -> Car:
@@ -285,14 +340,23 @@ def index_car(data, max_size: int = DEFAULT_MAX_CAR_SIZE, max_blocks: int = DEFA
     roots = _decode_header(data[pos : pos + hlen])
     pos += hlen
 
-    at: dict[bytes, int] = {}
+    index = BlockIndex(data, min(_count_sections(data, pos, end), max_blocks))
+    slots, mask = index._slots, index._mask  # BlockIndex.add, inlined
     pfx_cbor = _PFX_DAG_CBOR
     pfx_raw = _PFX_RAW
     left = max_blocks
+    count = 0
     view = memoryview(data)  # hashing a view of the block: no copy of its bytes
     try:
         while pos < end:
-            slen, pos = _read_varint(data, pos, end)
+            slen = data[pos]
+            if slen < 0x80:
+                pos += 1
+            elif pos + 1 < end and data[pos + 1] < 0x80:
+                slen = (slen & 0x7F) | (data[pos + 1] << 7)
+                pos += 2
+            else:
+                slen, pos = _read_varint(data, pos, end)
             send = pos + slen
             left -= 1
             if slen <= 36 or send > end or slen > MAX_SECTION_SIZE or left < 0:
@@ -313,11 +377,22 @@ def index_car(data, max_size: int = DEFAULT_MAX_CAR_SIZE, max_blocks: int = DEFA
                 raise CarBadCID(f"unsupported block CID prefix {pfx.hex()}")
             if sha256(view[body_at:send]).digest() != cid[4:]:
                 raise CarHashMismatch(f"block hash does not match its CID at offset {pos}")
-            at[cid] = body_at << 26 | (send - body_at)
+            i = hash(cid) & mask
+            while True:
+                v = slots[i]
+                if not v:
+                    slots[i] = (body_at << 26 | slen - 36) + 1
+                    count += 1
+                    break
+                o = (v - 1) >> 26
+                if data[o - 36 : o] == cid:
+                    break  # a duplicate: same CID, same bytes
+                i = (i + 1) & mask
             pos = send
     finally:
         view.release()
-    return Car(roots, BlockIndex(data, at))
+    index.count = count
+    return Car(roots, index)
 
 
 def _varint(n: int) -> bytes:
