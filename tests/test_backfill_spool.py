@@ -176,3 +176,32 @@ def test_stop_mid_repo_deletes_its_spool_file(tmp_path, pds_loop):
     finally:
         b.stop()
     assert _spool_files(env) == []
+
+
+def test_worker_killed_mid_repo_fails_the_fetch_and_leaves_no_file(tmp_path, pds_loop):
+    """A pool worker that dies while packing a spooled repo: as for an in-memory CAR, the fetch
+    is answered with a failure (RepoLogic retries it later) and both files are gone."""
+    import signal
+
+    from runtime import procpool
+
+    env = Env(tmp_path, pds_loop)
+    env.account(DID, {f"app.bsky.feed.post/3l{i:011d}": post(i) for i in range(20000)})
+    key = env.request(DID)
+    assert procpool.start_pool(1) is not None
+    b = env.backfiller(chunk_size=1000, spool_over=64 << 10)
+    b.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(f.endswith(".rec") for f in _spool_files(env)):  # the worker has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        for proc in list(procpool.pool()._processes.values()):
+            os.kill(proc.pid, signal.SIGKILL)
+        (f,) = collect(b, has_last(DID), timeout=60)
+    finally:
+        b.stop()
+        procpool.stop_pool()
+    assert isinstance(f, FetchFailed) and f.fetch_key == key
+    assert f.error.startswith("failed to read repo from CAR: BrokenProcessPool"), f.error
+    assert _spool_files(env) == []
