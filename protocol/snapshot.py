@@ -53,7 +53,8 @@ class PackedChunk:
 
 @dataclass(slots=True)
 class ChunkRef:
-    """Where ``connectors.repospool.pack_snapshot_file`` wrote a chunk: ``keys``, ``cids`` and ``bodies`` back to back."""
+    """Where ``connectors.repospool.pack_snapshot_file`` wrote a chunk: ``keys``, ``cids`` and
+    ``bodies`` back to back."""
 
     offset: int
     count: int
