@@ -112,10 +112,11 @@ POLL_BUDGET_S = 0.05
 #: itself: measured on 30-record repos, a pool task cost the flow process more (hand-off
 #: threads, wake-up pipes) than doing the work, and the pool worker twice the work.
 INLINE_CAR_BYTES = 16 << 10
-#: CARs above this size are streamed to a file under the data dir and verified and packed from
-#: there, the records handed out chunk by chunk from a second file (``connectors.repospool``):
-#: a huge repo's backfill then needs memory for its block index and a chunk, not several times
-#: its CAR. Smaller ones (nearly all repos) stay in memory, where they are cheapest.
+#: CARs above this size (``TAP_BACKFILL_SPOOL_SIZE``) are streamed to a file under the data dir
+#: and verified and packed from there, the records handed out chunk by chunk from a second file
+#: (``connectors.repospool``): a huge repo's backfill then needs memory for its block index and a
+#: chunk, not several times its CAR. Smaller ones (nearly all repos) stay in memory, where they
+#: are cheapest.
 SPOOL_CAR_BYTES = 32 << 20
 PDS_BACKOFF_S = 10.0
 #: An answered row that RepoLogic has not deleted after this long is fetched again (by kind).
@@ -219,7 +220,7 @@ class Backfiller:
                  depth: Callable[[], int] | None = None, chunk_size: int = CHUNK_SIZE,
                  scan_interval: float = 0.05, identity_parallelism: int | None = None,
                  done_timeout: dict[str, float] | None = None, claim_timeout: float = CLAIM_TIMEOUT_S,
-                 spool_over: int = SPOOL_CAR_BYTES) -> None:
+                 spool_over: int | None = None) -> None:
         self.cfg = cfg
         self.db = db if db is not None else open_flow_db(cfg.data_dir)
         self._directory = directory
@@ -231,7 +232,7 @@ class Backfiller:
         self.identity_slots = identity_parallelism or max(4, cfg.resync_parallelism)
         self.done_timeout = dict(DONE_TIMEOUT_S, **(done_timeout or {}))
         self.claim_timeout = claim_timeout
-        self.spool_over = spool_over
+        self.spool_over = cfg.backfill_spool_size if spool_over is None else spool_over
         self._spool = Spool(cfg.data_dir)
         self._keep = _collection_filter(cfg)
         self._keep_wire = _collection_filter(cfg)  # for pool tasks: never called here, so its memo stays empty
@@ -598,6 +599,7 @@ class Backfiller:
         spooled = isinstance(car, http.SpooledBody)
         if spooled:
             self.stats["spooled"] += 1
+            _log.info("repo CAR spooled to disk", extra={"did": did, "bytes": car.size})
         CAR_BYTES.inc(car.size if spooled else len(car))
         snap: PackedSnapshot | None = None
         try:
