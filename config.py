@@ -116,6 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("resync_deletes", ("TAP_RESYNC_DELETES",), "true", "bool",
             "a resync emits delete events for records that vanished (false = Tap's behaviour)"),
     Setting("max_car_size", ("TAP_MAX_CAR_SIZE",), "1073741824", "int", "largest getRepo CAR accepted, bytes"),
+    Setting("backfill_spool_size", ("TAP_BACKFILL_SPOOL_SIZE",), "33554432", "int",
+            "getRepo CARs larger than this many bytes go through files under the data dir, not memory"),
     Setting("max_frame_size", ("TAP_MAX_FRAME_SIZE",), "5242880", "int", "largest firehose frame accepted, bytes"),
     Setting("max_body_size", ("TAP_MAX_BODY_SIZE",), "10485760", "int", "largest HTTP API request body, bytes"),
     Setting("handle_resolver", ("TAP_HANDLE_RESOLVER",), "dns,https", "list",
@@ -174,6 +176,7 @@ class Config:
     shards: int = 64
     resync_deletes: bool = True
     max_car_size: int = 1 << 30
+    backfill_spool_size: int = 32 << 20
     max_frame_size: int = 5 << 20
     max_body_size: int = 10 << 20
     handle_resolver: tuple[str, ...] = ("dns", "https")
@@ -297,7 +300,7 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
                            ("outbox_capacity", "TAP_OUTBOX_CAPACITY", 1), ("ident_cache_size", "TAP_IDENT_CACHE_SIZE", 1),
                            ("kafka_partitions", "TAP_KAFKA_PARTITIONS", 1), ("kafka_replication", "TAP_KAFKA_REPLICATION", 1),
                            ("webhook_concurrency", "TAP_WEBHOOK_CONCURRENCY", 1), ("verify_workers", "TAP_VERIFY_WORKERS", 0),
-                           ("max_car_size", "TAP_MAX_CAR_SIZE", 1024),
+                           ("max_car_size", "TAP_MAX_CAR_SIZE", 1024), ("backfill_spool_size", "TAP_BACKFILL_SPOOL_SIZE", 0),
                            ("max_frame_size", "TAP_MAX_FRAME_SIZE", 1024), ("max_body_size", "TAP_MAX_BODY_SIZE", 1024)):
         if int(v[attr]) < low:  # type: ignore[arg-type]
             errors.append(f"{env}={v[attr]}: must be at least {low}")

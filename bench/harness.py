@@ -90,6 +90,17 @@ def rss_mb(pid: int) -> float:
         return 0.0
 
 
+def anon_mb(pid: int) -> float:
+    """Resident memory of ``pid`` that is not file-backed (resident - shared of statm): what a
+    mapped file's cached pages, which the kernel can drop, do not count in."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            v = f.read().split()
+        return (int(v[1]) - int(v[2])) * PAGE / 1e6
+    except (OSError, IndexError):
+        return 0.0
+
+
 def hwm_mb(pid: int) -> float:
     """Peak RSS of ``pid`` (VmHWM)."""
     try:
@@ -130,6 +141,9 @@ class ProcWatch:
         self.roots = roots
         self.interval = interval
         self.peak_rss: dict[str, float] = {k: 0.0 for k in roots}
+        self.peak_anon: dict[str, float] = {k: 0.0 for k in roots}
+        self.first_anon: dict[str, float] = {}  # the first sample's: what the processes held before the work
+        self.first_rss: dict[str, float] = {}
         self.samples: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._cpu0: dict[str, float] = {}
@@ -172,6 +186,11 @@ class ProcWatch:
             rs = {k: self._tree_rss(p) for k, p in self.roots.items()}
             for k, v in rs.items():
                 self.peak_rss[k] = max(self.peak_rss[k], v)
+            for k, p in self.roots.items():
+                a = sum(anon_mb(q) for q in self._own(p))
+                self.peak_anon[k] = max(self.peak_anon[k], a)
+                self.first_anon.setdefault(k, a)
+                self.first_rss.setdefault(k, rs[k])
             self.samples.append((time.monotonic(), rs))
 
     def stop(self) -> dict:
@@ -186,6 +205,8 @@ class ProcWatch:
         total = m1[1] - self._m0[1]
         return {"wall_s": wall, "unix_s": (self._unix0, time.time()), "cpu_s": cpu, "own_cpu_s": own,
                 "runq_wait_s": wait, "peak_rss_mb": dict(self.peak_rss),
+                "peak_anon_mb": dict(self.peak_anon), "first_anon_mb": dict(self.first_anon),
+                "first_rss_mb": dict(self.first_rss),
                 "machine_busy_cores": busy / wall if wall else 0.0,
                 "machine_cores": total / wall if wall else 0.0,
                 "other_cpu_s": busy - sum(cpu.values())}

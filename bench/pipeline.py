@@ -280,10 +280,15 @@ def measure_backfill(path: Path, s: dict, target: str, tmp: Path, args, broker: 
         res = {"records": st["records"], "expected": n_records, "repos": n_repos, "identity": st["identity"],
                "elapsed_s": elapsed, "records_per_s": n_records / elapsed if ok else 0.0,
                "first_event_s": st["t_first"] - t0 if st["t_first"] else None, "ok": ok, "watch": watch,
-               "load": (load0, loadavg())}
+               "load": (load0, loadavg()), "peak_flow_rss_mb": watch["peak_rss_mb"].get("flow", 0.0),
+               "peak_flow_anon_mb": watch["peak_anon_mb"].get("flow", 0.0)}
         log(f"backfill-{target}: {res['records_per_s']:,.0f} records/s ({n_records:,} records, {n_repos:,} repos "
             f"in {elapsed:.1f}s; first event after {res['first_event_s'] or 0:.2f}s); "
-            f"CPU {_cpu_line(watch, n_records, 'record')}")
+            f"CPU {_cpu_line(watch, n_records, 'record')}; peak RSS (sampled every {w.interval}s) flow with its "
+            f"workers {res['peak_flow_rss_mb']:.0f} MB (not file-backed {res['peak_flow_anon_mb']:.0f} MB; "
+            f"{watch['first_rss_mb'].get('flow', 0.0):.0f} and {watch['first_anon_mb'].get('flow', 0.0):.0f} MB "
+            f"before the add), "
+            f"delivery {watch['peak_rss_mb'].get('delivery', 0.0):.0f} MB")
         return res
     finally:
         if cons:
@@ -647,6 +652,10 @@ def report(results: dict, limits: dict, s: dict, args) -> None:
         if base in ("backfill-channel", "backfill-webhook", "backfill-kafka"):
             row(base.replace("-", "_") + "_records_per_s" + variant_suffix(m), results[m], "records_per_s", "records/s",
                 lim_b, "verify+JSON/core", n_key="expected")
+            row(base.replace("-", "_") + "_peak_flow_rss_mb" + variant_suffix(m), results[m], "peak_flow_rss_mb", "MB",
+                lower=True)
+            row(base.replace("-", "_") + "_peak_flow_anon_mb" + variant_suffix(m), results[m], "peak_flow_anon_mb", "MB",
+                lower=True)
         elif base == "live":
             row("live_commits_per_s" + variant_suffix(m), results[m], "commits_per_s", "commits/s", lim_c, "verify/core",
                 n_key="commits")

@@ -38,7 +38,10 @@ in the verification process pool (``runtime.procpool``, ``protocol.snapshot.pack
 a one-thread executor when the pool is off), which returns the records packed in chunks of
 a few large ``bytes`` (cheap to unpickle). ``next_batch`` on the bytewax thread only hands
 ready chunks out, up to ``POLL_MAX_CHUNKS`` per call; memory holds one packed repo (about
-its CAR's size) per fetch slot.
+its CAR's size) per fetch slot. A CAR above ``SPOOL_CAR_BYTES`` never sits in memory: the
+download streams it to a file under the data dir, the worker verifies it from a mapping of that
+file and writes the packed records to a second file, which this side reads a chunk at a time
+(``connectors.repospool``); both files go when the repo is answered, and at start-up.
 
 Example::
 
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -87,7 +91,8 @@ from operators.items import (
     SnapshotChunk,
 )
 from operators.filters import CollectionFilter
-from protocol.snapshot import PackedChunk, PackedSnapshot, SnapshotFailed, pack_snapshot
+from connectors.repospool import Spool, pack_snapshot_file, read_chunk
+from protocol.snapshot import ChunkRef, PackedChunk, PackedSnapshot, SnapshotFailed, pack_snapshot
 from protocol.snapshot import record_json as _record_json
 from runtime import procpool
 from store.db import Database, open_flow_db
@@ -107,6 +112,12 @@ POLL_BUDGET_S = 0.05
 #: itself: measured on 30-record repos, a pool task cost the flow process more (hand-off
 #: threads, wake-up pipes) than doing the work, and the pool worker twice the work.
 INLINE_CAR_BYTES = 16 << 10
+#: CARs above this size (``TAP_BACKFILL_SPOOL_SIZE``) are streamed to a file under the data dir
+#: and verified and packed from there, the records handed out chunk by chunk from a second file
+#: (``connectors.repospool``): a huge repo's backfill then needs memory for its block index and a
+#: chunk, not several times its CAR. Smaller ones (nearly all repos) stay in memory, where they
+#: are cheapest.
+SPOOL_CAR_BYTES = 32 << 20
 PDS_BACKOFF_S = 10.0
 #: An answered row that RepoLogic has not deleted after this long is fetched again (by kind).
 #: RepoLogic applies an answer milliseconds after it is emitted; a row still there much later
@@ -171,10 +182,35 @@ class _Job:
     identity: ResolvedIdentity
     rev: str
     data_cid: str
-    chunks: deque[PackedChunk] = field(repr=False)
+    chunks: deque[PackedChunk | ChunkRef] = field(repr=False)
     after: str = ""
     first: bool = True
     emitted: int = 0
+    spool: str | None = None  # the file the ``ChunkRef`` chunks are in (deleted when done)
+    fd: int | None = None
+
+    def take(self) -> PackedChunk | None:
+        """The next chunk (read from the spool file when it is there), or None."""
+        if not self.chunks:
+            return None
+        c = self.chunks.popleft()
+        if isinstance(c, ChunkRef):
+            if self.fd is None:
+                self.fd = os.open(self.spool, os.O_RDONLY)
+            c = read_chunk(self.fd, c)
+        return c
+
+    def release(self) -> None:
+        """Close and delete the spool file (idempotent)."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        if self.spool is not None:
+            Spool.remove(self.spool)
+            self.spool = None
 
 
 class Backfiller:
@@ -183,7 +219,8 @@ class Backfiller:
     def __init__(self, cfg: Config, db: Database | None = None, *, directory: Any = None,
                  depth: Callable[[], int] | None = None, chunk_size: int = CHUNK_SIZE,
                  scan_interval: float = 0.05, identity_parallelism: int | None = None,
-                 done_timeout: dict[str, float] | None = None, claim_timeout: float = CLAIM_TIMEOUT_S) -> None:
+                 done_timeout: dict[str, float] | None = None, claim_timeout: float = CLAIM_TIMEOUT_S,
+                 spool_over: int | None = None) -> None:
         self.cfg = cfg
         self.db = db if db is not None else open_flow_db(cfg.data_dir)
         self._directory = directory
@@ -195,6 +232,8 @@ class Backfiller:
         self.identity_slots = identity_parallelism or max(4, cfg.resync_parallelism)
         self.done_timeout = dict(DONE_TIMEOUT_S, **(done_timeout or {}))
         self.claim_timeout = claim_timeout
+        self.spool_over = cfg.backfill_spool_size if spool_over is None else spool_over
+        self._spool = Spool(cfg.data_dir)
         self._keep = _collection_filter(cfg)
         self._keep_wire = _collection_filter(cfg)  # for pool tasks: never called here, so its memo stays empty
         self._thread = LoopThread("backfill")
@@ -214,7 +253,7 @@ class Backfiller:
         self._backoff: dict[str, float] = {}  # PDS host -> monotonic time the backoff ends
         self.stats: dict[str, int] = {"scans": 0, "started": 0, "repos_ok": 0, "failed": 0,
                                       "rate_limited": 0, "identities": 0, "refetched": 0, "held": 0,
-                                      "claim_timeouts": 0, "compactions": 0}
+                                      "claim_timeouts": 0, "compactions": 0, "spooled": 0}
         self.verify_seconds: list[float] = []
 
     # --- lifecycle --------------------------------------------------------------------
@@ -222,12 +261,16 @@ class Backfiller:
     def start(self) -> None:
         if self.cfg.outbox_only:
             return
+        self._spool.clear()  # what a previous run left: its requests are still queued
         self._thread.start(self._run)
 
     def stop(self) -> None:
         self._thread.stop()
         self._verify_pool.shutdown(wait=False, cancel_futures=True)
         self._compactor.shutdown(wait=True)  # a compaction must not outlive the database handle
+        for job in [self._job, *self._ready]:
+            if job is not None:
+                job.release()
 
     @property
     def directory(self) -> Any:
@@ -269,18 +312,29 @@ class Backfiller:
             item = self._next_chunk(self._job)
             out.append(item)
             n += 1
-            records += item.count
-            if item.last:
+            failed = isinstance(item, FetchFailed)  # its spool file could not be read
+            if not failed:
+                records += item.count
+            if failed or item.last:
                 self._finish(self._job.key, repo=True)
                 self._job = self._ready.popleft() if self._ready else None
             if time.perf_counter() >= deadline:
                 break
         return out
 
-    def _next_chunk(self, job: _Job) -> SnapshotChunk:
-        chunks = job.chunks
-        c = chunks.popleft() if chunks else None
-        last = not chunks
+    def _next_chunk(self, job: _Job) -> SnapshotChunk | FetchFailed:
+        try:
+            c = job.take()
+        except OSError as e:  # the spool file went away under us: answer, the repo is fetched again
+            job.release()
+            job.chunks.clear()
+            _log.error("backfill spool file unreadable", extra={"did": job.did, "error": str(e)})
+            self.stats["failed"] += 1
+            FETCHES.labels("repo", "failed").inc()
+            return FetchFailed(did=job.did, fetch_key=job.key, error=f"failed to read repo from CAR: spool: {e}")
+        last = not job.chunks
+        if last:
+            job.release()
         if c is None:  # an empty repo (or everything filtered out): one empty, first and last chunk
             chunk = SnapshotChunk(did=job.did, fetch_key=job.key, rev=job.rev, data_cid=job.data_cid,
                                   identity=job.identity if job.first else None, count=0, keys=b"",
@@ -526,10 +580,12 @@ class Backfiller:
         self._out.append(FetchStarted(did=did, fetch_key=key, identity=resolved))
         await self._await_claim(key, did)
         _log.info("fetching repo from PDS", extra={"did": did, "pds": pds})
+        car_path, rec_path = self._spool.paths()
         try:
-            car = await http.get_bytes(pds + "/xrpc/com.atproto.sync.getRepo", {"did": did},
-                                       timeout=self.cfg.repo_fetch_timeout, max_bytes=self.cfg.max_car_size,
-                                       public_only=self.cfg.public_only)
+            car = await http.get_body(pds + "/xrpc/com.atproto.sync.getRepo", {"did": did},
+                                      timeout=self.cfg.repo_fetch_timeout, max_bytes=self.cfg.max_car_size,
+                                      public_only=self.cfg.public_only, spool_path=car_path,
+                                      spool_over=self.spool_over)
         except http.XrpcError as e:
             if e.rate_limited:
                 self._backoff[host] = time.monotonic() + PDS_BACKOFF_S
@@ -540,9 +596,14 @@ class Backfiller:
         except http.HttpError as e:
             self._fail(key, did, f"failed to get repo: {e}")
             return None
-        CAR_BYTES.inc(len(car))
+        spooled = isinstance(car, http.SpooledBody)
+        if spooled:
+            self.stats["spooled"] += 1
+            _log.info("repo CAR spooled to disk", extra={"did": did, "bytes": car.size})
+        CAR_BYTES.inc(car.size if spooled else len(car))
+        snap: PackedSnapshot | None = None
         try:
-            snap = await self._verify(car, resolved.signing_key, did)
+            snap = await self._verify(car, resolved.signing_key, did, rec_path)
         except SnapshotFailed as e:
             what = {"signature": "failed to verify signature", "key": "failed to get public key"}
             self._fail(key, did, f"{what.get(e.kind, 'failed to read repo from CAR')}: {e}")
@@ -551,6 +612,11 @@ class Backfiller:
             _log.exception("repo verification failed to run", extra={"did": did})
             self._fail(key, did, f"failed to read repo from CAR: {type(e).__name__}: {e}")
             return None
+        finally:
+            if spooled:
+                Spool.remove(car.path)
+                if snap is None:  # failed or cancelled: no records to hand out
+                    Spool.remove(rec_path)
         del car
         secs = snap.verify_seconds
         VERIFY_SECONDS.observe(secs)
@@ -561,17 +627,22 @@ class Backfiller:
             _log.warning("repo CAR lacks MST subtrees; their records are skipped",
                          extra={"did": did, "missing_nodes": snap.missing_nodes})
         return _Job(key=key, did=did, identity=resolved, rev=snap.rev, data_cid=snap.data_cid,
-                    chunks=deque(snap.chunks))
+                    chunks=deque(snap.chunks), spool=snap.spool)
 
-    async def _verify(self, car: bytes, signing_key: str, did: str) -> PackedSnapshot:
+    async def _verify(self, car: bytes | http.SpooledBody, signing_key: str, did: str,
+                      rec_path: str) -> PackedSnapshot:
         """``pack_snapshot`` in the verification pool (a thread when there is none, or it broke;
-        inline for a small CAR)."""
+        inline for a small CAR); ``pack_snapshot_file`` for a spooled one (its records go to
+        ``rec_path``: the worker sends back where they are, not the records)."""
         # allow_partial: with resync deletes on, a hole in the MST would read as deletions
         opts = dict(allow_partial=not self.cfg.resync_deletes, max_car_size=self.cfg.max_car_size,
                     chunk_size=self.chunk_size)
-        if len(car) <= INLINE_CAR_BYTES:  # cheaper here than the pool's per-task cost (hand-offs, wake-ups)
+        if isinstance(car, http.SpooledBody):
+            task = partial(pack_snapshot_file, car.path, rec_path, signing_key, did, keep=self._keep_wire, **opts)
+        elif len(car) <= INLINE_CAR_BYTES:  # cheaper here than the pool's per-task cost (hand-offs, wake-ups)
             return pack_snapshot(car, signing_key, did, keep=self._keep, **opts)
-        task = partial(pack_snapshot, car, signing_key, did, keep=self._keep_wire, **opts)
+        else:
+            task = partial(pack_snapshot, car, signing_key, did, keep=self._keep_wire, **opts)
         p = procpool.pool()
         if p is not None:
             try:

@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import threading
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import aiohttp
@@ -48,6 +50,8 @@ __all__ = [
     "close_sessions",
     "get_json",
     "get_bytes",
+    "get_body",
+    "SpooledBody",
     "is_public_ip",
     "CONNECT_TIMEOUT",
 ]
@@ -226,17 +230,39 @@ async def get_bytes(url: str, params: Mapping[str, Any] | None = None, *, timeou
 
     Redirects (at most 5) are followed by hand so each hop passes the public-address check.
     """
+    body = await get_body(url, params, timeout=timeout, max_bytes=max_bytes, public_only=public_only)
+    assert isinstance(body, bytes)
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledBody:
+    """A body written to the file ``path`` (``size`` bytes) instead of memory; the caller deletes it."""
+
+    path: str
+    size: int
+
+
+async def get_body(url: str, params: Mapping[str, Any] | None = None, *, timeout: float, max_bytes: int,
+                   public_only: bool = False, spool_path: str | None = None,
+                   spool_over: int = 0) -> bytes | SpooledBody:
+    """``get_bytes``, but a body longer than ``spool_over`` bytes goes to the file ``spool_path``
+    as it arrives (``SpooledBody``; ``max_bytes`` still caps it), so a huge body never sits in
+    memory. Shorter bodies come back as ``bytes``, as from ``get_bytes``. On any error the file
+    is gone."""
     s = session(public_only)
     to = aiohttp.ClientTimeout(total=timeout, connect=min(CONNECT_TIMEOUT, timeout))
+    spool = (spool_path, spool_over) if spool_path else None
     try:
         async with asyncio.timeout(timeout):
-            return await _get_bytes(s, url, params, to, max_bytes, public_only)
+            return await _get_body(s, url, params, to, max_bytes, public_only, spool)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, HttpError) as e:
         raise _wrap(e, url) from None
 
 
-async def _get_bytes(s: aiohttp.ClientSession, url: str, params: Mapping[str, Any] | None,
-                     to: aiohttp.ClientTimeout, max_bytes: int, public_only: bool) -> bytes:
+async def _get_body(s: aiohttp.ClientSession, url: str, params: Mapping[str, Any] | None,
+                    to: aiohttp.ClientTimeout, max_bytes: int, public_only: bool,
+                    spool: tuple[str, int] | None) -> bytes | SpooledBody:
     target: URL = URL(url)
     if params:
         target = target.update_query({k: str(v) for k, v in params.items()})
@@ -249,15 +275,64 @@ async def _get_bytes(s: aiohttp.ClientSession, url: str, params: Mapping[str, An
             await _raise_for_status(resp)
             if resp.content_length is not None and resp.content_length > max_bytes:
                 raise BodyTooLarge(f"response of {resp.content_length} bytes exceeds the limit of {max_bytes} bytes")
-            buf = bytearray()
-            async for chunk in resp.content.iter_chunked(_CHUNK):
-                buf += chunk
-                if len(buf) > max_bytes:
-                    raise BodyTooLarge(f"response exceeds the limit of {max_bytes} bytes")
-            if resp.content_length is not None and len(buf) != resp.content_length:
-                raise HttpError(f"truncated body: got {len(buf)} of {resp.content_length} bytes")
-            return bytes(buf)
+            if spool is None:
+                return await _read_all(resp, max_bytes)
+            return await _read_spooled(resp, max_bytes, *spool)
     raise HttpError(f"too many redirects: GET {_safe(url)}")
+
+
+async def _read_all(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise BodyTooLarge(f"response exceeds the limit of {max_bytes} bytes")
+    _check_length(resp, len(buf))
+    return bytes(buf)
+
+
+async def _read_spooled(resp: aiohttp.ClientResponse, max_bytes: int, path: str,
+                        over: int) -> bytes | SpooledBody:
+    """The body in memory while it is at most ``over`` bytes, then in the file ``path``."""
+    buf = bytearray()
+    f = None
+    n = 0
+    try:
+        if resp.content_length is not None and resp.content_length > over:
+            f = open(path, "wb")
+        async for chunk in resp.content.iter_chunked(_CHUNK):
+            n += len(chunk)
+            if n > max_bytes:
+                raise BodyTooLarge(f"response exceeds the limit of {max_bytes} bytes")
+            if f is not None:
+                f.write(chunk)  # the page cache takes it: no wait worth a thread hop
+                continue
+            buf += chunk
+            if n > over:
+                f = open(path, "wb")
+                f.write(buf)
+                buf = bytearray()
+        _check_length(resp, n)
+        if f is None:
+            return bytes(buf)
+        f.close()
+        return SpooledBody(path, n)
+    except BaseException:
+        if f is not None:
+            f.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+    finally:
+        if f is not None and not f.closed:
+            f.close()
+
+
+def _check_length(resp: aiohttp.ClientResponse, n: int) -> None:
+    if resp.content_length is not None and n != resp.content_length:
+        raise HttpError(f"truncated body: got {n} of {resp.content_length} bytes")
 
 
 class LoopThread:

@@ -15,6 +15,7 @@ repeated; the header is DAG-CBOR ``{"version": 1, "roots": [cid, ...]}``.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Mapping
 from hashlib import sha256
 
@@ -31,6 +32,8 @@ __all__ = [
     "CarMissingRoot",
     "CarBadCID",
     "read_car",
+    "index_car",
+    "BlockIndex",
     "write_car",
     "DEFAULT_MAX_CAR_SIZE",
     "DEFAULT_MAX_BLOCKS",
@@ -227,6 +230,169 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
         blocks[cid] = body
         pos = send
     return Car(roots, blocks)
+
+
+class BlockIndex:
+    """The blocks of a CAR held in a buffer (an ``mmap`` of a spooled ``getRepo`` body), found by
+    offset: ``get(cid)`` slices the block out of the buffer on demand.
+
+    Why: ``read_car`` copies every block into a dict of ``bytes`` (about the CAR's size again,
+    plus ~150 bytes of objects per block); here the buffer stays the only copy and the index is
+    one open-addressing table of 8-byte slots (16-32 bytes per block, no object per block). A
+    slot holds ``body offset << 26 | body length`` (+1, so 0 is free); the CID is not stored: it
+    is the 36 bytes in front of the body, compared on every probe. The slot of a CID is its
+    ``hash()`` (SipHash, keyed per process as for dicts), so a CAR cannot be built to collide.
+    """
+
+    __slots__ = ("_buf", "_slots", "_mask", "count")
+
+    def __init__(self, buf, capacity: int) -> None:
+        bits = max(4, (2 * max(1, capacity)).bit_length())  # at most half full
+        self._buf = buf
+        self._slots = array("Q", bytes(8 << bits))
+        self._mask = (1 << bits) - 1
+        self.count = 0
+
+    def add(self, cid: bytes, at: int, n: int) -> None:
+        """Index the body of ``n`` bytes at ``at`` (right after ``cid`` in the buffer); a CID
+        already there is kept (same CID, same bytes)."""
+        slots, buf, mask = self._slots, self._buf, self._mask
+        i = hash(cid) & mask
+        while True:
+            v = slots[i]
+            if not v:
+                slots[i] = (at << 26 | n) + 1
+                self.count += 1
+                return
+            o = (v - 1) >> 26
+            if buf[o - 36 : o] == cid:
+                return
+            i = (i + 1) & mask
+
+    def get(self, cid: bytes, default: bytes | None = None) -> bytes | None:
+        if cid.__class__ is not bytes:
+            return default
+        slots, buf, mask = self._slots, self._buf, self._mask
+        i = hash(cid) & mask
+        while True:
+            v = slots[i]
+            if not v:
+                return default
+            v -= 1
+            o = v >> 26
+            if buf[o - 36 : o] == cid:
+                return buf[o : o + (v & _LEN_MASK)]
+            i = (i + 1) & mask
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, cid: object) -> bool:
+        return isinstance(cid, bytes) and self.get(cid) is not None
+
+
+_LEN_MASK = (1 << 26) - 1
+assert MAX_SECTION_SIZE <= _LEN_MASK
+
+
+def _count_sections(data, pos: int, end: int) -> int:
+    """How many sections follow ``pos`` (stops early at anything malformed: the real pass reports it)."""
+    n = 0
+    while pos < end:
+        b = data[pos]
+        if b < 0x80:
+            slen = b
+            pos += 1
+        elif pos + 1 < end and data[pos + 1] < 0x80:
+            slen = (b & 0x7F) | (data[pos + 1] << 7)
+            pos += 2
+        else:
+            try:
+                slen, pos = _read_varint(data, pos, end)
+            except CarError:
+                break
+        if slen == 0:
+            break
+        pos += slen
+        n += 1
+    return n
+
+
+def index_car(data, max_size: int = DEFAULT_MAX_CAR_SIZE, max_blocks: int = DEFAULT_MAX_BLOCKS) -> Car:
+    """``read_car`` for a large CAR in a buffer (``mmap``, ``bytes``): the same checks in the same
+    order with the same errors (every block's sha2-256 against its CID), but the ``Car``'s
+    ``blocks`` is a ``BlockIndex`` into ``data``, which must stay open while it is used.
+
+    ``read_car`` keeps its own loop: it is the hot path of every small repo and live commit.
+    """
+    end = len(data)
+    if end > max_size:
+        raise CarTooLarge(f"CAR is {end} bytes, more than {max_size}")
+    if end == 0:
+        raise CarTruncated("empty CAR")
+    hlen, pos = _read_varint(data, 0, end)
+    if hlen > MAX_SECTION_SIZE:
+        raise CarTooLarge(f"CAR header section of {hlen} bytes")
+    if hlen == 0:
+        raise CarBadHeader("CAR header is empty")
+    if pos + hlen > end:
+        raise CarTruncated("CAR ends inside the header")
+    roots = _decode_header(data[pos : pos + hlen])
+    pos += hlen
+
+    index = BlockIndex(data, min(_count_sections(data, pos, end), max_blocks))
+    slots, mask = index._slots, index._mask  # BlockIndex.add, inlined
+    pfx_cbor = _PFX_DAG_CBOR
+    pfx_raw = _PFX_RAW
+    left = max_blocks
+    count = 0
+    view = memoryview(data)  # hashing a view of the block: no copy of its bytes
+    try:
+        while pos < end:
+            slen = data[pos]
+            if slen < 0x80:
+                pos += 1
+            elif pos + 1 < end and data[pos + 1] < 0x80:
+                slen = (slen & 0x7F) | (data[pos + 1] << 7)
+                pos += 2
+            else:
+                slen, pos = _read_varint(data, pos, end)
+            send = pos + slen
+            left -= 1
+            if slen <= 36 or send > end or slen > MAX_SECTION_SIZE or left < 0:
+                if slen == 0:
+                    break  # as read_car: go-car reads an empty section as the end
+                if slen > MAX_SECTION_SIZE:
+                    raise CarTooLarge(f"CAR section of {slen} bytes")
+                if left < 0:
+                    raise CarTooLarge(f"CAR has more than {max_blocks} blocks")
+                if send > end:
+                    raise CarTruncated("CAR ends inside a block")
+                if slen < 36:
+                    raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
+            body_at = pos + 36
+            cid = data[pos:body_at]
+            pfx = cid[:4]
+            if pfx != pfx_cbor and pfx != pfx_raw:
+                raise CarBadCID(f"unsupported block CID prefix {pfx.hex()}")
+            if sha256(view[body_at:send]).digest() != cid[4:]:
+                raise CarHashMismatch(f"block hash does not match its CID at offset {pos}")
+            i = hash(cid) & mask
+            while True:
+                v = slots[i]
+                if not v:
+                    slots[i] = (body_at << 26 | slen - 36) + 1
+                    count += 1
+                    break
+                o = (v - 1) >> 26
+                if data[o - 36 : o] == cid:
+                    break  # a duplicate: same CID, same bytes
+                i = (i + 1) & mask
+            pos = send
+    finally:
+        view.release()
+    index.count = count
+    return Car(roots, index)
 
 
 def _varint(n: int) -> bytes:

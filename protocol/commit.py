@@ -45,14 +45,14 @@ Deliberate hardenings over Tap:
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Protocol
 
 import libipld
 
 from protocol import cbor, syntax
-from protocol.car import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_CAR_SIZE, Car, CarError, read_car
+from protocol.car import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_CAR_SIZE, Car, CarError, index_car, read_car
 from protocol.cid import cid_to_str
 from protocol.mst import (
     MST,
@@ -88,6 +88,8 @@ __all__ = [
     "parse_sync",
     "verify_sync",
     "verify_repo",
+    "verify_repo_car",
+    "read_repo_car",
     "MAX_COMMIT_OPS",
     "MAX_COMMIT_BLOCKS",
     "MAX_MST_HEIGHT",
@@ -324,10 +326,14 @@ class VerifiedRepo:
         return len(self.entries)
 
     def records(self) -> Iterator[RepoRecord]:
+        return self.records_of(self.entries)
+
+    def records_of(self, entries: Iterable[tuple[bytes, bytes]]) -> Iterator[RepoRecord]:
+        """``records()`` of some of the MST entries (a batch of a streamed walk), counted alike."""
         blocks = self.blocks
         ok_coll = _COLLECTION_OK
         new = tuple.__new__
-        for key, cid in self.entries:
+        for key, cid in entries:
             # inlined _split_key: this loop runs once per record of every backfill
             try:
                 coll, sep, rkey = key.decode("ascii").partition("/")
@@ -680,19 +686,48 @@ def verify_repo(car_bytes: bytes, key: SignatureKey, expected_did: str | None = 
     the same fields minus ``sig``, and without a ``rev`` the result's ``rev`` is ``""`` (which Tap
     clients accept). Their signatures obey the same rules, low-S included.
     """
-    car = _read_car(car_bytes, max_car_size, max_blocks)
+    return verify_repo_car(_read_car(car_bytes, max_car_size, max_blocks), key, expected_did,
+                           allow_partial=allow_partial)
+
+
+def read_repo_car(buf: Any, *, max_car_size: int = DEFAULT_MAX_CAR_SIZE,
+                  max_blocks: int = DEFAULT_MAX_BLOCKS) -> Car:
+    """A large ``getRepo`` CAR in a buffer (an ``mmap`` of a spooled body), every block hashed
+    (``protocol.car.index_car``): its blocks stay in ``buf``. ``BadCar`` as ``verify_repo``'s."""
+    try:
+        return index_car(buf, max_size=max_car_size, max_blocks=max_blocks)
+    except CarError as e:
+        raise BadCar(f"bad CAR: {e}") from None
+
+
+def verify_repo_car(car: Car, key: SignatureKey, expected_did: str | None = None, *, allow_partial: bool = True,
+                    on_entries: Callable[[VerifiedRepo, list], None] | None = None) -> VerifiedRepo:
+    """``verify_repo`` of a CAR already read (``read_car``, or ``read_repo_car`` for a huge one).
+
+    ``on_entries(repo, entries)``: the MST entries are handed over in batches, in key order, while
+    the walk goes on (``repo.entries`` stays empty), after the commit, its DID and signature were
+    checked; a huge repo then never holds them all. Everything handed over belongs to an invalid
+    repo if this raises.
+    """
     commit = parse_signed_commit(car, allow_v2=True)
     if expected_did is not None and commit.did != expected_did:
         raise CommitMismatch(f"repo commit is for {commit.did}, expected {expected_did}")
     commit.check_signature(key)
     tree = _load_mst(car, commit.data_cid)
+    repo = VerifiedRepo(commit.did, commit.rev, commit.data_cid, commit.commit_cid, [], car.blocks, 0,
+                        version=commit.version)
+    drain = None if on_entries is None else (lambda batch: on_entries(repo, batch))
     try:
-        entries, missing = tree.verify_counted(allow_partial=allow_partial)
+        entries, missing = tree.verify_counted(allow_partial=allow_partial, drain=drain)
     except MSTPartialError as e:
         raise ProofIncomplete(str(e)) from None
     except MSTError as e:
         raise BadMST(str(e)) from None
     except _MST_BUGS as e:  # a hostile tree the MST code did not foresee: still a verdict
         raise BadMST(f"malformed MST ({type(e).__name__}: {e})") from None
-    return VerifiedRepo(commit.did, commit.rev, commit.data_cid, commit.commit_cid, entries,
-                        car.blocks, missing, version=commit.version)
+    repo.missing_nodes = missing
+    if on_entries is None:
+        repo.entries = entries
+    elif entries:
+        on_entries(repo, entries)
+    return repo

@@ -806,8 +806,14 @@ class MST:
         """
         return self.verify_counted(allow_partial)[0]
 
-    def verify_counted(self, allow_partial: bool = False) -> tuple[list[tuple[bytes, bytes]], int]:
-        """Like ``verify``; also returns how many subtrees were missing."""
+    def verify_counted(self, allow_partial: bool = False,
+                       drain: Callable[[list], None] | None = None) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Like ``verify``; also returns how many subtrees were missing.
+
+        ``drain``: called with the entries found so far, in key order, whenever a few thousand
+        have gathered (the list is emptied after each call; the returned list holds the rest),
+        so a huge repo's walk never holds all its entries. The tree is valid only if this returns.
+        """
         root = self.root
         if root.__class__ is bytes:
             raise MSTPartialError(f"MST root {_cid_str(root)} not available")
@@ -818,7 +824,7 @@ class MST:
         if root.height != key_height(root.keys[0]):
             raise MSTHeightError("MST root height does not match its keys")
         out: list = []
-        state = [0, b""]  # missing count, last key
+        state = [0, b"", drain]  # missing count, last key, drain
         _verify_node(root, root.height, self.store, out, state, allow_partial, True)
         return out, state[0]
 
@@ -1107,8 +1113,8 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
                  allow_partial: bool, is_root: bool) -> None:
     """Check one node and (recursively, in key order) its subtrees; append its entries to ``out``.
 
-    ``state`` is ``[missing subtrees, last key]``. Loaded children are not memoized: a full-repo
-    check touches every node once and should not keep the decoded tree alive.
+    ``state`` is ``[missing subtrees, last key, drain or None]``. Loaded children are not memoized:
+    a full-repo check touches every node once and should not keep the decoded tree alive.
     """
     keys = node.keys
     vals = _vals(node)
@@ -1163,7 +1169,13 @@ def _verify_node(node: Node, height: int, store: BlockSource, out: list, state: 
                 raise MSTBadNode(f"MST value for {k!r:.80} is not a CID")
             state[1] = k
             out.append((k, v))
+    if len(out) >= DRAIN_ENTRIES and state[2] is not None:
+        state[2](out)
+        out.clear()
 
+
+#: ``verify_counted``'s ``drain`` gets the entries in batches of about this many.
+DRAIN_ENTRIES = 4096
 
 _CID_PREFIXES = (_CBOR_PREFIX, _RAW_PREFIX)
 

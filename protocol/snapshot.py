@@ -23,6 +23,8 @@ errors by class (``SnapshotFailed.kind``).
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,7 +33,8 @@ import orjson
 from protocol.atjson import event_record_json
 from protocol.cid import cid_to_str
 
-__all__ = ["CID_LEN", "PackedChunk", "PackedSnapshot", "SnapshotFailed", "pack_snapshot", "split_cids",
+__all__ = ["CID_LEN", "PackedChunk", "PackedSnapshot", "ChunkRef", "SnapshotFailed", "pack_snapshot", "Packer",
+           "verdicts", "signing_key_of", "split_cids",
            "body_head", "record_tail", "record_json", "UPDATE_ACTION", "CREATE_ACTION"]
 
 CID_LEN = 36
@@ -49,6 +52,19 @@ class PackedChunk:
 
 
 @dataclass(slots=True)
+class ChunkRef:
+    """Where ``connectors.repospool.pack_snapshot_file`` wrote a chunk: ``keys``, ``cids`` and
+    ``bodies`` back to back."""
+
+    offset: int
+    count: int
+    keys_len: int
+    cids_len: int
+    bodies_len: int
+    last_path: str
+
+
+@dataclass(slots=True)
 class PackedSnapshot:
     """A verified repo: commit facts, verification counters and its records in chunks."""
 
@@ -56,11 +72,12 @@ class PackedSnapshot:
     rev: str
     data_cid: str
     records: int
-    chunks: list[PackedChunk] = field(repr=False)
+    chunks: list = field(repr=False)  # PackedChunk, or ChunkRef into ``spool``
     missing_nodes: int = 0
     invalid_paths: int = 0
     missing_blocks: int = 0
     verify_seconds: float = 0.0
+    spool: str | None = None  # the file of the ``ChunkRef`` chunks (connectors.repospool), else None
 
 
 class SnapshotFailed(Exception):
@@ -110,68 +127,98 @@ def pack_snapshot(car: bytes, signing_key: str, did: str, *, allow_partial: bool
 
     Raises ``SnapshotFailed`` (never anything else for bad input).
     """
-    import time
-
-    from protocol.commit import BadSignature, verify_repo
-    from protocol.keys import parse_multikey
+    from protocol.commit import verify_repo
 
     t0 = time.perf_counter()
+    key = signing_key_of(signing_key)
+    with verdicts():
+        repo = verify_repo(car, key, did, allow_partial=allow_partial, max_car_size=max_car_size)
+    secs = time.perf_counter() - t0
+    del car
+    chunks: list[PackedChunk] = []
+    with verdicts(bug_guard=True):  # verify_repo checked everything: only a bug raises here
+        packer = Packer(repo, keep, chunk_size, chunks.append)
+        packer.feed(repo.records())
+        packer.finish()
+    return PackedSnapshot(repo.did, repo.rev, cid_to_str(repo.data_cid), packer.total, chunks,
+                          repo.missing_nodes, repo.invalid_paths, repo.missing_blocks, secs)
+
+
+def signing_key_of(signing_key: str):
+    """The Multikey parsed, or ``SnapshotFailed("key")``."""
+    from protocol.keys import parse_multikey
+
     try:
-        key = parse_multikey(signing_key)
+        return parse_multikey(signing_key)
     except Exception as e:
         raise SnapshotFailed("key", str(e)) from None
+
+
+@contextmanager
+def verdicts(bug_guard: bool = False):
+    """Verification errors -> ``SnapshotFailed`` by kind; with ``bug_guard`` (packing a verified
+    repo) anything but a ``SnapshotFailed`` is a bug, reported as a ``car`` failure all the same."""
+    from protocol.commit import BadSignature
+
     try:
-        repo = verify_repo(car, key, did, allow_partial=allow_partial, max_car_size=max_car_size)
+        yield
+    except SnapshotFailed:
+        raise
     except BadSignature as e:
         raise SnapshotFailed("signature", str(e)) from None
     except Exception as e:
-        raise SnapshotFailed("car", str(e)) from None
-    secs = time.perf_counter() - t0
-    del car
-    try:
-        return _pack(repo, keep, max(1, chunk_size), secs)
-    except SnapshotFailed:
-        raise
-    except Exception as e:  # verify_repo checked everything; a bug guard
-        raise SnapshotFailed("car", f"{type(e).__name__}: {e}") from None
+        raise SnapshotFailed("car", f"{type(e).__name__}: {e}" if bug_guard else str(e)) from None
 
 
-def _pack(repo, keep: Callable[[str], bool] | None, chunk_size: int, secs: float) -> PackedSnapshot:
-    head = body_head(repo.did, repo.rev)
-    prefix = repo.did.encode() + b"\x00"
-    chunks: list[PackedChunk] = []
-    keys: list[bytes] = []
-    cids: list[bytes] = []
-    bodies: list[bytes] = []
-    last = ""
-    total = 0
-    tostr = cid_to_str
-    conv = record_json
-    coll_head: dict[str, bytes] = {}
-    for coll, rkey, cid, block in repo.records():
-        if keep is not None and not keep(coll):
-            continue
-        h = coll_head.get(coll)
-        if h is None:
-            h = coll_head[coll] = head + coll.encode()
-        path = coll + "/" + rkey
-        keys.append(prefix + path.encode())
-        cids.append(cid)
-        j = conv(block)
-        if j is None:
-            bodies.append(_BODY_NO_RECORD % (h, rkey.encode(), tostr(cid).encode()))
-        else:
-            bodies.append(_BODY % (h, rkey.encode(), j, tostr(cid).encode()))
-        last = path
-        if len(keys) >= chunk_size:
-            chunks.append(_chunk(keys, cids, bodies, last))
-            total += len(keys)
-            keys, cids, bodies = [], [], []
-    if keys:
-        chunks.append(_chunk(keys, cids, bodies, last))
-        total += len(keys)
-    return PackedSnapshot(repo.did, repo.rev, cid_to_str(repo.data_cid), total, chunks,
-                          repo.missing_nodes, repo.invalid_paths, repo.missing_blocks, secs)
+class Packer:
+    """Records of one repo -> ``PackedChunk``s of ``chunk_size`` records, handed to ``emit``."""
+
+    def __init__(self, repo, keep: Callable[[str], bool] | None, chunk_size: int,
+                 emit: Callable[[PackedChunk], None]) -> None:
+        self.head = body_head(repo.did, repo.rev)
+        self.prefix = repo.did.encode() + b"\x00"
+        self.keep = keep
+        self.chunk_size = max(1, chunk_size)
+        self.emit = emit
+        self.keys: list[bytes] = []
+        self.cids: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self.last = ""
+        self.total = 0
+        self.coll_head: dict[str, bytes] = {}
+
+    def feed(self, records) -> None:
+        head, prefix, keep, chunk_size = self.head, self.prefix, self.keep, self.chunk_size
+        keys, cids, bodies, last = self.keys, self.cids, self.bodies, self.last
+        tostr = cid_to_str
+        conv = record_json
+        coll_head = self.coll_head
+        for coll, rkey, cid, block in records:
+            if keep is not None and not keep(coll):
+                continue
+            h = coll_head.get(coll)
+            if h is None:
+                h = coll_head[coll] = head + coll.encode()
+            path = coll + "/" + rkey
+            keys.append(prefix + path.encode())
+            cids.append(cid)
+            j = conv(block)
+            if j is None:
+                bodies.append(_BODY_NO_RECORD % (h, rkey.encode(), tostr(cid).encode()))
+            else:
+                bodies.append(_BODY % (h, rkey.encode(), j, tostr(cid).encode()))
+            last = path
+            if len(keys) >= chunk_size:
+                self.emit(_chunk(keys, cids, bodies, last))
+                self.total += len(keys)
+                keys, cids, bodies = [], [], []
+        self.keys, self.cids, self.bodies, self.last = keys, cids, bodies, last
+
+    def finish(self) -> None:
+        if self.keys:
+            self.emit(_chunk(self.keys, self.cids, self.bodies, self.last))
+            self.total += len(self.keys)
+            self.keys, self.cids, self.bodies = [], [], []
 
 
 def _chunk(keys: list[bytes], cids: list[bytes], bodies: list[bytes], last: str) -> PackedChunk:

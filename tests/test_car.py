@@ -336,3 +336,44 @@ def test_error_classes_are_value_errors() -> None:
         assert issubclass(cls, CarError) and issubclass(cls, ValueError)
     # distinct, so callers can count reasons
     assert len({CarTooLarge, CarTruncated, CarBadVarint, CarBadHeader, CarHashMismatch, CarMissingRoot, CarBadCID}) == 7
+
+
+# --- index_car: the spooled path's reader ------------------------------------------------
+
+
+def _outcome(reader, data: bytes, **kw):
+    """(error class and text) or (roots, blocks) of one reader on ``data``."""
+    try:
+        car = reader(data, **kw)
+    except CarError as e:
+        return (type(e), str(e))
+    cids = [c for c in read_car(data).blocks] if reader is not read_car else list(car.blocks)
+    return (car.roots, len(car.blocks), {c: car.blocks.get(c) for c in cids})
+
+
+def test_index_car_agrees_with_read_car() -> None:
+    """Same verdict and text on every kind of bad CAR, the same blocks on good ones (duplicates,
+    a non-minimal varint, a zero-length section, every truncation, flipped bytes, caps)."""
+    from protocol.car import index_car
+
+    real = REPO_CARS[0].read_bytes()
+    small, root_cid, rec_cid, rec = _small_car()
+    blocks = list(read_car(small).blocks.items())
+    hdr = _header({"version": 1, "roots": [cbrrr.CID(root_cid)]})
+    n = len(rec_cid + rec)
+    cases = [real, small, write_car([root_cid], blocks + blocks), write_car([root_cid], {}),
+             hdr + bytes([(n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, 0x80, 0x00]) + rec_cid + rec,
+             small + b"\x00" + b"ignored", hdr + b"\x05abcde", hdr + b"\xff" * 10, b"\x00", b""]
+    green = (REAL / "greenground.repo.car").read_bytes()
+    cases += [green[:cut] for cut in range(0, len(green), 7)]
+    for start, end in _section_offsets(real)[:: max(1, len(_section_offsets(real)) // 20)]:
+        for at in (start + 2, start + 36, end - 1):
+            bad = bytearray(real)
+            bad[at] ^= 0x01
+            cases.append(bytes(bad))
+    for data in cases:
+        assert _outcome(index_car, data) == _outcome(read_car, data), data[:80]
+    for kw in ({"max_size": 100}, {"max_blocks": 3}):
+        assert _outcome(index_car, real, **kw) == _outcome(read_car, real, **kw)
+    idx = index_car(real).blocks
+    assert idx.get(rec_cid) is None and idx.get(b"x") is None and rec_cid not in idx

@@ -101,10 +101,13 @@ def test_backfill_then_live_with_official_client(pds, tmp_path):
         svc.stop()
 
 
-def test_kill9_during_backfill_loses_nothing(pds, tmp_path):
+@pytest.mark.parametrize("spool", [None, "1"], ids=["in-memory", "spooled"])
+def test_kill9_during_backfill_loses_nothing(pds, tmp_path, spool):
+    """``spooled``: every CAR goes through files (TAP_BACKFILL_SPOOL_SIZE=1), as a huge repo's
+    would; the files a kill -9 leaves behind are deleted when the service starts again."""
     ledger = _load(pds, tmp_path, accounts=4, records=150, MODE="apply")
     dids = sorted(ledger["repos"])
-    svc = make_service(pds, tmp_path).start()
+    svc = make_service(pds, tmp_path, **({} if spool is None else {"TAP_BACKFILL_SPOOL_SIZE": spool})).start()
     first = start_client(svc, tmp_path, dids)
     try:
         svc.wait_for(lambda: len(first.events()) >= 20, timeout=60, what="some events before the crash")
@@ -120,6 +123,9 @@ def test_kill9_during_backfill_loses_nothing(pds, tmp_path):
                 return all(got.get(d) == expected[d] for d in dids)
 
             svc.wait_for(complete, timeout=120, what="every record after kill -9")
+            spool_dir = tmp_path / "data" / "backfill-spool"
+            svc.wait_for(lambda: not any(spool_dir.iterdir()), timeout=30, what="no spool file left")
+            assert ("repo CAR spooled to disk" in svc.log_path.read_text(errors="replace")) == (spool is not None)
         finally:
             second.stop()
     finally:
