@@ -138,6 +138,13 @@ FETCH_SECONDS = Histogram("tapflow_backfill_fetch_seconds", "repo fetch: resolve
 VERIFY_SECONDS = Histogram("tapflow_backfill_verify_seconds", "verify_repo time per repo",
                            buckets=[0.001 * 4 ** i for i in range(10)])
 CAR_BYTES = Counter("tapflow_backfill_car_bytes", "bytes of getRepo CARs downloaded")
+POOL_RENEWED = Counter("tapflow_verify_pool_renewed", "times the repo verification pool was started anew "
+                       "after one of its workers died")
+
+
+def _renew_pool(broken: Any) -> None:
+    if procpool.renew_pool(broken):
+        POOL_RENEWED.inc()
 RECORDS = Counter("tapflow_backfill_records", "snapshot records emitted")
 IN_FLIGHT = Gauge("tapflow_backfill_in_flight", "repo fetches in flight", multiprocess_mode="livemax")
 QUEUE_COMPACTIONS = Counter("tapflow_backfill_queue_compactions",
@@ -646,9 +653,25 @@ class Backfiller:
         p = procpool.pool()
         if p is not None:
             try:
-                return await asyncio.wrap_future(p.submit(task))
-            except (BrokenProcessPool, RuntimeError) as e:  # a dead worker, or the pool shut down
-                if isinstance(e, RuntimeError) and "shutdown" not in str(e):
+                try:
+                    fut = p.submit(task)
+                except BrokenProcessPool:  # a worker died during an earlier task: a new pool takes this one
+                    _renew_pool(p)
+                    p = procpool.pool()
+                    if p is None:
+                        raise RuntimeError("verification pool shutdown") from None
+                    fut = p.submit(task)
+                try:
+                    return await asyncio.wrap_future(fut)
+                except BrokenProcessPool:
+                    # a worker died while this CAR was in the pool, maybe because of it (the OOM
+                    # killer): the fetch fails and is retried later, on a new pool
+                    _renew_pool(p)
+                    raise
+            except BrokenProcessPool:
+                raise
+            except RuntimeError as e:  # the pool shut down (the flow is stopping): a thread does it
+                if "shutdown" not in str(e):
                     raise
                 _log.error("verification pool unusable; verifying on a thread", extra={"error": str(e)})
         return await asyncio.get_running_loop().run_in_executor(self._verify_pool, task)

@@ -35,12 +35,14 @@ import logging
 import multiprocessing
 import pickle
 import signal
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 _POOL: ProcessPoolExecutor | None = None
+_RENEW = threading.Lock()
 _LANES: list["Lane"] = []
 _WORKERS = 0
 
@@ -152,6 +154,25 @@ def pool_running() -> bool:
 def pool() -> ProcessPoolExecutor | None:
     """The executor for ``submit``-style work (repo CARs), or ``None`` when the pool is off."""
     return _POOL
+
+
+def renew_pool(broken: ProcessPoolExecutor) -> bool:
+    """Replace ``broken`` (a worker of it died: the OOM killer, a crash) with a new executor of
+    the same size, unless that was done already (or the pool was stopped); True if this call
+    replaced it. ``pool()`` then gives the executor in use.
+
+    A ``ProcessPoolExecutor`` whose worker died refuses every later task, so without this one
+    death would fail every repo CAR until the flow restarts. Spawn starts the new workers
+    (exec'd, so safe with RocksDB open)."""
+    global _POOL
+    with _RENEW:
+        if _POOL is not broken or _WORKERS <= 0:
+            return False
+        ctx = multiprocessing.get_context("spawn")
+        _POOL = ProcessPoolExecutor(max_workers=_WORKERS, mp_context=ctx, initializer=_init_worker)
+    log.error("a verification worker died; the pool was started anew", extra={"workers": _WORKERS})
+    broken.shutdown(wait=False, cancel_futures=True)
+    return True
 
 
 def lanes() -> list[Lane]:

@@ -205,3 +205,43 @@ def test_worker_killed_mid_repo_fails_the_fetch_and_leaves_no_file(tmp_path, pds
     assert isinstance(f, FetchFailed) and f.fetch_key == key
     assert f.error.startswith("failed to read repo from CAR: BrokenProcessPool"), f.error
     assert _spool_files(env) == []
+
+
+def test_a_dead_worker_does_not_break_later_repos(tmp_path, pds_loop):
+    """After a pool worker died (here killed mid-repo; in life the OOM killer), the executor
+    refuses every later task. The pool is started anew, so the next repos verify: before, every
+    later CAR failed with ``BrokenProcessPool`` until the flow restarted."""
+    import signal
+
+    from prometheus_client import REGISTRY
+
+    from runtime import procpool
+
+    renewed = ("tapflow_verify_pool_renewed_total", {})
+    n0 = REGISTRY.get_sample_value(*renewed) or 0.0
+    env = Env(tmp_path, pds_loop)
+    env.account(DID, {f"app.bsky.feed.post/3l{i:011d}": post(i) for i in range(20000)})
+    later = "did:plc:afterdeath"
+    cids = env.account(later, MANY)
+    env.request(DID)
+    assert procpool.start_pool(1) is not None
+    b = env.backfiller(chunk_size=1000, spool_over=64 << 10)
+    b.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(f.endswith(".rec") for f in _spool_files(env)):  # the worker has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        broken = procpool.pool()
+        for proc in list(broken._processes.values()):
+            os.kill(proc.pid, signal.SIGKILL)
+        (f,) = collect(b, has_last(DID), timeout=60)
+        assert isinstance(f, FetchFailed) and "BrokenProcessPool" in f.error
+        env.request(later)
+        out = collect(b, has_last(later), timeout=60)
+    finally:
+        b.stop()
+        procpool.stop_pool()
+    assert [x for x in out if isinstance(x, FetchFailed)] == []
+    assert {r.path: r.cid for c in out if isinstance(c, SnapshotChunk) for r in c.records} == cids
+    assert REGISTRY.get_sample_value(*renewed) == n0 + 1
