@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Upstream, cpu_s  # noqa: E402
+from bench.harness import Upstream  # noqa: E402
 from bench.replay import DEFAULT_CACHE_DIR, ReplayData  # noqa: E402
 
 CACHE = DEFAULT_CACHE_DIR

@@ -42,8 +42,6 @@ import bisect
 import contextlib
 import io
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -51,7 +51,7 @@ from typing import Any, Iterator, NamedTuple, Protocol
 
 import libipld
 
-from protocol import cbor, syntax
+from protocol import syntax
 from protocol.car import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_CAR_SIZE, Car, CarError, index_car, read_car
 from protocol.cid import cid_to_str
 from protocol.mst import (

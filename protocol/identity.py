@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 import threading
 import time

@@ -12,7 +12,6 @@ No dependency beyond the standard library.
 from __future__ import annotations
 
 import base64
-import binascii
 import math
 import re
 from functools import lru_cache
