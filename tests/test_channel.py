@@ -523,7 +523,7 @@ async def test_fire_and_forget_failed_write_is_retried(stack_factory):
         transport = DeadTransport()
         protocol = None
         closed = False
-        sent: set = set()
+        unacked = 0
         peer = "x"
 
     d = did_n(14)
