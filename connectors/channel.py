@@ -121,13 +121,13 @@ class _Flight:
 
 
 class _Conn:
-    __slots__ = ("ws", "transport", "protocol", "sent", "closed", "peer", "window_open")
+    __slots__ = ("ws", "transport", "protocol", "unacked", "closed", "peer", "window_open")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self.ws = ws
         self.transport = request.transport
         self.protocol = request.protocol
-        self.sent: set[int] = set()  # ids written here and not yet acked (ack mode)
+        self.unacked = 0  # events written here and not yet acked (ack mode; ``f.conn is self``)
         self.closed = False
         self.peer = request.remote
         self.window_open = asyncio.Event()
@@ -264,8 +264,8 @@ class ChannelTarget:
             return  # unknown, or already taken: harmless
         conn = f.conn
         if conn is not None:
-            conn.sent.discard(event_id)
-            if not conn.window_open.is_set() and len(conn.sent) < self._window:
+            conn.unacked -= 1
+            if not conn.window_open.is_set() and conn.unacked < self._window:
                 conn.window_open.set()
         self._sent.pop(event_id, None)
         self._take(f)
@@ -273,29 +273,36 @@ class ChannelTarget:
     def ack_many(self, event_ids: list[int]) -> None:
         """``ack`` for each of ``event_ids`` (the acks one socket read brought, in order)."""
         flights = self._flights
-        sent = self._sent
-        sched_taken = self._sched.taken
+        sent_pop = self._sent.pop
+        evs: list[OutboxEvent] = []
         keys: list[bytes] = []
         conns: list[_Conn] = []
         last: _Conn | None = None
+        n = 0  # acks of ``last`` not yet subtracted from its unacked count
         for i in event_ids:
             f = flights.pop(i, None)
             if f is None:
                 continue  # unknown, or already taken: harmless
             conn = f.conn
             if conn is not None:
-                conn.sent.discard(i)
+                sent_pop(i, None)
                 if conn is not last:
+                    if last is not None:
+                        last.unacked -= n
                     conns.append(conn)
                     last = conn
-            sent.pop(i, None)
+                    n = 0
+                n += 1
             ev = f.ev
-            sched_taken(ev)
+            evs.append(ev)
             keys.append(ev.key)
+        if last is not None:
+            last.unacked -= n
         for conn in conns:
-            if not conn.window_open.is_set() and len(conn.sent) < self._window:
+            if not conn.window_open.is_set() and conn.unacked < self._window:
                 conn.window_open.set()
-        if keys:
+        if evs:
+            self._sched.taken_many(evs)
             self._on_taken_many(keys)
 
     # --- retries (ack mode) ------------------------------------------------------------------------
@@ -316,7 +323,7 @@ class ChannelTarget:
         for f in due:
             del self._sent[f.ev.id]
             if f.conn is not None:
-                f.conn.sent.discard(f.ev.id)
+                f.conn.unacked -= 1
                 f.conn.window_open.set()
                 f.conn = None
             self._enqueue(f)
@@ -327,14 +334,11 @@ class ChannelTarget:
     def _requeue_connection(self, conn: _Conn) -> None:
         """A connection dropped: its unacked events go to the head of the queue, in id order."""
         conn.window_open.set()
-        back = []
-        for i in conn.sent:
-            f = self._flights.get(i)
-            if f is not None and f.conn is conn:
-                f.conn = None
-                self._sent.pop(i, None)
-                back.append(f)
-        conn.sent.clear()
+        back = [f for f in self._sent.values() if f.conn is conn]
+        for f in back:
+            f.conn = None
+            del self._sent[f.ev.id]
+        conn.unacked = 0
         back.sort(key=lambda f: f.ev.id, reverse=True)
         for f in back:
             self._enqueue(f, front=True)
@@ -382,6 +386,7 @@ class ChannelTarget:
         # ``ack_many`` per socket read instead of the whole ack path per frame.
         buffered = getattr(reader, "_buffer", None)
         acks: list[int] = []
+        text, binary = WSMsgType.TEXT, WSMsgType.BINARY
         try:
             while not conn.closed:
                 if acks and not buffered:
@@ -396,9 +401,17 @@ class ChannelTarget:
                 except Exception as e:  # connection reset and the like
                     return f"read error: {e!r}"
                 t = msg.type
-                if t is WSMsgType.TEXT or t is WSMsgType.BINARY:
+                if t is text or t is binary:
+                    data = msg.data
+                    # the official client's exact ack frame, as in ``parse_client_frame``
+                    if data[:19] == _ACK_PREFIX and data[-1:] == b"}":  # (a str never equals it)
+                        digits = data[19:-1]
+                        if digits.isdigit() and len(digits) < 20 and (digits[:1] != b"0" or len(digits) == 1):
+                            if ack_many is not None:
+                                acks.append(int(digits))
+                            continue
                     try:
-                        ack_id = parse_client_frame(msg.data)
+                        ack_id = parse_client_frame(data)
                     except BadFrame as e:
                         return f"bad client frame: {e}"
                     if ack_id is not None and ack_many is not None:
@@ -440,7 +453,7 @@ class ChannelTarget:
                     self._have_ready.clear()
                     await self._have_ready.wait()
                     continue
-                room = min(self._write_batch, window - len(conn.sent))
+                room = min(self._write_batch, window - conn.unacked)
                 if room <= 0:  # this client holds a full window of unacked events: others go first
                     conn.window_open.clear()
                     await conn.window_open.wait()
@@ -469,12 +482,13 @@ class ChannelTarget:
                 delivered.inc(len(batch))
                 if ack_mode:
                     now = time.monotonic()
+                    conn.unacked += len(batch)
                     for f in batch:
                         i = f.ev.id
                         f.conn = conn
+                        if f.sent_at:  # a resend: to the end of the send order
+                            sent.pop(i, None)
                         f.sent_at = now
-                        conn.sent.add(i)
-                        sent.pop(i, None)
                         sent[i] = f
                 else:
                     self._take_many(batch)

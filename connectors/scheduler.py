@@ -167,6 +167,23 @@ class Scheduler:
             self._send(e)
         return True
 
+    def taken_many(self, events: Iterable[OutboxEvent]) -> None:
+        """``taken`` for each of ``events`` in order (the acks of one socket read): an event
+        whose DID still has others in flight, or nothing waiting, costs no call of its own."""
+        dids = self._dids
+        taken = self.taken
+        for ev in events:
+            d = dids.get(ev.did)
+            if d is None:
+                continue
+            fl = d.in_flight
+            if ev.key in fl and (len(fl) > 1 or not d.queue):
+                fl.discard(ev.key)  # still in flight: nothing moves (see ``taken``)
+                if not fl:
+                    del dids[ev.did]  # IDLE: keep nothing
+            else:
+                taken(ev)
+
     def _pump(self, did: str, d: _Did, out: list[OutboxEvent]) -> None:
         """Release from the head of the DID's queue into ``out`` while the rules allow (rule 3:
         FIFO); the caller sends ``out`` once the state change is done."""

@@ -25,7 +25,7 @@ from config import Config
 from connectors.api import Api, CommandLog
 from connectors.acks import AckApplier
 from connectors.channel import BadFrame, ChannelTarget, parse_client_frame
-from connectors.outbox_follower import OutboxFollower
+from connectors.outbox_follower import ITEMS_MIN, OutboxFollower
 from operators.events import identity_body, record_body, with_id
 from store.db import Database, close_all, open_delivery_db, open_flow_db
 from store.layout import (
@@ -523,7 +523,7 @@ async def test_fire_and_forget_failed_write_is_retried(stack_factory):
         transport = DeadTransport()
         protocol = None
         closed = False
-        sent: set = set()
+        unacked = 0
         peer = "x"
 
     d = did_n(14)
@@ -1131,3 +1131,48 @@ async def test_idle_follower_is_woken_by_the_flows_write(stack_factory):
         await c.ack(ids[0])
     await _until(lambda: s.fake.rows() == 0)
     await c.close()
+
+
+async def test_a_run_of_new_rows_is_read_once_in_order(stack_factory):
+    """A shard with a run of new rows (at least ``ITEMS_MIN``: an iteration of its own bounded to
+    the shard) next to shards with a row or two (the round's shared iterator): every row once,
+    each DID in id order; after a restart the same through the bounded scan of every shard,
+    and rows written after that scan are found from the cursors it left."""
+    s = await stack_factory()
+    c = await Consumer.connect(s.url)
+    d, lone = did_n(900), did_n(901)
+    after = next(did_n(i) for i in range(902, 2000)  # a DID in the shard right after d's
+                 if shard_of(did_n(i), SHARDS) == (shard_of(d, SHARDS) + 1) % SHARDS)
+    assert shard_of(lone, SHARDS) != shard_of(d, SHARDS)
+    first = s.fake.push(d, 1) + s.fake.push(after, 1)
+    await c.wait(2, 1.0)  # the cursors are set
+    runs: list[int] = []
+    real = OutboxFollower._scan_items
+    s.follower._scan_items = lambda *a: (lambda r: (runs.append(r[0]), r)[1])(real(*a))
+    assert ITEMS_MIN <= 20
+    per_did = {d: first[:1] + s.fake.push(d, 20), lone: s.fake.push(lone, 1), after: first[1:] + s.fake.push(after, 3)}
+    ids = sorted(i for v in per_did.values() for i in v)
+
+    def check(msgs: list[dict]) -> None:
+        got = [m["id"] for m in msgs]
+        assert sorted(got) == ids  # every event once
+        for v in per_did.values():
+            assert [i for i in got if i in v] == v  # each DID in id order
+
+    check(await c.wait(len(ids), 2.0))
+    assert 20 in runs  # the run had an iteration of its own
+    await asyncio.sleep(0.1)
+    assert len(c.msgs) == len(ids)
+    await c.close()
+    s2 = await s.restart()  # nothing acked: all again, each shard read by the bounded scan
+    c2 = await Consumer.connect(s2.url)
+    check(await c2.wait(len(ids), 2.0))
+    more = s2.fake.push(d, 2) + s2.fake.push(after, 1)  # the cursors the scan left are right
+    assert sorted(m["id"] for m in (await c2.wait(len(ids) + 3, 2.0))[len(ids):]) == more
+    await asyncio.sleep(0.1)
+    assert len(c2.msgs) == len(ids) + 3
+    ids += more
+    await c2.ack(*ids)
+    await _until(lambda: s2.fake.rows() == 0)
+    await c2.close()
+    await s2.stop()

@@ -249,3 +249,36 @@ def test_add_many_releases_what_add_would_in_the_same_order(seed):
         assert all(many.state(d) is one.s.state(d) and many.waiting(d) == one.s.waiting(d)
                    and many.in_flight(d) == one.s.in_flight(d) for d in dids)
     assert len(one.sent) >= 50 and any(n > 1 for n in many_calls)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_taken_many_is_taken_per_event(seed):
+    """``taken_many`` (the acks of one socket read) releases what ``taken`` per event would, in
+    the same order, and leaves the same states: random runs, acks in random batches, events
+    taken while still waiting, and unknown events included."""
+    rnd = random.Random(seed)
+    one, many = Harness(), Harness()
+    dids = [f"did:plc:t{i}" for i in range(5)]
+    acked: set[int] = set()
+    pushed: list[OutboxEvent] = []
+    for _ in range(200):
+        in_flight = [e for e in one.sent if e.id not in acked]
+        if rnd.random() < 0.4 or not in_flight:
+            run = [ev(rnd.choice(dids), live=rnd.random() < 0.25) for _ in range(rnd.randrange(1, 8))]
+            pushed += run
+            one.push(*run)
+            many.push(*run)
+        else:
+            batch = rnd.sample(in_flight, rnd.randrange(1, len(in_flight) + 1))
+            if rnd.random() < 0.2:  # an event still waiting, and one never offered
+                waiting = [e for e in pushed if e.id not in acked and e not in one.sent]
+                batch += waiting[:1] + [ev("did:plc:unknown")]
+            for e in batch:
+                one.s.taken(e)
+            many.s.taken_many(batch)
+            acked.update(e.id for e in batch)
+        assert many.ids() == one.ids()
+        for d in dids:
+            assert many.s.state(d) is one.s.state(d)
+            assert many.s.in_flight(d) == one.s.in_flight(d) and many.s.waiting(d) == one.s.waiting(d)
+    assert len(many.s) == len(one.s)
