@@ -159,6 +159,7 @@ from store.layout import (
     PRIO_ERROR,
     PRIO_IDENTITY,
     PRIO_PENDING,
+    decode_counter,
     did_prefix,
     encode_outbox_row,
     fetch_key,
@@ -540,6 +541,12 @@ class _Batch:
 
 # --- the operator ------------------------------------------------------------------------
 
+# meta keys by (counter name, shard) / shard, built once
+_COUNTER_KEYS: dict[tuple[str, int], bytes] = {}
+_CMD_KEYS: dict[int, bytes] = {}
+_FH_KEYS: dict[int, bytes] = {}
+_OUTBOX_VEC = "outbox counts"  # in _meta_known: every shard's outbox counter, as last written
+
 class RepoLogic:
     """Applies batches of flow items to repo state, the record index and the outbox.
 
@@ -699,33 +706,35 @@ class RepoLogic:
         # Counters and marks: RepoLogic is their only writer, so the values it wrote last are
         # remembered (a RocksDB read per shard and counter per activation otherwise).
         known = self._meta_known
-
-        def stored(known_key: Any, key: bytes) -> int:
-            cur = known.get(known_key)
-            if cur is None:
-                raw = meta.get(key)
-                cur = unpack_u64(raw) if raw else 0
-            return cur
-
         written: dict = {}
+        put = wb.put
         for ck, delta in b.counters.items():
-            key = meta_counter(*ck)
-            written[ck] = new = max(0, stored(ck, key) + delta)
-            wb.put(key, pack_u64(new), h_meta)
+            key = _COUNTER_KEYS.get(ck) or _COUNTER_KEYS.setdefault(ck, meta_counter(*ck))
+            cur = known.get(ck)
+            if cur is None:
+                cur = decode_counter(meta.get(key))
+            written[ck] = new = max(0, cur + delta)
+            put(key, pack_u64(new), h_meta)
         # highest control / firehose seq applied per shard: never moves back
-        for marks, key_of in ((b.cmd, meta_cmd_applied), (b.fh, meta_firehose_applied)):
+        for marks, keys, key_of in ((b.cmd, _CMD_KEYS, meta_cmd_applied), (b.fh, _FH_KEYS, meta_firehose_applied)):
             for shard, seq in marks.items():
-                key = key_of(shard)
-                cur = stored(key, key)
+                key = keys.get(shard) or keys.setdefault(shard, key_of(shard))
+                cur = known.get(key)
+                if cur is None:
+                    cur = decode_counter(meta.get(key))
                 if cur < seq:
-                    wb.put(key, pack_u64(seq), h_meta)
+                    put(key, pack_u64(seq), h_meta)
                     cur = seq
                 written[key] = cur
-        if any(ck[0] == "outbox" for ck in b.counters):
-            wb.put(META_OUTBOX_COUNTS, pack_counts(self._outbox_counts(meta, written)), h_meta)
+        vec = None
+        if b.events:  # the outbox counters of its shards changed
+            vec = self._outbox_counts(meta, written)
+            put(META_OUTBOX_COUNTS, pack_counts(vec), h_meta)
         if wb.len():
             db.write(wb)
         known.update(written)  # only once durable: a failed write leaves them to be read again
+        if vec is not None:
+            known[_OUTBOX_VEC] = vec
         self.states.written(b.states)
         if b.fetch_queued and self.on_fetch_queued:
             self.on_fetch_queued()
@@ -733,15 +742,23 @@ class RepoLogic:
             self.on_events()
 
     def _outbox_counts(self, meta: Any, written: dict) -> list[int]:
-        """Every shard's outbox counter as this batch leaves it (``META_OUTBOX_COUNTS``); the
-        shards this logic has not written yet are read once."""
+        """Every shard's outbox counter as this batch leaves it (``META_OUTBOX_COUNTS``): the
+        vector written last, with this batch's shards replaced; read once (the shards this
+        logic has not written are read from their counters)."""
         known = self._meta_known
-        keys = [("outbox", s) for s in range(self.shards)]
-        missing = [k for k in keys if k not in written and k not in known]
-        if missing:
-            for k, raw in zip(missing, meta.get([meta_counter(*k) for k in missing])):
-                known[k] = unpack_u64(raw) if raw else 0
-        return [written[k] if k in written else known[k] for k in keys]
+        vec = known.get(_OUTBOX_VEC)
+        if vec is None or len(vec) != self.shards:
+            keys = [("outbox", s) for s in range(self.shards)]
+            missing = [k for k in keys if k not in known]
+            if missing:
+                for k, raw in zip(missing, meta.get([meta_counter(*k) for k in missing])):
+                    known[k] = unpack_u64(raw) if raw else 0
+            vec = [known[k] for k in keys]
+        vec = vec.copy()
+        for ck, v in written.items():
+            if ck.__class__ is tuple and ck[0] == "outbox":
+                vec[ck[1]] = v
+        return vec
 
     # --- shared steps -------------------------------------------------------------------
 
