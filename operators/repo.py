@@ -541,6 +541,8 @@ class _Batch:
 
 # --- the operator ------------------------------------------------------------------------
 
+#: Valid DIDs whose shard RepoLogic remembers (the dict is dropped whole when full).
+_SHARDS_KNOWN = 16384
 # meta keys by (counter name, shard) / shard, built once
 _COUNTER_KEYS: dict[tuple[str, int], bytes] = {}
 _CMD_KEYS: dict[int, bytes] = {}
@@ -594,6 +596,7 @@ class RepoLogic:
         #: repo states as last written (shared per ``db``); clear it after writing ``repos``
         #: behind RepoLogic's back (tests)
         self.states = _state_cache(db)
+        self._shards_of: dict[str, int] = {}  # shards of valid DIDs seen lately (a regex and a crc32 each)
         self._handlers: dict[type, Callable[[_Batch, Any, int], Optional[Rejected]]] = {
             FirehoseCommit: self._on_commit,
             FirehoseSync: self._on_sync,
@@ -614,6 +617,7 @@ class RepoLogic:
         self._now = self.clock()
         b = _Batch(self.db, self.states)
         rejected: list[Rejected] = []
+        shards_of = self._shards_of
         for item in items:
             source = _SOURCES.get(type(item), "unknown")
             did = getattr(item, "did", None)
@@ -621,11 +625,15 @@ class RepoLogic:
             if handler is None:
                 rejected.append(Rejected(str(did or "")[:300], source, "unknown_item", type(item).__name__))
                 continue
-            shard = -1
-            if not valid_did(did):
+            shard = shards_of.get(did, -1) if did.__class__ is str else -1
+            if shard < 0 and valid_did(did):
+                shard = shard_of(did, self.shards)
+                if len(shards_of) >= _SHARDS_KNOWN:
+                    shards_of.clear()
+                shards_of[did] = shard
+            if shard < 0:
                 rejected.append(Rejected(str(did)[:300], source, "bad_did"))
             else:
-                shard = shard_of(did, self.shards)
                 mark = b.mark()
                 try:
                     r = handler(b, item, shard)
