@@ -22,8 +22,18 @@ repo's events under consecutive ids), a point delete for a key alone. Measured h
 for point deletes; the delivery child's secondary catch-up got cheaper (1.6 vs 2.9 µs a row,
 fewer WAL entries to replay) while its reads of new rows got slightly dearer (1.7-2.0 vs 1.5
 µs a row); a full scan of the outbox over the deleted region took 13 ms instead of 100 ms.
-Presence is counted with a bounded iterator per run (0.6 µs a key, no values copied) and a
-multi-get for short runs (1.6 µs a key).
+Counting without reading: the child acks only rows it read, each once (``AckTracker`` completes a
+registered key once; keys of batches not yet applied when it starts are skipped, not acked
+again), and only the flow's ControlSource deletes outbox rows, in the WriteBatch that moves the
+cursor past the batch: so a batch written while this flow process runs names rows that are
+all there, and its keys are counted as they are (a live ack cost the flow ~8 µs a key with
+the presence read, ~4 without). The presence of each row is read only for the batches that
+may name rows already gone: those that existed when this process first looked (written
+before a crash or a power loss that may have taken the rows' WAL tail with it, or seen again
+after a lost cursor) and those converted from an older version's per-event rows (marked by a
+trailing byte, ``LEGACY_MARK``: that version may have deleted the rows). Presence is counted with
+a bounded iterator per run (0.6 µs a key, no values copied) and a multi-get for short runs
+(1.6 µs a key).
 
 An older version wrote one ``acks`` row per event (the outbox key, 10 bytes): ``AckLog.load``
 turns such rows into batches once at start (redelivery is avoided as before; rows the old
@@ -63,6 +73,8 @@ RUN_SCAN_MIN = 4
 #: Keys per batch when converting the per-event rows of an older version.
 LEGACY_BATCH_KEYS = 10_000
 _BATCH_KEY_LEN = len(ACKBATCH_PREFIX) + 8
+#: Appended to a batch converted from an older version's per-event rows: its rows may be gone.
+LEGACY_MARK = b"\x01"
 
 ACKED_DELETED = Counter("tapflow_outbox_acked_deleted", "outbox rows deleted after every delivery target acked them")
 
@@ -123,7 +135,7 @@ class AckLog:
         for i in range(0, len(legacy), LEGACY_BATCH_KEYS):
             chunk = legacy[i:i + LEGACY_BATCH_KEYS]
             last += 1
-            b.put(ackbatch_key(last), b"".join(chunk), self._h)
+            b.put(ackbatch_key(last), b"".join(chunk) + LEGACY_MARK, self._h)
             self.skip.update(chunk)
             self._pending.append((last, len(chunk)))
             self.waiting += len(chunk)
@@ -168,6 +180,15 @@ class AckLog:
         return released
 
 
+def _last_batch(delivery: Database) -> int:
+    """The highest ack batch number written so far (row or ``dmeta`` counter)."""
+    it = delivery.cf("acks").iter()
+    it.seek_for_prev(ACKBATCH_PREFIX + b"\xff" * 8)
+    n = parse_ackbatch_key(it.key()) if it.valid() and it.key().startswith(ACKBATCH_PREFIX) \
+        and len(it.key()) == _BATCH_KEY_LEN else 0
+    return max(n, decode_counter(delivery.cf("dmeta").get(DMETA_ACK_BATCH)))
+
+
 class AckApplier:
     """The flow's side (ControlSource): applies ack batches after its cursor (see module doc)."""
 
@@ -178,35 +199,57 @@ class AckApplier:
         self.acked_total = decode_counter(meta.get(meta_counter(OUTBOX_ACKED, 0)))
         self._max_keys = max_keys
         self.more = False  # the last ``apply`` stopped at ``max_keys`` with batches left
+        self._check_upto: int | None = None  # batches up to this one existed at the first look
+        self.checked = 0  # keys whose rows were looked up (batches that may name rows gone)
 
     def apply(self, delivery: Database) -> int | None:
         """Apply the batches after the cursor (``delivery`` caught up by the caller), whole
         batches up to about ``max_keys`` keys. Returns rows deleted, None if there was no batch."""
+        if self._check_upto is None:
+            self._check_upto = _last_batch(delivery)
         it = delivery.cf("acks").iter()
         it.seek(ackbatch_key(self.done + 1))
-        keys: list[bytes] = []
+        read: list[bytes] = []  # batch values written while this process runs: rows the child read
+        unsure: list[bytes] = []  # keys of batches that may name rows already deleted
+        n = 0
         last = self.done
-        while it.valid() and len(keys) < self._max_keys:
+        while it.valid() and n < self._max_keys:
             k = it.key()
             if not k.startswith(ACKBATCH_PREFIX):
                 break
             if len(k) == _BATCH_KEY_LEN:
                 last = parse_ackbatch_key(k)
-                keys += split_outbox_keys(it.value())
+                v = it.value()
+                n += len(v) // OUTBOX_KEY_LEN
+                if last > self._check_upto and len(v) % OUTBOX_KEY_LEN == 0:
+                    read.append(v)
+                else:
+                    unsure += split_outbox_keys(v)
             it.next()
         self.more = it.valid() and it.key().startswith(ACKBATCH_PREFIX)
         if last == self.done:
             return None
-        runs = outbox_key_runs(keys)
-        counts = self._present(runs)
         h = self._flow.handle("outbox")
         b = self._flow.batch()
         present = 0
-        for (lo, hi, n), c in zip(runs, counts):
-            if c == 0:
-                continue  # nothing there (applied before, or never written): no tombstone
+        keys = split_outbox_keys(b"".join(read)) if read else []
+        if unsure:
+            if keys:
+                seen = set(unsure)
+                keys = [k for k in keys if k not in seen]
+            runs = outbox_key_runs(unsure)
+            self.checked += sum(r[2] for r in runs)
+            for (lo, hi, c), there in zip(runs, self._present(runs)):
+                if there == 0:
+                    continue  # nothing there (applied before, or never written): no tombstone
+                present += there
+                if c == 1:
+                    b.delete(lo, h)
+                else:
+                    b.delete_range(lo, hi, h)
+        for lo, hi, c in outbox_key_runs(keys):
             present += c
-            if n == 1:
+            if c == 1:
                 b.delete(lo, h)
             else:
                 b.delete_range(lo, hi, h)

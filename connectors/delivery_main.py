@@ -19,7 +19,6 @@ process serves ``/metrics`` there itself.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from aiohttp import web
 
 from config import Config, ConfigError, load_config, parse_bind
 from store.pairing import PairingError, adopt_incarnation
+from runtime.memory import tune_gc
 
 log = logging.getLogger("tapflow.delivery")
 
@@ -218,17 +218,6 @@ def _outbox_depth(flow) -> int:
     from store.db import outbox_depth
 
     return max(0, outbox_depth(flow))
-
-
-def tune_gc() -> None:
-    """Collect less often than CPython's default. The delivery child keeps up to
-    ``TAP_OUTBOX_CAPACITY`` events in flight, each a few objects (the event, the target's
-    bookkeeping, Kafka's per-message state) that live for milliseconds: with the default
-    gen-0 threshold (700 allocations) most of them are scanned by a young collection, and
-    again in gen 1, before they die. With 10,000, most die before the first scan; what the
-    process loaded at start is frozen out of every collection."""
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 def main() -> int:

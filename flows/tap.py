@@ -19,7 +19,7 @@ except (ConfigError, TopologyError) as _e:
     print(str(_e), file=sys.stderr)
     raise SystemExit(2) from None
 
-from runtime.memory import limit_malloc_arenas  # noqa: E402
+from runtime.memory import limit_malloc_arenas, tune_gc  # noqa: E402
 
 limit_malloc_arenas()  # before any thread or child process starts
 
@@ -37,3 +37,4 @@ from runtime.service import start_service  # noqa: E402
 
 start_service(_cfg)
 flow = build_flow(_cfg)
+tune_gc()  # what is loaded by now lives as long as the process

@@ -33,3 +33,12 @@ def test_an_operators_own_setting_wins():
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "MALLOC_ARENA_MAX": "4"}
     here, child = _probe(env)[:2]
     assert here == "False 4" and child == "4"
+
+
+def test_tune_gc_freezes_what_is_loaded_and_collects_young_objects_less_often():
+    probe = ("import gc; from runtime.memory import GC_GEN0, tune_gc; before = gc.get_freeze_count(); tune_gc(); "
+             "print(gc.get_threshold()[0] == GC_GEN0 > 700, gc.get_freeze_count() > before)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]

@@ -799,6 +799,7 @@ def test_backoff_no_overflow_after_many_failures(env):
 
     raw = RepoState(**{**{f: getattr(st, f) for f in st.__slots__}, "retries": 10_000}).to_json()
     env.db.cf("repos")[D.encode()] = raw
+    env.logic.states.clear()  # written behind RepoLogic's back: not what it remembers
     fail(env, D)
     st = env.state(D)
     assert st.retries == 10_001 and st.retry_after == int(T0 + 60 * 60.5)
@@ -986,6 +987,20 @@ def test_write_is_a_single_batch(env, monkeypatch):
     assert len(writes) == 1 and writes[0] > 5
 
 
+def test_state_cache_is_bounded_and_forgets_deleted_repos():
+    from operators.repo import RepoState, StateCache
+
+    c = StateCache(size=2)
+    a, b, x = RepoState(rev="a"), RepoState(rev="b"), RepoState(rev="x")
+    c.written({"a": a, "b": b})
+    c.written({"x": x})  # the young generation was full: it became the old one
+    assert (c.get("a"), c.get("x")) == (a, x) and len(c.young) + len(c.old) <= 4
+    c.written({"a": None})
+    assert c.get("a") is None and c.get("b") in (None, b)
+    c.written({f"d{i}": RepoState() for i in range(10)})
+    assert len(c.young) + len(c.old) <= 4
+
+
 def test_item_failing_half_way_is_rolled_back(env):
     env.active_repo(D, data=cid("A"))
     bad = op("create", P2, "not-a-cid")
@@ -996,6 +1011,7 @@ def test_item_failing_half_way_is_rolled_back(env):
     assert [r.reason for r in out] == ["internal_error"]
     st = env.state(D)
     assert (st.rev, st.records) == (rev(1), 0) and env.records(D) == {}
+    assert env.logic.states.get(D) == st  # the state RepoLogic remembers is the row, not the half-applied copy
     assert [e for e in env.outbox(D) if e["type"] == "record"] == []
     assert env.state(did(2)).state == "pending" and env.counter("records") == 0 and env.counter("repos") == 2
 
@@ -1240,6 +1256,7 @@ def _check_invariants(env, dids):
     repos = recs = bufs = 0
     for d in dids:
         st = env.state(d)
+        assert env.logic.states.get(d) in (None, st), d  # what RepoLogic remembers is the row
         rows = env.records(d)
         buf = env.buffered(d)
         if st is None:
@@ -1395,6 +1412,7 @@ def test_rocksdb_read_failure_is_a_store_error_not_a_rejection(env, monkeypatch)
 
     real_cf = env.db.cf
     monkeypatch.setattr(env.db, "cf", lambda name: Broken() if name == "repos" else real_cf(name))
+    env.logic.states.clear()  # the state RepoLogic remembers would spare it the read
     with pytest.raises(StoreError):
         env.process(account(False, "deactivated"))
 
