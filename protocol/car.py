@@ -208,17 +208,8 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
         send = pos + slen
         left -= 1
         if slen <= 36 or send > end or slen > MAX_SECTION_SIZE or left < 0:  # one test for the rare cases
-            if slen == 0:
-                # go-car reads an empty section as io.EOF, so Go stops there and ignores the rest.
+            if _last_section(slen, send, end, left, max_blocks):
                 break
-            if slen > MAX_SECTION_SIZE:
-                raise CarTooLarge(f"CAR section of {slen} bytes")
-            if left < 0:
-                raise CarTooLarge(f"CAR has more than {max_blocks} blocks")
-            if send > end:
-                raise CarTruncated("CAR ends inside a block")
-            if slen < 36:
-                raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
         body_at = pos + 36
         cid = data[pos:body_at]
         pfx = cid[:4]
@@ -230,6 +221,23 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
         blocks[cid] = body
         pos = send
     return Car(roots, blocks)
+
+
+def _last_section(slen: int, send: int, end: int, left: int, max_blocks: int) -> bool:
+    """The rare cases of a section header, off the hot loops of ``read_car`` and
+    ``read_repo_car``: True for an empty section (go-car reads it as io.EOF, so Go stops there
+    and ignores the rest), a verdict for a bad one, False for a block of exactly a CID."""
+    if slen == 0:
+        return True
+    if slen > MAX_SECTION_SIZE:
+        raise CarTooLarge(f"CAR section of {slen} bytes")
+    if left < 0:
+        raise CarTooLarge(f"CAR has more than {max_blocks} blocks")
+    if send > end:
+        raise CarTruncated("CAR ends inside a block")
+    if slen < 36:
+        raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
+    return False
 
 
 class BlockIndex:
@@ -360,16 +368,8 @@ def index_car(data, max_size: int = DEFAULT_MAX_CAR_SIZE, max_blocks: int = DEFA
             send = pos + slen
             left -= 1
             if slen <= 36 or send > end or slen > MAX_SECTION_SIZE or left < 0:
-                if slen == 0:
-                    break  # as read_car: go-car reads an empty section as the end
-                if slen > MAX_SECTION_SIZE:
-                    raise CarTooLarge(f"CAR section of {slen} bytes")
-                if left < 0:
-                    raise CarTooLarge(f"CAR has more than {max_blocks} blocks")
-                if send > end:
-                    raise CarTruncated("CAR ends inside a block")
-                if slen < 36:
-                    raise CarBadCID(f"CAR section of {slen} bytes is too short for a CID")
+                if _last_section(slen, send, end, left, max_blocks):
+                    break
             body_at = pos + 36
             cid = data[pos:body_at]
             pfx = cid[:4]

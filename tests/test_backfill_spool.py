@@ -178,26 +178,44 @@ def test_stop_mid_repo_deletes_its_spool_file(tmp_path, pds_loop):
     assert _spool_files(env) == []
 
 
-def test_worker_killed_mid_repo_fails_the_fetch_and_leaves_no_file(tmp_path, pds_loop):
-    """A pool worker that dies while packing a spooled repo: as for an in-memory CAR, the fetch
-    is answered with a failure (RepoLogic retries it later) and both files are gone."""
-    import signal
-
+def _huge_repo_backfill(tmp_path, pds_loop, also: dict | None = None):
+    """A running Backfiller (spooling above 64 KiB, a pool of one worker) asked for a 20,000-record
+    repo; ``also``: more accounts, created but not requested. Returns (env, the fetch key, the
+    backfiller, the record CIDs of each account of ``also``)."""
     from runtime import procpool
 
     env = Env(tmp_path, pds_loop)
     env.account(DID, {f"app.bsky.feed.post/3l{i:011d}": post(i) for i in range(20000)})
+    cids = {d: env.account(d, recs) for d, recs in (also or {}).items()}
     key = env.request(DID)
     assert procpool.start_pool(1) is not None
     b = env.backfiller(chunk_size=1000, spool_over=64 << 10)
     b.start()
+    return env, key, b, cids
+
+
+def _kill_the_pool_once_packing(env: Env) -> None:
+    """SIGKILL every pool worker as soon as one has begun writing a repo's packed records."""
+    import signal
+
+    from runtime import procpool
+
+    deadline = time.monotonic() + 30
+    while not any(f.endswith(".rec") for f in _spool_files(env)):  # the worker has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    for proc in list(procpool.pool()._processes.values()):
+        os.kill(proc.pid, signal.SIGKILL)
+
+
+def test_worker_killed_mid_repo_fails_the_fetch_and_leaves_no_file(tmp_path, pds_loop):
+    """A pool worker that dies while packing a spooled repo: as for an in-memory CAR, the fetch
+    is answered with a failure (RepoLogic retries it later) and both files are gone."""
+    from runtime import procpool
+
+    env, key, b, _ = _huge_repo_backfill(tmp_path, pds_loop)
     try:
-        deadline = time.monotonic() + 30
-        while not any(f.endswith(".rec") for f in _spool_files(env)):  # the worker has begun
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        for proc in list(procpool.pool()._processes.values()):
-            os.kill(proc.pid, signal.SIGKILL)
+        _kill_the_pool_once_packing(env)
         (f,) = collect(b, has_last(DID), timeout=60)
     finally:
         b.stop()
@@ -211,30 +229,17 @@ def test_a_dead_worker_does_not_break_later_repos(tmp_path, pds_loop):
     """After a pool worker died (here killed mid-repo; in life the OOM killer), the executor
     refuses every later task. The pool is started anew, so the next repos verify: before, every
     later CAR failed with ``BrokenProcessPool`` until the flow restarted."""
-    import signal
-
     from prometheus_client import REGISTRY
 
     from runtime import procpool
 
     renewed = ("tapflow_verify_pool_renewed_total", {})
     n0 = REGISTRY.get_sample_value(*renewed) or 0.0
-    env = Env(tmp_path, pds_loop)
-    env.account(DID, {f"app.bsky.feed.post/3l{i:011d}": post(i) for i in range(20000)})
     later = "did:plc:afterdeath"
-    cids = env.account(later, MANY)
-    env.request(DID)
-    assert procpool.start_pool(1) is not None
-    b = env.backfiller(chunk_size=1000, spool_over=64 << 10)
-    b.start()
+    env, _, b, accounts = _huge_repo_backfill(tmp_path, pds_loop, also={later: MANY})
+    cids = accounts[later]
     try:
-        deadline = time.monotonic() + 30
-        while not any(f.endswith(".rec") for f in _spool_files(env)):  # the worker has begun
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        broken = procpool.pool()
-        for proc in list(broken._processes.values()):
-            os.kill(proc.pid, signal.SIGKILL)
+        _kill_the_pool_once_packing(env)
         (f,) = collect(b, has_last(DID), timeout=60)
         assert isinstance(f, FetchFailed) and "BrokenProcessPool" in f.error
         env.request(later)
