@@ -39,7 +39,9 @@ Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
   one queued; frames arriving meanwhile join the next; at most ``max_inflight`` frames out).
   The item carries the verdict (``FirehoseCommit.pre``); ``drain`` hands items out in firehose
   order and stops at a commit still in the pool, so the cursor never passes it. RepoLogic uses
-  a verdict only if its key is still the repo's, else verifies inline. While the pool is behind
+  a verdict only if its key is still the repo's, else verifies inline. A lane whose worker died
+  is replaced by a new process (at once, then after a growing pause if lanes keep dying); its
+  frames meanwhile get no verdict (RepoLogic verifies them). While the pool is behind
   by ``drain_min`` (512) frames or more, ``drain`` waits up to ``drain_hold`` (200 ms) for that
   many verdicts: RepoLogic pays ~100 us per shard activation, so verdicts applied as each lane
   answer comes (a few commits per shard) cost the flow twice the CPU per commit.
@@ -103,6 +105,9 @@ LAST_SEQ = Gauge("tap_firehose_last_seq", "seq of the last firehose event receiv
 HELD = Gauge("tapflow_firehose_held", "1 while reading the firehose is held back by outbox depth", multiprocess_mode="livemax")
 PREVERIFY = Counter("tapflow_firehose_preverify", "#commit frames sent to the verification pool, by outcome",
                     ["outcome"])
+LANES_RESPAWNED = Counter("tapflow_verify_lanes_respawned", "live verification workers started anew after one died")
+LANE_DEATH_WINDOW = 600.0  # s: lane deaths counted for the pause before the next replacement
+LANE_RESPAWN_DELAYS = (0.0, 1.0, 5.0, 30.0, 120.0)  # s, by the deaths in that window
 _VERDICT = PREVERIFY.labels("verdict")  # labels() per frame is not free
 _NO_VERDICT = PREVERIFY.labels("none")
 
@@ -327,6 +332,7 @@ class FirehoseClient:
                  preverify: bool | None = None,
                  keys: KeyCache | None = None,
                  lanes: list | None = None,
+                 respawn_lanes: bool | None = None,
                  max_inflight: int = 4096,
                  verify_batch: int = 64,
                  verify_hold: float = 0.008,
@@ -368,6 +374,12 @@ class FirehoseClient:
         self._watched: set = set()  # lanes whose pipe the loop watches (registered once, not per request)
         self._watch_loop: Any = None
         self._preverify = procpool.pool_running() if preverify is None else preverify
+        # a lane whose worker died is replaced (the pool's own lanes only), after a pause that
+        # grows with the deaths of the last 10 minutes: frames that kill a worker cannot make
+        # the firehose spawn processes in a loop
+        self._respawn = (lanes is None) if respawn_lanes is None else respawn_lanes
+        self._lane_deaths: deque[float] = deque()
+        self._respawns: set = set()  # the replacement tasks (a reference keeps them alive)
         self._keys = keys if keys is not None else SIGNING_KEYS
         self._load_key = _stored_key(self.db)
         self._patterns = CollectionFilter(cfg.collection_filters).patterns
@@ -567,19 +579,53 @@ class FirehoseClient:
             self._watched.add(lane)
 
     def _lane_gone(self, lane: Any) -> None:
-        """``lane``'s worker died: stop watching it; when it was the last, no verdicts from now
-        on (RepoLogic verifies inline), said once in the log."""
+        """``lane``'s worker died: stop watching it; when it was the last, no verdicts (RepoLogic
+        verifies inline) until a replacement is up, which is started here (``_respawn_lane``)."""
         if lane in self._watched:
             self._watched.discard(lane)
             try:
                 self._watch_loop.remove_reader(lane.fileno())
             except (OSError, ValueError, RuntimeError):  # pipe closed or loop gone: nothing to undo
                 pass
+        if lane in self._gone:
+            return
         lane.dead = True
         self._gone.add(lane)
         if len(self._gone) >= len(self._lanes) and self._preverify:
             self._preverify = False
-            _log.error("every verification worker is gone; verifying in RepoLogic")
+            _log.error("every verification worker is gone; verifying in RepoLogic until one is back")
+        if self._respawn:
+            now = time.monotonic()
+            deaths = self._lane_deaths
+            deaths.append(now)
+            while deaths[0] < now - LANE_DEATH_WINDOW:
+                deaths.popleft()
+            delay = LANE_RESPAWN_DELAYS[min(len(deaths), len(LANE_RESPAWN_DELAYS)) - 1]
+            task = asyncio.get_running_loop().create_task(self._respawn_lane(lane, delay))  # (loop thread)
+            self._respawns.add(task)
+            task.add_done_callback(self._respawns.discard)
+
+    async def _respawn_lane(self, dead: Any, delay: float) -> None:
+        """Start a worker in ``dead``'s place (off the loop: spawning waits for the process) and
+        give it work; the first replacement comes at once, later ones after a growing pause."""
+        if delay:
+            await asyncio.sleep(delay)
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(None, procpool.replace_lane, dead)
+        except Exception as e:  # could not start a process (out of memory, of pids): stay inline
+            _log.error("could not replace a verification worker", extra={"error": f"{type(e).__name__}: {e}"[:200]})
+            return
+        if new is None or dead not in self._lanes:
+            return  # the pool was stopped meanwhile
+        self._lanes[self._lanes.index(dead)] = new
+        self._gone.discard(dead)
+        self._idle.append(new)
+        LANES_RESPAWNED.inc()
+        if not self._preverify:
+            self._preverify = True
+            _log.warning("a verification worker is back; commits are verified beside the flow again")
+        if self._vbatch:
+            self._pre_flush()
 
     def _pre_answer(self, lane: Any) -> None:
         """A lane's pipe is readable (loop callback): hand its answer to the drain side, reuse the lane."""
@@ -730,7 +776,6 @@ class FirehoseClient:
         qmax = self._queue_max
         depth = self._depth
         last = self.received_seq
-        preverify = self._preverify
         max_size = self.cfg.max_frame_size
         receive = ws.receive
         while True:
@@ -765,7 +810,7 @@ class FirehoseClient:
                     self._handle(f, q)
                     continue
             f = decode_frame(data)
-            if preverify and f.type == "#commit" and f.kind == "event":
+            if self._preverify and f.type == "#commit" and f.kind == "event":
                 if self._submitted + len(self._vbatch) - self._resolved >= self._max_inflight:
                     await self._wait_inflight()
                 self._pre_submit(f.item, data)

@@ -175,6 +175,23 @@ def renew_pool(broken: ProcessPoolExecutor) -> bool:
     return True
 
 
+def replace_lane(dead: Lane) -> Lane | None:
+    """A new worker process in the place of ``dead`` (whose worker died), or None when ``dead``
+    is no lane of the pool any more (the pool was stopped). Spawned (exec'd: safe with RocksDB
+    open); it warms up before it reads its first request, so call it off the event loop."""
+    with _RENEW:
+        try:
+            i = _LANES.index(dead)
+        except ValueError:
+            return None
+        new = Lane(multiprocessing.get_context("spawn"), i)
+        _LANES[i] = new
+    dead.close()
+    dead.proc.join(timeout=0.1)  # reap it
+    log.warning("a verification lane died; a new one was started", extra={"lane": i})
+    return new
+
+
 def lanes() -> list[Lane]:
     """The worker lanes (empty when the pool is off or live verification stays inline)."""
     return list(_LANES)

@@ -710,7 +710,7 @@ async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
             later = frame("#commit", {**cbor.decode_multi(good)[1], "seq": 5})
             gate = asyncio.Event()  # the later frames come only once the worker is dead
             relay.scripts = [[good, forged, gate, later, identity(6)]]
-            c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0, keys=keys)
+            c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0, keys=keys, respawn_lanes=False)
             assert c._preverify  # on by default while the pool runs
             c.start()
             got: list = []
@@ -734,6 +734,55 @@ async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
     assert not procpool.pool_running()
 
 
+async def test_a_dead_lane_is_replaced_and_verdicts_come_back(tmp_path):
+    """A lane whose worker died is replaced by a new process: after the frames sent meanwhile
+    (no verdict: RepoLogic verifies them), verdicts come from the new lane again, with no restart
+    of the flow. Before, live verification stayed in the flow process until a restart."""
+    import os
+    import signal as _signal
+
+    from prometheus_client import REGISTRY
+
+    from operators.verify import KeyCache
+    from runtime import procpool
+
+    respawned = ("tapflow_verify_lanes_respawned_total", {})
+    n0 = REGISTRY.get_sample_value(*respawned) or 0.0
+    sim, good, forged = _signed_commit_frames()
+    keys = KeyCache()
+    keys.note(sim.did, sim.key.public_key.multibase())
+    assert procpool.start_pool(1) == 1
+    try:
+        lane = procpool.lanes()[0]
+        body = cbor.decode_multi(good)[1]
+        async with Relay() as relay:
+            gate = asyncio.Event()  # the later frames come once the new lane is up
+            later = [frame("#commit", {**body, "seq": s}) for s in (5, 6)]
+            relay.scripts = [[good, gate, *later]]
+            c = FirehoseClient(make_cfg(tmp_path, relay.port), depth=lambda: 0, keys=keys)
+            c.start()
+            got: list = []
+            try:
+                await wait_for(lambda: got.extend(drain_all(c)) or len(got) >= 1, timeout=20)
+                assert got[0][1].pre.result[0] is True
+                os.kill(lane.proc.pid, _signal.SIGKILL)
+                await wait_for(lambda: procpool.lanes()[0] is not lane and c._lanes[0] is not lane
+                               and not c._gone, timeout=20)
+                assert c._preverify
+                gate.set()
+                await wait_for(lambda: got.extend(drain_all(c)) or len(got) >= 3, timeout=30)
+            finally:
+                gate.set()  # (a failed wait must not leave the relay's script waiting)
+                c.stop()
+        assert [s for s, _ in got] == [1, 5, 6]
+        assert all(item.pre is not None and item.pre.result[0] is True for _, item in got[1:])  # the new lane's
+        assert REGISTRY.get_sample_value(*respawned) == n0 + 1
+        assert not lane.proc.is_alive() and procpool.lanes()[0].proc.is_alive()
+    finally:
+        procpool.stop_pool()
+    assert not procpool.pool_running()
+
+
 async def test_frames_waiting_for_a_lane_get_no_verdict_when_the_last_lane_dies(tmp_path):
     """Frames queued for a busy lane when its worker dies are not left waiting: they resolve to
     "no verdict" (RepoLogic verifies them inline), so the drain never stalls behind them."""
@@ -751,7 +800,8 @@ async def test_frames_waiting_for_a_lane_get_no_verdict_when_the_last_lane_dies(
     try:
         lane = procpool.lanes()[0]
         cfg = make_cfg(tmp_path, 9)
-        c = FirehoseClient(cfg, open_flow_db(cfg.data_dir), depth=lambda: 0, keys=keys, verify_hold=0.001)
+        c = FirehoseClient(cfg, open_flow_db(cfg.data_dir), depth=lambda: 0, keys=keys, verify_hold=0.001,
+                           respawn_lanes=False)
         body = cbor.decode_multi(good)[1]
         items = []
         for seq in range(1, 41):  # 16+ go at once to the lane, the rest wait for it
