@@ -611,7 +611,7 @@ class FirehoseClient:
         if delay:
             await asyncio.sleep(delay)
         try:
-            new = await asyncio.get_running_loop().run_in_executor(None, procpool.replace_lane, dead)
+            new = await asyncio.wrap_future(procpool.replace_lane(dead))
         except Exception as e:  # could not start a process (out of memory, of pids): stay inline
             _log.error("could not replace a verification worker", extra={"error": f"{type(e).__name__}: {e}"[:200]})
             return

@@ -36,13 +36,14 @@ import multiprocessing
 import pickle
 import signal
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 _POOL: ProcessPoolExecutor | None = None
 _RENEW = threading.Lock()
+_SPAWNER: ThreadPoolExecutor | None = None
 _LANES: list["Lane"] = []
 _WORKERS = 0
 
@@ -156,6 +157,17 @@ def pool() -> ProcessPoolExecutor | None:
     return _POOL
 
 
+def _spawner() -> ThreadPoolExecutor:
+    """The thread that starts replacement workers. Workers die with the *thread* that started
+    them (PR_SET_PDEATHSIG follows the parent thread), so they must not come from an event loop's
+    executor thread, which ends when its loop does: this one lives as long as the process."""
+    global _SPAWNER
+    with _RENEW:
+        if _SPAWNER is None:
+            _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tapflow-spawner")
+        return _SPAWNER
+
+
 def renew_pool(broken: ProcessPoolExecutor) -> bool:
     """Replace ``broken`` (a worker of it died: the OOM killer, a crash) with a new executor of
     the same size, unless that was done already (or the pool was stopped); True if this call
@@ -169,16 +181,22 @@ def renew_pool(broken: ProcessPoolExecutor) -> bool:
         if _POOL is not broken or _WORKERS <= 0:
             return False
         ctx = multiprocessing.get_context("spawn")
-        _POOL = ProcessPoolExecutor(max_workers=_WORKERS, mp_context=ctx, initializer=_init_worker)
+        _POOL = new = ProcessPoolExecutor(max_workers=_WORKERS, mp_context=ctx, initializer=_init_worker)
+    # its workers are started now, by the spawner thread (not lazily by whichever thread submits)
+    _spawner().submit(lambda: [new.submit(_warm) for _ in range(_WORKERS)]).result()
     log.error("a verification worker died; the pool was started anew", extra={"workers": _WORKERS})
     broken.shutdown(wait=False, cancel_futures=True)
     return True
 
 
-def replace_lane(dead: Lane) -> Lane | None:
-    """A new worker process in the place of ``dead`` (whose worker died), or None when ``dead``
-    is no lane of the pool any more (the pool was stopped). Spawned (exec'd: safe with RocksDB
-    open); it warms up before it reads its first request, so call it off the event loop."""
+def replace_lane(dead: Lane) -> Future:
+    """A future of a new worker process in the place of ``dead`` (whose worker died), or of None
+    when ``dead`` is no lane of the pool any more (the pool was stopped). Spawned (exec'd: safe
+    with RocksDB open) by the spawner thread."""
+    return _spawner().submit(_replace_lane, dead)
+
+
+def _replace_lane(dead: Lane) -> Lane | None:
     with _RENEW:
         try:
             i = _LANES.index(dead)

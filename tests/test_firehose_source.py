@@ -690,20 +690,28 @@ def test_drains_wait_for_verdicts_while_the_lanes_are_behind(tmp_path):
         part.close()
 
 
+def _frames_keys_and_one_lane():
+    """A good and a forged signed ``#commit`` frame, a key cache that knows the repo's key, and the
+    real pool started with one worker and one lane (the caller stops it)."""
+    from operators.verify import KeyCache
+    from runtime import procpool
+
+    sim, good, forged = _signed_commit_frames()
+    keys = KeyCache()
+    keys.note(sim.did, sim.key.public_key.multibase())
+    assert procpool.start_pool(1) == 1
+    return good, forged, keys
+
+
 async def test_verdicts_from_a_worker_process_and_its_death(tmp_path):
     """The real pool: a spawned worker gives the verdicts; once it is gone, frames go without
     one (RepoLogic verifies inline) and the stream goes on."""
     import os
     import signal as _signal
 
-    from operators.verify import KeyCache
     from runtime import procpool
 
-    sim, good, forged = _signed_commit_frames()
-    key = sim.key.public_key.multibase()
-    keys = KeyCache()
-    keys.note(sim.did, key)
-    assert procpool.start_pool(1) == 1
+    good, forged, keys = _frames_keys_and_one_lane()
     try:
         lane = procpool.lanes()[0]
         async with Relay() as relay:
@@ -743,15 +751,11 @@ async def test_a_dead_lane_is_replaced_and_verdicts_come_back(tmp_path):
 
     from prometheus_client import REGISTRY
 
-    from operators.verify import KeyCache
     from runtime import procpool
 
     respawned = ("tapflow_verify_lanes_respawned_total", {})
     n0 = REGISTRY.get_sample_value(*respawned) or 0.0
-    sim, good, forged = _signed_commit_frames()
-    keys = KeyCache()
-    keys.note(sim.did, sim.key.public_key.multibase())
-    assert procpool.start_pool(1) == 1
+    good, forged, keys = _frames_keys_and_one_lane()
     try:
         lane = procpool.lanes()[0]
         body = cbor.decode_multi(good)[1]
@@ -790,13 +794,9 @@ async def test_frames_waiting_for_a_lane_get_no_verdict_when_the_last_lane_dies(
     import os
     import signal as _signal
 
-    from operators.verify import KeyCache
     from runtime import procpool
 
-    sim, good, _ = _signed_commit_frames()
-    keys = KeyCache()
-    keys.note(sim.did, sim.key.public_key.multibase())
-    assert procpool.start_pool(1) == 1
+    good, _, keys = _frames_keys_and_one_lane()
     try:
         lane = procpool.lanes()[0]
         cfg = make_cfg(tmp_path, 9)
