@@ -163,6 +163,18 @@ def _decode_header(hb: bytes) -> list[bytes]:
     return out
 
 
+def _read_header(data, end: int) -> tuple[list[bytes], int]:
+    """The header section: its roots, and where the first block section starts."""
+    hlen, pos = _read_varint(data, 0, end)
+    if hlen > MAX_SECTION_SIZE:
+        raise CarTooLarge(f"CAR header section of {hlen} bytes")
+    if hlen == 0:
+        raise CarBadHeader("CAR header is empty")
+    if pos + hlen > end:
+        raise CarTruncated("CAR ends inside the header")
+    return _decode_header(data[pos : pos + hlen]), pos + hlen
+
+
 def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_CAR_SIZE,
              max_blocks: int = DEFAULT_MAX_BLOCKS) -> Car:
     """Parse a CAR v1 and verify the sha2-256 of every block against its CID.
@@ -181,15 +193,7 @@ def read_car(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_C
     if type(data) is not bytes:
         data = bytes(data)  # one copy; bytes indexing and slicing beat memoryview per block
 
-    hlen, pos = _read_varint(data, 0, end)
-    if hlen > MAX_SECTION_SIZE:
-        raise CarTooLarge(f"CAR header section of {hlen} bytes")
-    if hlen == 0:
-        raise CarBadHeader("CAR header is empty")
-    if pos + hlen > end:
-        raise CarTruncated("CAR ends inside the header")
-    roots = _decode_header(data[pos : pos + hlen])
-    pos += hlen
+    roots, pos = _read_header(data, end)
 
     blocks: dict[bytes, bytes] = {}
     pfx_cbor = _PFX_DAG_CBOR
@@ -261,22 +265,6 @@ class BlockIndex:
         self._mask = (1 << bits) - 1
         self.count = 0
 
-    def add(self, cid: bytes, at: int, n: int) -> None:
-        """Index the body of ``n`` bytes at ``at`` (right after ``cid`` in the buffer); a CID
-        already there is kept (same CID, same bytes)."""
-        slots, buf, mask = self._slots, self._buf, self._mask
-        i = hash(cid) & mask
-        while True:
-            v = slots[i]
-            if not v:
-                slots[i] = (at << 26 | n) + 1
-                self.count += 1
-                return
-            o = (v - 1) >> 26
-            if buf[o - 36 : o] == cid:
-                return
-            i = (i + 1) & mask
-
     def get(self, cid: bytes, default: bytes | None = None) -> bytes | None:
         if cid.__class__ is not bytes:
             return default
@@ -338,18 +326,10 @@ def index_car(data, max_size: int = DEFAULT_MAX_CAR_SIZE, max_blocks: int = DEFA
         raise CarTooLarge(f"CAR is {end} bytes, more than {max_size}")
     if end == 0:
         raise CarTruncated("empty CAR")
-    hlen, pos = _read_varint(data, 0, end)
-    if hlen > MAX_SECTION_SIZE:
-        raise CarTooLarge(f"CAR header section of {hlen} bytes")
-    if hlen == 0:
-        raise CarBadHeader("CAR header is empty")
-    if pos + hlen > end:
-        raise CarTruncated("CAR ends inside the header")
-    roots = _decode_header(data[pos : pos + hlen])
-    pos += hlen
+    roots, pos = _read_header(data, end)
 
     index = BlockIndex(data, min(_count_sections(data, pos, end), max_blocks))
-    slots, mask = index._slots, index._mask  # BlockIndex.add, inlined
+    slots, mask = index._slots, index._mask  # filled here, in the loop: no call per block
     pfx_cbor = _PFX_DAG_CBOR
     pfx_raw = _PFX_RAW
     left = max_blocks
