@@ -140,15 +140,16 @@ VERIFY_SECONDS = Histogram("tapflow_backfill_verify_seconds", "verify_repo time 
 CAR_BYTES = Counter("tapflow_backfill_car_bytes", "bytes of getRepo CARs downloaded")
 POOL_RENEWED = Counter("tapflow_verify_pool_renewed", "times the repo verification pool was started anew "
                        "after one of its workers died")
-
-
-def _renew_pool(broken: Any) -> None:
-    if procpool.renew_pool(broken):
-        POOL_RENEWED.inc()
 RECORDS = Counter("tapflow_backfill_records", "snapshot records emitted")
 IN_FLIGHT = Gauge("tapflow_backfill_in_flight", "repo fetches in flight", multiprocess_mode="livemax")
 QUEUE_COMPACTIONS = Counter("tapflow_backfill_queue_compactions",
                             "fetch_q compactions started because scans stepped over many deleted rows")
+
+
+def _renew_pool(broken: Any) -> None:
+    """Have ``procpool`` replace ``broken`` (a worker of it died), counted once per replacement."""
+    if procpool.renew_pool(broken):
+        POOL_RENEWED.inc()
 
 
 def record_json(block: bytes | None) -> bytes | None:
@@ -651,6 +652,7 @@ class Backfiller:
         else:
             task = partial(pack_snapshot, car, signing_key, did, keep=self._keep_wire, **opts)
         p = procpool.pool()
+        fut = None
         if p is not None:
             try:
                 try:
@@ -658,22 +660,19 @@ class Backfiller:
                 except BrokenProcessPool:  # a worker died during an earlier task: a new pool takes this one
                     _renew_pool(p)
                     p = procpool.pool()
-                    if p is None:
-                        raise RuntimeError("verification pool shutdown") from None
-                    fut = p.submit(task)
-                try:
-                    return await asyncio.wrap_future(fut)
-                except BrokenProcessPool:
-                    # a worker died while this CAR was in the pool, maybe because of it (the OOM
-                    # killer): the fetch fails and is retried later, on a new pool
-                    _renew_pool(p)
-                    raise
-            except BrokenProcessPool:
-                raise
+                    fut = None if p is None else p.submit(task)
             except RuntimeError as e:  # the pool shut down (the flow is stopping): a thread does it
                 if "shutdown" not in str(e):
                     raise
                 _log.error("verification pool unusable; verifying on a thread", extra={"error": str(e)})
+        if fut is not None:
+            try:
+                return await asyncio.wrap_future(fut)
+            except BrokenProcessPool:
+                # a worker died while this CAR was in the pool, maybe because of it (the OOM
+                # killer): the fetch fails and is retried later, on a new pool
+                _renew_pool(p)
+                raise
         return await asyncio.get_running_loop().run_in_executor(self._verify_pool, task)
 
     async def _await_claim(self, key: bytes, did: str) -> None:
