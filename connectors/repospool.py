@@ -95,7 +95,7 @@ def pack_snapshot_file(car_path: str, out_path: str, signing_key: str, did: str,
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             chunks: list[ChunkRef] = []
-            state = {"packer": None}
+            packer: Packer | None = None  # made at the first entries: it needs the verified repo
 
             def emit(c: PackedChunk) -> None:
                 at = out.tell()
@@ -105,18 +105,19 @@ def pack_snapshot_file(car_path: str, out_path: str, signing_key: str, did: str,
                 chunks.append(ChunkRef(at, c.count, len(c.keys), len(c.cids), len(c.bodies), c.last_path))
 
             def on_entries(repo, entries: list) -> None:
-                p = state["packer"]
-                if p is None:
-                    p = state["packer"] = Packer(repo, keep, chunk_size, emit)
+                nonlocal packer
+                if packer is None:
+                    packer = Packer(repo, keep, chunk_size, emit)
                 with verdicts(bug_guard=True):
-                    p.feed(repo.records_of(entries))
+                    packer.feed(repo.records_of(entries))
 
             with verdicts():
                 car = read_repo_car(mm, max_car_size=max_car_size)
                 repo = verify_repo_car(car, key, did, allow_partial=allow_partial, on_entries=on_entries)
             with verdicts(bug_guard=True):
-                p = state["packer"] or Packer(repo, keep, chunk_size, emit)
-                p.finish()
+                if packer is None:  # no entries at all
+                    packer = Packer(repo, keep, chunk_size, emit)
+                packer.finish()
             del car
         finally:
             try:
@@ -124,7 +125,7 @@ def pack_snapshot_file(car_path: str, out_path: str, signing_key: str, did: str,
             except BufferError:  # a block view still referenced (an error's traceback): unmapped when freed
                 pass
     secs = time.perf_counter() - t0
-    return PackedSnapshot(repo.did, repo.rev, cid_to_str(repo.data_cid), p.total, chunks,
+    return PackedSnapshot(repo.did, repo.rev, cid_to_str(repo.data_cid), packer.total, chunks,
                           repo.missing_nodes, repo.invalid_paths, repo.missing_blocks, secs, spool=out_path)
 
 
