@@ -138,9 +138,7 @@ def start_pool(workers: int, lanes: bool = True) -> int:
     # children (visible in /proc/<pid>/task/<pid>/children, for CPU accounting)
     if lanes:
         _LANES.extend(Lane(ctx, i) for i in range(workers))
-    _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
-    for _ in range(workers):  # spawn them now, from this thread (the executor would do it lazily)
-        _POOL.submit(_warm)
+    _POOL = _started_executor(workers)
     _WORKERS = workers
     atexit.register(stop_pool)
     log.info("verification pool started", extra={"workers": workers, "live_lanes": len(_LANES)})
@@ -155,6 +153,17 @@ def pool_running() -> bool:
 def pool() -> ProcessPoolExecutor | None:
     """The executor for ``submit``-style work (repo CARs), or ``None`` when the pool is off."""
     return _POOL
+
+
+def _started_executor(workers: int) -> ProcessPoolExecutor:
+    """An executor of ``workers`` processes, spawned now by the calling thread (the executor
+    would start them lazily, from whichever thread submits: they die with the thread that
+    started them)."""
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker)
+    for _ in range(workers):
+        ex.submit(_warm)
+    return ex
 
 
 def _spawner() -> ThreadPoolExecutor:
@@ -177,13 +186,11 @@ def renew_pool(broken: ProcessPoolExecutor) -> bool:
     death would fail every repo CAR until the flow restarts. Spawn starts the new workers
     (exec'd, so safe with RocksDB open)."""
     global _POOL
+    spawner = _spawner()
     with _RENEW:
         if _POOL is not broken or _WORKERS <= 0:
             return False
-        ctx = multiprocessing.get_context("spawn")
-        _POOL = new = ProcessPoolExecutor(max_workers=_WORKERS, mp_context=ctx, initializer=_init_worker)
-    # its workers are started now, by the spawner thread (not lazily by whichever thread submits)
-    _spawner().submit(lambda: [new.submit(_warm) for _ in range(_WORKERS)]).result()
+        _POOL = spawner.submit(_started_executor, _WORKERS).result()
     log.error("a verification worker died; the pool was started anew", extra={"workers": _WORKERS})
     broken.shutdown(wait=False, cancel_futures=True)
     return True
