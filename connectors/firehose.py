@@ -26,9 +26,10 @@ Behaviour (spec/tap-behavior.md §8.1-8.3, plus tapflow's fixes):
   A frame over the size limit makes the WebSocket client (aiohttp, which refuses it from
   its header, before reading it) drop the connection; the redial then reads with
   ``SKIP_READ_FACTOR`` times the limit and rejects every frame over the limit (their seqs
-  still advance the cursor), so one huge frame cannot wedge the stream. A frame larger still is never read: the redial after it starts at the live head,
-  as after ``FutureCursor`` (counted and logged; the gap heals, invariant 4). Memory per
-  frame stays bounded by ``SKIP_READ_FACTOR * TAP_MAX_FRAME_SIZE``.
+  still advance the cursor), so one huge frame cannot wedge the stream. A frame larger
+  still is never read: the redial after it starts at the live head, as after
+  ``FutureCursor`` (counted and logged; the gap heals, invariant 4). Memory per frame stays
+  bounded by ``SKIP_READ_FACTOR * TAP_MAX_FRAME_SIZE``.
 - Back-pressure: no socket reads (and no dial) while the outbox holds
   ``>= TAP_OUTBOX_CAPACITY`` events (re-checked every 100 ms) or while the local queue
   is full. Tap does not hold its firehose (§15.15); tapflow does.
