@@ -275,25 +275,15 @@ async def _get_body(s: aiohttp.ClientSession, url: str, params: Mapping[str, Any
             await _raise_for_status(resp)
             if resp.content_length is not None and resp.content_length > max_bytes:
                 raise BodyTooLarge(f"response of {resp.content_length} bytes exceeds the limit of {max_bytes} bytes")
-            if spool is None:
-                return await _read_all(resp, max_bytes)
-            return await _read_spooled(resp, max_bytes, *spool)
+            return await _read_body(resp, max_bytes, spool)
     raise HttpError(f"too many redirects: GET {_safe(url)}")
 
 
-async def _read_all(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    buf = bytearray()
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        buf += chunk
-        if len(buf) > max_bytes:
-            raise BodyTooLarge(f"response exceeds the limit of {max_bytes} bytes")
-    _check_length(resp, len(buf))
-    return bytes(buf)
-
-
-async def _read_spooled(resp: aiohttp.ClientResponse, max_bytes: int, path: str,
-                        over: int) -> bytes | SpooledBody:
-    """The body in memory while it is at most ``over`` bytes, then in the file ``path``."""
+async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int,
+                     spool: tuple[str, int] | None) -> bytes | SpooledBody:
+    """The body, in memory while it is at most ``over`` bytes of ``spool = (path, over)``, then
+    in the file ``path`` (removed again if the body turns out bad); all in memory without ``spool``."""
+    path, over = spool if spool is not None else ("", max_bytes)  # over max_bytes: never reached
     buf = bytearray()
     f = None
     n = 0
@@ -325,9 +315,6 @@ async def _read_spooled(resp: aiohttp.ClientResponse, max_bytes: int, path: str,
             except OSError:
                 pass
         raise
-    finally:
-        if f is not None and not f.closed:
-            f.close()
 
 
 def _check_length(resp: aiohttp.ClientResponse, n: int) -> None:
