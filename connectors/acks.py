@@ -233,22 +233,20 @@ class AckApplier:
         b = self._flow.batch()
         present = 0
         keys = split_outbox_keys(b"".join(read)) if read else []
+        if unsure and keys:
+            seen = set(unsure)
+            keys = [k for k in keys if k not in seen]
+        runs = outbox_key_runs(keys)
+        there = [c for _, _, c in runs]  # rows the child read: all of them are there
         if unsure:
-            if keys:
-                seen = set(unsure)
-                keys = [k for k in keys if k not in seen]
-            runs = outbox_key_runs(unsure)
-            self.checked += sum(r[2] for r in runs)
-            for (lo, hi, c), there in zip(runs, self._present(runs)):
-                if there == 0:
-                    continue  # nothing there (applied before, or never written): no tombstone
-                present += there
-                if c == 1:
-                    b.delete(lo, h)
-                else:
-                    b.delete_range(lo, hi, h)
-        for lo, hi, c in outbox_key_runs(keys):
-            present += c
+            maybe = outbox_key_runs(unsure)
+            self.checked += sum(r[2] for r in maybe)
+            runs += maybe
+            there += self._present(maybe)
+        for (lo, hi, c), m in zip(runs, there):
+            if m == 0:
+                continue  # nothing there (applied before, or never written): no tombstone
+            present += m
             if c == 1:
                 b.delete(lo, h)
             else:
