@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import free_port  # noqa: E402
+
 _SERVER = r"""
 import asyncio, pickle, sys
 from aiohttp import web
@@ -62,17 +64,9 @@ def _frames(n: int) -> list[bytes]:
     return [base[i % len(base)].frame(seq=i + 1) for i in range(n)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Server:
     def __init__(self, frames_file: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(self.port), frames_file])
         deadline = time.monotonic() + 20
         import socket

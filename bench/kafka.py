@@ -34,7 +34,6 @@ import asyncio
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import Config  # noqa: E402
+from tests.e2e_support import free_port  # noqa: E402
 from connectors.kafka import KafkaTarget  # noqa: E402
 from operators.events import identity_body, record_body, with_id  # noqa: E402
 from store.db import close_all, open_flow_db  # noqa: E402
@@ -191,12 +191,6 @@ def proc_cpu(pid: int | None) -> float:
         return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_broker(kind: str) -> tuple[str, int, int | None]:
